@@ -1,0 +1,207 @@
+"""Registry of model builders.
+
+Every builder returns an ``nn.Module`` with an ``input_shape`` attribute ``(C, H, W)``
+so that graph tracing (torch-pruning), FLOP counting and latency measurement know the
+input size without being told. ``num_classes`` sets the width of the classifier head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trainables._registry import Registry
+
+__all__ = ["MODELS", "build_model", "list_models", "register_model", "input_shape_of"]
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def register_model(name: str, input_shape: tuple[int, int, int]):
+    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        def build(num_classes: int = 10, **kwargs) -> nn.Module:
+            model = builder(num_classes=num_classes, **kwargs)
+            model.input_shape = tuple(input_shape)
+            return model
+
+        build.__doc__ = builder.__doc__
+        build.input_shape = tuple(input_shape)
+        MODELS.register(name, build)
+        return builder
+
+    return wrap
+
+
+def build_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with a ``num_classes``-way head."""
+    return MODELS.get(name)(num_classes=num_classes, **kwargs)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` input of ``model``: its ``input_shape`` stamp, else 224x224 images.
+
+    Models from this registry carry the stamp; for an outside torchvision model we assume
+    ImageNet-size input with the first conv's channel count.
+    """
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        raise ValueError("model has no Conv2d and no `input_shape` attribute; set model.input_shape = (C, H, W)")
+    return (first.in_channels, 224, 224)
+
+
+def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class SmallCNN(nn.Module):
+    """VGG-style CNN for 28x28 grey images (the embedded Fashion-MNIST default).
+
+    Five 3x3 conv+BN+ReLU layers in three stages (32-32 | 64-64 | 128), max-pooling between
+    stages, then a flatten straight into the linear head so that pruning the last conv also
+    shrinks the head's input (the flatten coupling torch-pruning must follow).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn(in_channels, w), *_conv_bn(w, w), nn.MaxPool2d(2),  # (B, w, 14, 14)
+            *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),  # (B, 2w, 7, 7)
+            *_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),  # (B, 4w, 3, 3)
+        )
+        self.dropout = nn.Dropout(0.2)
+        self.classifier = nn.Linear(4 * w * 3 * 3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.features(x), 1)
+        return self.classifier(self.dropout(x))
+
+
+@register_model("small_cnn", input_shape=(1, 28, 28))
+def _small_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
+    """Small VGG-style CNN for 28x28 inputs (Fashion-MNIST default)."""
+    return SmallCNN(num_classes=num_classes, width=width)
+
+
+def _vgg_cifar_features(cfg: list, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    c_in = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers.append(nn.Conv2d(c_in, v, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            c_in = v
+    return nn.Sequential(*layers)
+
+
+_VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+class VGGCifar(nn.Module):
+    """VGG-16 with BN for 32x32 inputs, single linear head (as in Li et al. 2017's CIFAR VGG)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = _vgg_cifar_features(_VGG16_CFG, batch_norm=True)  # (B, 512, 1, 1)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register_model("vgg16_bn_cifar", input_shape=(3, 32, 32))
+def _vgg16_bn_cifar(num_classes: int = 10) -> nn.Module:
+    """VGG-16-BN for CIFAR-size (32x32) images."""
+    return VGGCifar(num_classes)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            # Option-B (1x1 conv) shortcut: the zero-padding option-A shortcut of He et al.
+            # has no module torch-pruning could follow, so a pruned stage would break it.
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, CIFAR variant), stages of 16/32/64."""
+
+    def __init__(self, depth: int = 56, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"resnet_cifar depth={depth} is not 6n+2 (e.g. 20, 32, 56, 110)")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        stages, c_in = [], 16
+        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, 16, 32, 32)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (B, 64, 8, 8)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@register_model("resnet56_cifar", input_shape=(3, 32, 32))
+def _resnet56_cifar(num_classes: int = 10) -> nn.Module:
+    """ResNet-56 for CIFAR-size images (option-B shortcuts)."""
+    return ResNetCifar(56, num_classes)
+
+
+@register_model("resnet20_cifar", input_shape=(3, 32, 32))
+def _resnet20_cifar(num_classes: int = 10) -> nn.Module:
+    """ResNet-20 for CIFAR-size images (a quick residual model for tests)."""
+    return ResNetCifar(20, num_classes)
+
+
+def _torchvision(name: str):
+    def builder(num_classes: int = 1000, weights: str | None = None) -> nn.Module:
+        import torchvision
+
+        # weights=None never downloads; a named weight set is fetched by torchvision only if
+        # it is absent from the local cache (TORCH_HOME), which tests never ask for.
+        return torchvision.models.get_model(name, weights=weights, num_classes=num_classes)
+
+    builder.__doc__ = f"torchvision {name} (ImageNet size, 224x224)."
+    return builder
+
+
+for _name in ("vgg16", "vgg16_bn", "resnet18", "resnet50", "alexnet"):
+    register_model(_name, input_shape=(3, 224, 224))(_torchvision(_name))
