@@ -66,7 +66,7 @@ def test_pruned_equals_masked_all_units(arch):
         ref, out = masked(x), pruned.eval()(x)
     scale = ref.abs().max().clamp_min(1e-6)
     assert (out - ref).abs().max() / scale < 1e-4
-    for u, rec in zip(units, records):
+    for u, rec in zip(units, records, strict=True):
         assert rec == {
             "unit": u.name,
             "filters_before": u.n_filters,

@@ -86,7 +86,7 @@ def _units_from_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Unit]
             Unit(
                 name=names[convs[0]],
                 convs=tuple(names[c] for c in convs),
-                act_points=tuple(names[b if b is not None else c] for b, c in zip(bns, convs)),
+                act_points=tuple(names[b if b is not None else c] for b, c in zip(bns, convs, strict=True)),
                 bns=tuple(names[b] for b in bns if b is not None),
                 n_filters=convs[0].out_channels,
             )

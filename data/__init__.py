@@ -1,0 +1,23 @@
+"""Datasets for pruning experiments: offline loaders, seeded splits, fast batches.
+
+``get_data(name, ...)`` returns train / val / test splits; the registered names are in
+``list_datasets()``. Importing this package registers Fashion-MNIST, CIFAR-10/100 and
+class-folder datasets (ImageNet layout).
+"""
+
+from . import _cifar, _fashion_mnist, _folder  # noqa: F401  (register the datasets)
+from ._api import DataSplits, get_data, list_datasets
+from ._datasets import InMemoryDataset, iterate_batches
+from ._spec import DatasetNotFoundError
+from ._subsets import list_class_subsets, load_class_subset
+
+__all__ = [
+    "DataSplits",
+    "DatasetNotFoundError",
+    "InMemoryDataset",
+    "get_data",
+    "iterate_batches",
+    "list_class_subsets",
+    "list_datasets",
+    "load_class_subset",
+]

@@ -1,0 +1,208 @@
+"""``get_data``: argument checks, class subsets and the train / val / test splits."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ._datasets import take, targets_of
+from ._spec import DATASETS
+from ._splits import split_indices
+
+# Up to this many valid names are listed in an error; beyond, the list is cut short.
+_MAX_LISTED = 100
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The three splits of one dataset and what a model needs to know about them.
+
+    Every split has ``.targets``, an (N,) int64 tensor of label ids; in-memory splits are
+    ``InMemoryDataset``s whose ``.images`` (N, C, H, W) ``iterate_batches`` slices directly.
+    """
+
+    train: Dataset  # the fine-tuning set (after `fraction`), disjoint from val
+    val: Dataset  # fixed validation split carved from the training set (seeded)
+    test: Dataset  # the official test split; only read for final figures
+    num_classes: int  # width of the model head
+    class_names: list[str]  # names for label ids 0..num_classes-1
+    input_shape: tuple[int, int, int]  # (C, H, W) of one image
+    # With `remap_labels=False` and a class subset: the label ids to score on; else None.
+    eval_classes: list[int] | None
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by ``get_data`` (``data.name`` in the config)."""
+    return DATASETS.names()
+
+
+def get_data(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    val_size: int | float = 5000,
+    seed: int = 0,
+    classes: Sequence[str | int] | None = None,
+    remap_labels: bool = True,
+    fraction: float = 1.0,
+) -> DataSplits:
+    """Load dataset ``name`` and split it into train / val / test.
+
+    ``val_size`` images (an int) or that share of the training set (a float in (0, 1)) are
+    set aside as the validation split, stratified by class and seeded by ``seed``; then
+    ``fraction`` of the rest is kept for fine-tuning, also stratified (the data-efficiency
+    study of Mittal et al. 2019), smaller fractions being subsets of larger ones.
+    ``classes`` (names or ids) restricts all three splits; ``remap_labels`` relabels them
+    0..k-1 in the order given, otherwise labels and head width stay as they are and
+    ``eval_classes`` lists the ids to score on. Raises ``ValueError`` for a bad argument
+    and ``DatasetNotFoundError`` (a ``ValueError``) when the files are missing.
+    """
+    if not isinstance(name, str):
+        raise ValueError(
+            f"data.name={name!r} must be a string; valid: {', '.join(list_datasets())}"
+        )
+    spec = DATASETS.get(name)
+    requested = _check_args(name, root, download, val_size, seed, classes, remap_labels, fraction)
+    if download and not spec.can_download:
+        raise ValueError(
+            f"data.download=true is not supported for {name}; set data.root to a local copy"
+        )
+    root_path = None if root is None else Path(root).expanduser()
+
+    known = spec.known_class_names
+    ids = None if requested is None or known is None else _class_ids(name, requested, known)
+    folder = spec.locate(root_path, download)
+    all_names = list(known) if known is not None else spec.class_names(folder)
+    if requested is not None and ids is None:
+        ids = _class_ids(name, requested, all_names)
+
+    parts = spec.load(folder, ids)
+    targets = targets_of(parts.train)
+    train_idx, val_idx = split_indices(targets, _val_count(val_size, len(targets)), fraction, seed)
+
+    label_map = None
+    if ids is not None and remap_labels:
+        label_map = torch.full((len(all_names),), -1, dtype=torch.int64)
+        label_map[torch.tensor(ids)] = torch.arange(len(ids))
+    remapped = label_map is not None
+    return DataSplits(
+        train=take(parts.train, train_idx, label_map),
+        val=take(parts.train_eval, val_idx, label_map),
+        test=take(parts.test, None, label_map),
+        num_classes=len(ids) if remapped else len(all_names),
+        class_names=[all_names[i] for i in ids] if remapped else all_names,
+        input_shape=spec.input_shape,
+        eval_classes=list(ids) if ids is not None and not remapped else None,
+    )
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _check_args(
+    name: str,
+    root: object,
+    download: object,
+    val_size: object,
+    seed: object,
+    classes: object,
+    remap_labels: object,
+    fraction: object,
+) -> list[str | int] | None:
+    """Check every argument before anything is read; return ``classes`` as a list."""
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"data.root={root!r} must be a folder path or null")
+    for key, flag in (("download", download), ("remap_labels", remap_labels)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"data.{key}={flag!r} must be true or false")
+    if download and root is None:
+        raise ValueError("data.download=true needs data.root=<folder to download into>")
+    if _is_int(val_size):
+        if val_size < 0:
+            raise ValueError(
+                f"data.val_size={val_size} must be an image count >= 0 or a share in (0, 1)"
+            )
+    elif not (isinstance(val_size, Real) and not isinstance(val_size, bool) and 0 < val_size < 1):
+        raise ValueError(
+            f"data.val_size={val_size!r} must be an image count >= 0 or a share in (0, 1)"
+        )
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"data.seed={seed!r} must be an integer >= 0")
+    if isinstance(fraction, bool) or not isinstance(fraction, Real):
+        raise ValueError(f"data.fraction={fraction!r} must be a number in (0, 1]")
+    if not 0 < fraction <= 1:  # also false for NaN
+        raise ValueError(f"data.fraction={fraction} is outside (0, 1]")
+    if classes is None:
+        return None
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
+        raise ValueError(
+            f"data.classes={classes!r} must be a list of class names or ids for {name} "
+            "(a named subset: data.load_class_subset(<file in conf/classes>))"
+        )
+    listed = list(classes)
+    if not listed:
+        raise ValueError(
+            f"data.classes=[] is empty; list at least one class of {name}, or null for all"
+        )
+    return listed
+
+
+def _class_ids(name: str, classes: list[str | int], names: Sequence[str]) -> list[int]:
+    """Original label ids of ``classes`` (names or ids), in the order given."""
+    index = {n: i for i, n in enumerate(names)}
+    ids: list[int] = []
+    for c in classes:
+        if isinstance(c, str):
+            if c not in index:
+                raise ValueError(
+                    f"data.classes: unknown class '{c}' for {name}; {_valid(c, names)}"
+                )
+            ids.append(index[c])
+        elif _is_int(c):
+            if not 0 <= c < len(names):
+                raise ValueError(
+                    f"data.classes: class id {c} is outside [0, {len(names)}) for {name}"
+                )
+            ids.append(int(c))
+        else:
+            raise ValueError(f"data.classes: {c!r} is neither a class name nor an integer id")
+    seen: set[int] = set()
+    for c, i in zip(classes, ids, strict=True):
+        if i in seen:
+            raise ValueError(f"data.classes: {c!r} (class {i}, '{names[i]}') is listed twice")
+        seen.add(i)
+    return ids
+
+
+def _valid(wrong: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(wrong, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = f", ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
+    return f"{hint}valid: {shown}{more}"
+
+
+def _val_count(val_size: int | float, n_train: int) -> int:
+    """Number of validation images out of ``n_train`` (after any class subset)."""
+    if n_train < 2:
+        raise ValueError(
+            f"the training split has {n_train} images; need at least 2 to carve data.val_size"
+        )
+    if _is_int(val_size):
+        if val_size >= n_train:
+            raise ValueError(
+                f"data.val_size={val_size} leaves no training images: the training split "
+                f"(after data.classes) has {n_train}"
+            )
+        return int(val_size)
+    return min(n_train - 1, max(1, math.floor(val_size * n_train + 0.5)))

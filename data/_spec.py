@@ -1,0 +1,56 @@
+"""What a dataset source provides, and the registry of sources by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainables._registry import Registry
+
+
+class DatasetNotFoundError(ValueError):
+    """The dataset's files are not where we looked; the message says where and how to fix it."""
+
+
+def where_searched(folders: list[Path]) -> str:
+    """'in a, b' for an error message, or why nothing was searched."""
+    if not folders:
+        return "(data.root is unset, so nothing was searched)"
+    return "in " + ", ".join(str(f) for f in folders)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Full official splits, restricted to the requested classes (original label ids).
+
+    ``train`` and ``train_eval`` hold the same samples in the same order; they differ
+    only in transforms (augmented vs. deterministic), so the validation split carved from
+    the training set is read without augmentation. For in-memory sets they are one object.
+    """
+
+    train: Any
+    train_eval: Any
+    test: Any
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset source.
+
+    ``locate(root, download)`` returns the folder holding the files or raises
+    ``DatasetNotFoundError``; ``class_names(folder)`` lists names for ids 0..K-1 (cheap);
+    ``load(folder, class_ids)`` reads the splits, keeping only ``class_ids`` when given.
+    ``known_class_names`` lets ``data.classes`` be checked before anything is read.
+    """
+
+    input_shape: tuple[int, int, int]
+    locate: Callable[[Path | None, bool], Path]
+    class_names: Callable[[Path], list[str]]
+    load: Callable[[Path, Sequence[int] | None], Parts]
+    can_download: bool = False
+    known_class_names: tuple[str, ...] | None = None
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
