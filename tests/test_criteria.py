@@ -139,7 +139,7 @@ def test_hand_checked_values():
 def test_bn_gamma_reads_the_bn_scale_and_needs_a_bn():
     model = _model("small_cnn")
     unit = describe_units(model)[1]
-    torch.testing.assert_close(get_criterion("bn_gamma")(model, unit), model.features[4].weight.detach().abs())
+    torch.testing.assert_close(get_criterion("bn_gamma")(model, unit), model.features[5].weight.detach().abs())
     plain, _ = _tiny()
     with pytest.raises(ValueError, match=r"criterion 'bn_gamma': unit '0' has no BatchNorm"):
         get_criterion("bn_gamma")(plain, "0")
@@ -186,6 +186,6 @@ def test_class_specific_ignores_other_classes():
     only = [(x[y < 3], y[y < 3]) for x, y in batches]
     crit = get_criterion("class_specific")
     torch.testing.assert_close(
-        crit(model, "features.3", ScoringContext(batches=batches, target_classes=[0, 1, 2])),
-        get_criterion("sensitivity")(model, "features.3", ScoringContext(batches=only)),
+        crit(model, "features.4", ScoringContext(batches=batches, target_classes=[0, 1, 2])),
+        get_criterion("sensitivity")(model, "features.4", ScoringContext(batches=only)),
     )

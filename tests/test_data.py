@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import inspect
 import math
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_idx
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
@@ -27,16 +26,6 @@ CONF = Path(data.__file__).resolve().parent.parent / "conf"
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # ---------------------------------------------------------------- tiny files
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
 
 
 def tagged_images(n: int, size: int) -> np.ndarray:

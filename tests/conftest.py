@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny generated datasets in the real on-disk formats (no test downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    """Write ``array`` as an IDX file (the MNIST format), gzipped as ``path.gz`` by default."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def learnable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 images a small CNN learns in a few steps: class c lights rows 2c..2c+3, plus noise."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28))
+    for c in range(10):
+        images[labels == c, 2 * c + 2 : 2 * c + 6, 4:24] += 180
+    return np.clip(images, 0, 255)
+
+
+def make_learnable_fmnist(folder: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", learnable_images(labels, rng))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist(tmp_path_factory) -> Path:
+    """A folder with a tiny, learnable Fashion-MNIST in IDX .gz files (600 train, 200 test)."""
+    return make_learnable_fmnist(tmp_path_factory.mktemp("tiny_fmnist"))

@@ -1,0 +1,354 @@
+"""The prune / fine-tune protocol of Mittal et al. 2019, and two variants.
+
+- ``layer_by_layer``: units from the one nearest the output to the one nearest the input;
+  at each, score the filters on the current (partly pruned) network, keep the top m_k,
+  fine-tune ``p`` epochs; after the last unit fine-tune ``q`` epochs.
+- ``one_shot``: score every unit on the unpruned network, prune all, fine-tune ``q``.
+- ``iterative``: ``steps`` rounds of removing a share of filters across all units by one
+  global ranking (scores normalised per unit), each followed by ``p`` epochs; then ``q``.
+
+The protocol talks to the outside only through ``report(metrics: dict)``, called at
+every evaluation; the Ray trainable and MLflow plug in there. It returns the run record,
+plain JSON-serialisable data (see ``run_protocol``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data._datasets import iterate_batches  # submodule import: safe while `data` initialises
+from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.criteria import ScoringContext, get_criterion
+from trainables.metrics import count_flops, count_params, evaluate, measure_latency
+from trainables.schedules import kept_count, make_ratios
+from trainables.surgery import Unit, describe_units, prune_layer
+
+__all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes"]
+
+Report = Callable[[dict], None]
+
+
+def select_keep(scores: Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` highest scores, ties broken towards the lower index, sorted."""
+    order = torch.sort(-scores.double(), stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def resolve_classes(classes: Sequence[str | int] | None, class_names: Sequence[str]) -> list[int] | None:
+    """Class names or ids -> ids; an unknown name raises a one-line error listing the valid ones."""
+    if not classes:
+        return None
+    ids = []
+    for c in classes:
+        if isinstance(c, int) and 0 <= c < len(class_names):
+            ids.append(c)
+        elif isinstance(c, str) and c in class_names:
+            ids.append(list(class_names).index(c))
+        else:
+            raise ValueError(f"prune.target_classes: unknown class {c!r}; valid: {', '.join(class_names)} (or ids 0..{len(class_names) - 1})")
+    return ids
+
+
+def _flops_with_ratios(model: nn.Module, units: list[Unit], ratios: Sequence[float], round_to: int) -> int:
+    """FLOPs of ``model`` with ``ratios`` applied; structure only, so the first filters are kept."""
+    probe = copy.deepcopy(model)
+    for u, r in zip(units, ratios, strict=True):
+        prune_layer(probe, u.name, list(range(kept_count(u.n_filters, r, round_to))))
+    return count_flops(probe)
+
+
+def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig) -> list[float]:
+    """One ratio per unit (input to output) from the schedule, or scaled to meet a FLOPs target.
+
+    With ``target_flops_reduction`` the schedule's shape is kept and scaled by a bisection
+    until the pruned FLOPs are within 2 points of the target reduction.
+    """
+    ratios = make_ratios(
+        prune.schedule, len(units), ratio=prune.ratio, ratio_low=prune.ratio_low,
+        ratio_high=prune.ratio_high, ratios=prune.ratios,
+    )
+    target = prune.target_flops_reduction
+    if target is None:
+        return ratios
+    base = count_flops(model)
+    shape = ratios if max(ratios) > 0 else [1.0] * len(units)
+    cap = 0.95 / max(shape)  # no unit may lose more than 95% of its filters
+
+    def reduction(scale: float) -> float:
+        return 1.0 - _flops_with_ratios(model, units, [s * scale for s in shape], prune.round_to) / base
+
+    lo, hi = 0.0, cap
+    if reduction(hi) < target - 0.02:
+        raise ValueError(
+            f"prune.target_flops_reduction={target} is out of reach: at most {reduction(hi):.3f} with this schedule"
+        )
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        got = reduction(mid)
+        if abs(got - target) <= 0.005:
+            break
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    scaled = [s * mid for s in shape]
+    if abs(reduction(mid) - target) > 0.02:
+        raise ValueError(f"prune.target_flops_reduction={target} cannot be met within 2% with round_to={prune.round_to}")
+    return scaled
+
+
+class _Finetuner:
+    """SGD over a seeded, endless stream of training batches, with evaluation and reporting."""
+
+    def __init__(self, model, splits, ft: FinetuneConfig, seed: int, report: Report, progress: bool, total_epochs: float):
+        self.model, self.splits, self.ft, self.seed, self.report = model, splits, ft, seed, report
+        self.steps_per_epoch = max(1, len(splits.train) // ft.batch_size)
+        self.step = 0
+        self.curve: list[dict] = []
+        self._stream = self._batches()
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=math.ceil(total_epochs * self.steps_per_epoch), desc="fine-tune", unit="step", leave=False)
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for epoch in itertools.count():
+            yield from iterate_batches(
+                self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch, drop_last=True
+            )
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def val_acc(self) -> float:
+        return self.evaluate(self.splits.val)["top1"]
+
+    def evaluate(self, dataset) -> dict:
+        batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False)
+        return evaluate(self.model, batches, classes=self.splits.eval_classes)
+
+    def emit(self, phase: str, val_acc: float, **extra: Any) -> None:
+        point = {"step": self.step, "epoch": round(self.epoch, 4), "val_acc": val_acc, "phase": phase}
+        self.curve.append(point)
+        self.report({**point, **extra})
+
+    def finetune(self, epochs: float, phase: str, **extra: Any) -> float:
+        """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end."""
+        n_steps = round(epochs * self.steps_per_epoch)
+        every = max(1, round(self.ft.eval_every * self.steps_per_epoch))
+        device = next(self.model.parameters()).device
+        # Pruning replaced the Parameter objects: a fresh optimizer each stage.
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.ft.lr, momentum=self.ft.momentum, weight_decay=self.ft.weight_decay)
+        self.model.train()
+        for i in range(1, n_steps + 1):
+            x, y = next(self._stream)
+            loss = F.cross_entropy(self.model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            self.step += 1
+            if self._bar is not None:
+                self._bar.update(1)
+                if i % 20 == 1:  # .item() syncs a GPU: only now and then
+                    self._bar.set_postfix_str(f"{phase} {extra.get('unit', '')} loss={loss.item():.3f}")
+            if i % every == 0 and i != n_steps:
+                self.emit(phase, self.val_acc(), **extra)
+        acc = self.val_acc()
+        self.emit(phase, acc, **extra)
+        return acc
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _scoring_batches(splits, prune: PruneConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
+    stream = iterate_batches(splits.train, prune.score_batch_size, shuffle=True, seed=seed + 7919)
+    return list(itertools.islice(stream, prune.score_batches))
+
+
+def run_protocol(
+    model: nn.Module,
+    splits: Any,
+    prune: PruneConfig,
+    finetune: FinetuneConfig | None = None,
+    *,
+    measure: MeasureConfig | None = None,
+    seed: int = 0,
+    report: Report | None = None,
+    progress: bool = False,
+    config: dict | None = None,
+) -> dict:
+    """Prune ``model`` in place following ``prune.method`` and return the run record.
+
+    ``splits`` has ``train``, ``val``, ``test`` datasets, ``class_names`` and
+    ``eval_classes`` (a ``data.DataSplits``). ``report`` receives every evaluation as
+    ``{"step", "epoch", "val_acc", "phase", ...}``. The record holds ``base_val_acc``,
+    ``units`` (pruning order: name, filters before/after, damage and recovered val acc,
+    keep_idxs), ``curve``, ``final_val_acc``, ``final_test_acc`` (+ ``final_test_top5``
+    with more than 10 classes), FLOPs, params and latency before/after, ``prune_log``
+    (replayable ``prune_layer`` records in order), ``wall_s`` and ``config``.
+    """
+    t0 = time.perf_counter()
+    finetune = finetune or FinetuneConfig()
+    measure = measure or MeasureConfig()
+    prune.validate()
+    finetune.validate()
+    report = report or (lambda _m: None)
+    units = describe_units(model)
+    ratios = plan_ratios(model, units, prune)
+    criterion = get_criterion(prune.criterion)
+    target_ids = resolve_classes(prune.target_classes, splits.class_names)
+
+    # Dropout and any other global-RNG consumer are seeded here, without leaking the state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ctx = ScoringContext(
+            batches=_scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
+            options=dict(prune.criterion_options),
+        )
+        total = prune.q + (prune.p * (len(units) if prune.method == "layer_by_layer" else prune.steps if prune.method == "iterative" else 0))
+        tuner = _Finetuner(model, splits, finetune, seed, report, progress, total)
+        before = _measure(model, measure)
+        base_val = tuner.val_acc()
+        tuner.emit("base", base_val)
+        stages = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative}[prune.method]
+        unit_rows, prune_log = stages(model, units, ratios, criterion, ctx, prune, tuner)
+        final_val = tuner.curve[-1]["val_acc"]
+        tuner.close()
+        test = tuner.evaluate(splits.test)
+    after = _measure(model, measure)
+    record = {
+        "base_val_acc": base_val,
+        "units": unit_rows,
+        "curve": tuner.curve,
+        "final_val_acc": final_val,
+        "final_test_acc": test["top1"],
+        "ratios": ratios,
+        "unit_names": [u.name for u in units],
+        "flops_before": before["flops"],
+        "flops_after": after["flops"],
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "latency_ms_before": before["latency_ms"],
+        "latency_ms_after": after["latency_ms"],
+        "latency_batch_size": measure.batch_size,
+        "prune_log": prune_log,
+        "wall_s": time.perf_counter() - t0,
+        "config": config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed},
+    }
+    if len(splits.class_names) > 10:
+        record["final_test_top5"] = test["top5"]
+    report({"step": tuner.step, "epoch": round(tuner.epoch, 4), "val_acc": final_val, "phase": "final",
+            "test_acc": test["top1"], "flops": after["flops"], "params": after["params"]})
+    return record
+
+
+def _measure(model: nn.Module, measure: MeasureConfig) -> dict:
+    latency = None
+    if measure.latency:
+        latency = measure_latency(
+            model, measure.batch_size, threads=measure.threads, repeats=measure.repeats, warmup=measure.warmup
+        )["median_ms"]
+    return {"flops": count_flops(model), "params": count_params(model), "latency_ms": latency}
+
+
+def _row(rec: dict, damage: float, recovered: float) -> dict:
+    return {
+        "name": rec["unit"], "filters_before": rec["filters_before"], "filters_after": rec["filters_after"],
+        "damage_val_acc": damage, "recovered_val_acc": recovered, "keep_idxs": rec["keep_idxs"],
+    }
+
+
+def _layer_by_layer(model, units, ratios, criterion, ctx, prune, tuner):
+    rows, log = [], []
+    for unit, ratio in reversed(list(zip(units, ratios, strict=True))):  # output side inward
+        scores = criterion(model, unit, ctx)
+        rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
+        log.append(rec)
+        damage = tuner.val_acc()
+        tuner.emit("damage", damage, unit=unit.name, flops=count_flops(model))
+        recovered = tuner.finetune(prune.p, "recovery", unit=unit.name) if prune.p > 0 else damage
+        rows.append(_row(rec, damage, recovered))
+    if prune.q > 0:
+        tuner.finetune(prune.q, "final_finetune")
+    return rows, log
+
+
+def _one_shot(model, units, ratios, criterion, ctx, prune, tuner):
+    all_scores = {u.name: criterion(model, u, ctx) for u in units}  # all scored on the unpruned net
+    log = [
+        prune_layer(model, u.name, select_keep(all_scores[u.name], kept_count(u.n_filters, r, prune.round_to)))
+        for u, r in reversed(list(zip(units, ratios, strict=True)))
+    ]
+    damage = tuner.val_acc()
+    tuner.emit("damage", damage, unit="all", flops=count_flops(model))
+    recovered = tuner.finetune(prune.q, "final_finetune") if prune.q > 0 else damage
+    return [_row(rec, damage, recovered) for rec in log], log
+
+
+def _iterative(model, units, ratios, criterion, ctx, prune, tuner):
+    """Global ranking: after step s, s/steps of the schedule's total filter budget is removed.
+
+    Only the total follows the schedule; which filters go, and so how much each unit loses,
+    is decided by one ranking over all units of scores divided by their unit's mean |score|.
+    """
+    target_kept = {u.name: kept_count(u.n_filters, r, prune.round_to) for u, r in zip(units, ratios, strict=True)}
+    total_before = sum(u.n_filters for u in units)
+    total_target = sum(target_kept.values())
+    current = {u.name: u.n_filters for u in units}
+    first = {u.name: u.n_filters for u in units}
+    # Each unit's original filter ids, so keep_idxs in the log can be mapped back.
+    alive = {u.name: list(range(u.n_filters)) for u in units}
+    log, damages = [], {}
+    for step in range(1, prune.steps + 1):
+        keep_total = round(total_before - (total_before - total_target) * step / prune.steps)
+        entries = []
+        for u in units:
+            s = criterion(model, _resized(u, current[u.name]), ctx).double()
+            s = s / s.abs().mean().clamp_min(1e-12)
+            entries += [(float(v), u.name, i) for i, v in enumerate(s)]
+        n_drop = sum(current.values()) - keep_total
+        # Lowest normalised scores go first; no unit loses more than 90% of its filters.
+        floor = {name: max(1, round(0.1 * first[name])) for name in current}
+        dropped = {name: set() for name in current}
+        for v, name, i in sorted(entries):
+            if n_drop <= 0:
+                break
+            if current[name] - len(dropped[name]) > floor[name]:
+                dropped[name].add(i)
+                n_drop -= 1
+        for u in reversed(units):
+            if dropped[u.name]:
+                keep = [i for i in range(current[u.name]) if i not in dropped[u.name]]
+                rec = prune_layer(model, u.name, keep)
+                log.append({**rec, "step": step})
+                alive[u.name] = [alive[u.name][i] for i in keep]
+                current[u.name] = len(keep)
+        damage = tuner.val_acc()
+        damages[step] = damage
+        tuner.emit("damage", damage, unit=f"step{step}", flops=count_flops(model))
+        if prune.p > 0:
+            tuner.finetune(prune.p, "recovery", unit=f"step{step}")
+    if prune.q > 0:
+        tuner.finetune(prune.q, "final_finetune")
+    recovered = tuner.curve[-1]["val_acc"]
+    rows = [
+        {"name": u.name, "filters_before": first[u.name], "filters_after": current[u.name],
+         "damage_val_acc": damages[prune.steps], "recovered_val_acc": recovered, "keep_idxs": alive[u.name]}
+        for u in reversed(units)
+    ]
+    return rows, log
+
+
+def _resized(unit: Unit, n: int) -> Unit:
+    return Unit(unit.name, unit.convs, unit.act_points, unit.bns, n)

@@ -1,0 +1,82 @@
+"""Ratio schedules: how much of each unit to prune.
+
+A schedule maps the list of units (network order, input to output) to one pruning ratio
+per unit, each in [0, 1). Kept counts are ``round(n x (1 - ratio))`` (half up), at least one
+filter, optionally rounded to a multiple of ``round_to`` (8 suits SIMD and tensor cores).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from trainables._registry import Registry
+
+__all__ = ["SCHEDULES", "kept_count", "make_ratios", "list_schedules"]
+
+ScheduleFn = Callable[..., list[float]]
+SCHEDULES: Registry[ScheduleFn] = Registry("ratio schedule")
+
+
+def _check_ratio(key: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{key}={value!r} is outside [0, 1)")
+    return float(value)
+
+
+def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
+    """Filters kept when pruning ``ratio`` of ``n``: half-up rounding, then to a multiple of ``round_to``.
+
+    Never fewer than one filter (or ``round_to`` filters when ``n`` allows), never more than ``n``.
+    """
+    _check_ratio("ratio", ratio)
+    if round_to < 1:
+        raise ValueError(f"prune.round_to={round_to} must be >= 1")
+    k = max(1, math.floor(n * (1.0 - ratio) + 0.5))
+    if round_to > 1 and n >= round_to:
+        k = max(round_to, math.floor(k / round_to + 0.5) * round_to)
+    return min(k, n)
+
+
+def _uniform(n_units: int, *, ratio: float, **_: object) -> list[float]:
+    return [_check_ratio("prune.ratio", ratio)] * n_units
+
+
+def _differential(n_units: int, *, ratio_low: float, ratio_high: float, **_: object) -> list[float]:
+    """Mittal et al.'s differential rule: prune less near the input, more near the output.
+
+    The ratio rises linearly with depth from ``ratio_low`` (first unit) to ``ratio_high`` (last).
+    """
+    lo, hi = _check_ratio("prune.ratio_low", ratio_low), _check_ratio("prune.ratio_high", ratio_high)
+    if n_units == 1:
+        return [hi]
+    return [lo + (hi - lo) * i / (n_units - 1) for i in range(n_units)]
+
+
+def _per_layer(n_units: int, *, ratios: Sequence[float], **_: object) -> list[float]:
+    ratios = list(ratios or [])
+    if len(ratios) != n_units:
+        raise ValueError(f"prune.ratios has {len(ratios)} values; this model has {n_units} prunable units")
+    return [_check_ratio(f"prune.ratios[{i}]", r) for i, r in enumerate(ratios)]
+
+
+SCHEDULES.register("uniform", _uniform)
+SCHEDULES.register("differential", _differential)
+SCHEDULES.register("per_layer", _per_layer)
+
+
+def list_schedules() -> list[str]:
+    return SCHEDULES.names()
+
+
+def make_ratios(
+    schedule: str,
+    n_units: int,
+    *,
+    ratio: float = 0.5,
+    ratio_low: float = 0.25,
+    ratio_high: float = 0.75,
+    ratios: Sequence[float] | None = None,
+) -> list[float]:
+    """One pruning ratio per unit, in network order (input to output)."""
+    return SCHEDULES.get(schedule)(n_units, ratio=ratio, ratio_low=ratio_low, ratio_high=ratio_high, ratios=ratios)
