@@ -321,7 +321,7 @@ def _iterative(model, units, ratios, criterion, ctx, prune, tuner):
         # Lowest normalised scores go first; no unit loses more than 90% of its filters.
         floor = {name: max(1, round(0.1 * first[name])) for name in current}
         dropped = {name: set() for name in current}
-        for v, name, i in sorted(entries):
+        for _score, name, i in sorted(entries):
             if n_drop <= 0:
                 break
             if current[name] - len(dropped[name]) > floor[name]:

@@ -1,0 +1,151 @@
+"""The protocol on a tiny generated Fashion-MNIST: record fields, consistency, determinism."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from data import get_data
+from trainables import build_model, count_flops, describe_units, prune_layer
+from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.protocol import plan_ratios, run_protocol, select_keep
+
+REQUIRED = {
+    "base_val_acc", "units", "curve", "final_val_acc", "final_test_acc", "flops_before", "flops_after",
+    "params_before", "params_after", "latency_ms_before", "latency_ms_after", "wall_s", "config",
+}
+FAST = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, eval_every=0.5)
+MEASURE = MeasureConfig(batch_size=4, repeats=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_fmnist):
+    return get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+
+
+@pytest.fixture(scope="module")
+def base(splits):
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for i in range(0, len(splits.train), 32):
+            x, y = splits.train.images[i : i + 32], splits.train.targets[i : i + 32]
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _run(base, splits, **prune_kwargs):
+    model = copy.deepcopy(base)
+    reports = []
+    prune = PruneConfig(**{"p": 0.25, "q": 0.5, "score_batch_size": 32, "score_batches": 2, **prune_kwargs})
+    record = run_protocol(model, splits, prune, FAST, measure=MEASURE, seed=0, report=reports.append)
+    return model, record, reports
+
+
+def test_layer_by_layer_record_is_complete_and_consistent(base, splits):
+    model, record, reports = _run(base, splits, criterion="l1", ratio=0.5)
+    assert REQUIRED <= set(record)
+    json.dumps(record)  # plain data
+    units = describe_units(base)
+    # Pruning order: output side inward.
+    assert [u["name"] for u in record["units"]] == [u.name for u in reversed(units)]
+    for row, unit in zip(record["units"], reversed(units), strict=True):
+        assert row["filters_before"] == unit.n_filters
+        assert row["filters_after"] == math.floor(unit.n_filters * 0.5 + 0.5)
+        assert 0.0 <= row["damage_val_acc"] <= 1.0 and 0.0 <= row["recovered_val_acc"] <= 1.0
+    assert record["flops_after"] < record["flops_before"]
+    assert record["params_after"] < record["params_before"]
+    assert record["flops_after"] == count_flops(model)
+    assert record["latency_ms_before"] > 0 and record["latency_ms_after"] > 0
+    steps = [p["step"] for p in record["curve"]]
+    assert steps == sorted(steps) and steps[-1] > 0
+    # Every evaluation went through `report`, and the last one carries the test accuracy.
+    assert [r["val_acc"] for r in reports[:-1]] == [p["val_acc"] for p in record["curve"]]
+    assert reports[-1]["phase"] == "final" and reports[-1]["test_acc"] == record["final_test_acc"]
+    assert record["final_val_acc"] == record["curve"][-1]["val_acc"]
+    assert record["base_val_acc"] > 0.5  # the tiny data is learnable
+
+
+def test_prune_log_replays_to_the_same_architecture(base, splits):
+    model, record, _ = _run(base, splits, criterion="random", ratio=0.3)
+    replayed = copy.deepcopy(base)
+    for rec in record["prune_log"]:
+        prune_layer(replayed, rec["unit"], rec["keep_idxs"])
+    shapes = lambda m: [p.shape for p in m.parameters()]  # noqa: E731
+    assert shapes(replayed) == shapes(model)
+
+
+def test_same_seed_same_numbers(base, splits):
+    _, a, _ = _run(base, splits, criterion="taylor", ratio=0.4)
+    _, b, _ = _run(base, splits, criterion="taylor", ratio=0.4)
+    for key in ("units", "curve", "final_val_acc", "final_test_acc", "flops_after"):
+        assert a[key] == b[key]
+
+
+@pytest.mark.parametrize("method", ["one_shot", "iterative"])
+def test_other_methods(base, splits, method):
+    model, record, _ = _run(base, splits, criterion="l2", method=method, ratio=0.5, steps=2)
+    assert REQUIRED <= set(record)
+    total_before = sum(u["filters_before"] for u in record["units"])
+    total_after = sum(u["filters_after"] for u in record["units"])
+    planned = sum(math.floor(u.n_filters * 0.5 + 0.5) for u in describe_units(base))
+    assert total_after == planned and total_after < total_before
+    assert record["flops_after"] == count_flops(model) < record["flops_before"]
+
+
+def test_differential_prunes_more_near_the_output(base, splits):
+    _, record, _ = _run(base, splits, schedule="differential", ratio_low=0.1, ratio_high=0.7, p=0.0, q=0.0)
+    ratios = record["ratios"]
+    assert ratios[0] == pytest.approx(0.1) and ratios[-1] == pytest.approx(0.7)
+    assert ratios == sorted(ratios)
+
+
+def test_round_to_8(base, splits):
+    _, record, _ = _run(base, splits, ratio=0.3, round_to=8, p=0.0, q=0.0)
+    assert all(u["filters_after"] % 8 == 0 for u in record["units"])
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_flops_target_met_within_two_points(base, target):
+    units = describe_units(base)
+    prune = PruneConfig(schedule="differential", ratio_low=0.1, ratio_high=0.5, target_flops_reduction=target)
+    ratios = plan_ratios(base, units, prune)
+    pruned = copy.deepcopy(base)
+    for u, r in zip(units, ratios, strict=True):
+        prune_layer(pruned, u.name, list(range(math.floor(u.n_filters * (1 - r) + 0.5) or 1)))
+    assert abs(1 - count_flops(pruned) / count_flops(base) - target) <= 0.02
+
+
+def test_select_keep_takes_the_top_scores_and_breaks_ties_by_index():
+    assert select_keep(torch.tensor([0.1, 0.9, 0.5, 0.9]), 2) == [1, 3]
+    assert select_keep(torch.tensor([1.0, 1.0, 1.0]), 2) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 1.0}, r"prune.ratio=1.0 is outside \[0, 1\)"),
+        ({"ratio": -0.1}, r"prune.ratio=-0.1 is outside"),
+        ({"p": -1}, r"prune.p=-1 must be a number of epochs >= 0"),
+        ({"q": -0.5}, r"prune.q=-0.5"),
+        ({"criterion": "l3"}, r"unknown criterion 'l3'; valid: apoz"),
+        ({"method": "greedy"}, r"prune.method='greedy' is not one of: layer_by_layer, one_shot, iterative"),
+        ({"schedule": "per_layer", "ratios": [0.1, 0.2]}, r"prune.ratios has 2 values; this model has 5 prunable units"),
+        ({"criterion": "class_specific", "target_classes": ["Sandle"]}, r"unknown class 'Sandle'; valid: T-shirt/top"),
+    ],
+)
+def test_bad_input_fails_before_training(base, splits, kwargs, match):
+    model = copy.deepcopy(base)
+    calls = []
+    with pytest.raises(ValueError, match=match):
+        run_protocol(model, splits, PruneConfig(**kwargs), FAST, measure=MEASURE, report=calls.append)
+    assert calls == []  # nothing was evaluated or trained
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True))
