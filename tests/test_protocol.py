@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -149,3 +150,34 @@ def test_bad_input_fails_before_training(base, splits, kwargs, match):
         run_protocol(model, splits, PruneConfig(**kwargs), FAST, measure=MEASURE, report=calls.append)
     assert calls == []  # nothing was evaluated or trained
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("method, resume_after", [("layer_by_layer", 2), ("iterative", 1), ("one_shot", 1)])
+def test_resume_from_a_stage_checkpoint_gives_the_same_numbers(base, splits, method, resume_after):
+    prune = PruneConfig(method=method, criterion="l1", ratio=0.5, p=0.25, q=0.25, steps=2, score_batch_size=32, score_batches=2)
+    states = []
+    full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE, checkpoint=states.append)
+    n_stages = {"layer_by_layer": 6, "iterative": 3, "one_shot": 2}[method]
+    assert [s["stage"] for s in states] == list(range(1, n_stages + 1))
+    json.dumps({k: v for k, v in states[resume_after - 1].items() if k != "model_state"})  # plain data besides weights
+    reports = []
+    resumed = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE,
+                           resume=states[resume_after - 1], report=reports.append)
+    for key in ("units", "curve", "final_val_acc", "final_test_acc", "flops_after", "prune_log", "base_val_acc"):
+        assert resumed[key] == full[key], key
+    # Only the evaluations after the checkpoint are reported again.
+    assert reports[0]["step"] >= states[resume_after - 1]["step"]
+    assert all(r["phase"] != "base" for r in reports)
+
+
+def test_evaluate_test_false_never_reads_the_test_split(base, splits):
+    class Exploding:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            raise AssertionError("the test split was read")
+
+    blind = dataclasses.replace(splits, test=Exploding())
+    record = run_protocol(copy.deepcopy(base), blind, PruneConfig(p=0.0, q=0.1), FAST, measure=MEASURE, evaluate_test=False)
+    assert record["final_test_acc"] is None

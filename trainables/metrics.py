@@ -56,6 +56,9 @@ def deployment_form(model: nn.Module, channels_last: bool = True) -> nn.Module:
         warnings.warn(f"BatchNorm not folded ({type(err).__name__}: {err}); timing the unfused model", stacklevel=2)
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:  # fx's GraphModule drops plain attributes; latency needs the stamp
+        deployed.input_shape = tuple(shape)
     return deployed
 
 
@@ -75,19 +78,25 @@ def measure_latency(
     """Median wall time of one forward pass of ``batch_size`` images, in milliseconds.
 
     The model is timed in its deployment form (see ``deployment_form``) after ``warmup``
-    untimed passes; on CUDA with CUDA events. ``threads`` sets torch's intra-op threads for
-    the measurement (restored afterwards). Returns ``{"median_ms", "times_ms", "batch_size",
-    "threads", "device"}`` so the conditions travel with the number.
+    untimed passes; on CUDA with CUDA events. ``deploy=False`` times ``model`` as given (in
+    eval mode, its mode restored afterwards): pass a model already put through
+    ``deployment_form`` to time it many times without rebuilding it. ``threads`` sets torch's
+    intra-op threads for the measurement (restored afterwards). Returns ``{"median_ms",
+    "min_ms", "times_ms", "batch_size", "threads", "device"}`` so the conditions travel with
+    the number; on a shared machine ``min_ms`` is the least disturbed sample.
     """
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"measure_latency: batch_size={batch_size} and repeats={repeats} must be >= 1, warmup={warmup} >= 0")
+    _check_latency_args(batch_size, repeats, warmup, threads)
     device = torch.device(device)
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
-    net = (deployment_form(model, channels_last) if deploy else copy.deepcopy(model).eval()).to(device)
+    if deploy:
+        net = deployment_form(model, channels_last).to(device)
+    else:
+        net = model if _on_device(model, device) else copy.deepcopy(model).to(device)
     x = torch.randn(batch_size, *shape, device=device)
-    if channels_last:
+    if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    old_threads = torch.get_num_threads()
+    was_training, old_threads = net.training, torch.get_num_threads()
+    net.eval()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -96,13 +105,28 @@ def measure_latency(
         times = [_time_once(net, x, device) for _ in range(repeats)]
     finally:
         torch.set_num_threads(old_threads)
+        net.train(was_training)
     return {
         "median_ms": statistics.median(times),
+        "min_ms": min(times),
         "times_ms": times,
         "batch_size": batch_size,
         "threads": threads if threads is not None else old_threads,
         "device": str(device),
     }
+
+
+def _check_latency_args(batch_size: int, repeats: int, warmup: int, threads: int | None) -> None:
+    if batch_size < 1 or repeats < 1 or warmup < 0 or (threads is not None and threads < 1):
+        raise ValueError(
+            f"measure_latency: batch_size={batch_size}, repeats={repeats} and threads={threads} "
+            f"must be >= 1 (threads may be None) and warmup={warmup} >= 0"
+        )
+
+
+def _on_device(model: nn.Module, device: torch.device) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.device.type == device.type and (device.index is None or t.device == device) for t in tensors)
 
 
 def _time_once(net: nn.Module, x: Tensor, device: torch.device) -> float:

@@ -107,23 +107,33 @@ def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig) -> list
 class _Finetuner:
     """SGD over a seeded, endless stream of training batches, with evaluation and reporting."""
 
-    def __init__(self, model, splits, ft: FinetuneConfig, seed: int, report: Report, progress: bool, total_epochs: float):
+    def __init__(self, model, splits, ft: FinetuneConfig, seed: int, report: Report, progress: bool,
+                 total_epochs: float, start_step: int = 0, curve: list[dict] | None = None,
+                 shard: tuple[int, int] = (0, 1), wrap_ddp: bool = False):
         self.model, self.splits, self.ft, self.seed, self.report = model, splits, ft, seed, report
-        self.steps_per_epoch = max(1, len(splits.train) // ft.batch_size)
-        self.step = 0
-        self.curve: list[dict] = []
-        self._stream = self._batches()
+        self.rank, self.world = shard
+        self.wrap_ddp = wrap_ddp
+        # With several workers, one step consumes one batch per worker.
+        self.steps_per_epoch = max(1, len(splits.train) // (ft.batch_size * self.world))
+        self.step = start_step
+        self.curve: list[dict] = list(curve or [])
+        self._stream = self._batches(start_step)
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=math.ceil(total_epochs * self.steps_per_epoch), desc="fine-tune", unit="step", leave=False)
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for epoch in itertools.count():
-            yield from iterate_batches(
+    def _batches(self, start_step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Epoch e is shuffled with seed (seed, e); a resumed run skips to ``start_step``."""
+        first_epoch, skip = divmod(start_step, self.steps_per_epoch)
+        for epoch in itertools.count(first_epoch):
+            batches = iterate_batches(
                 self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * 100_003 + epoch, drop_last=True
             )
+            # DistributedSampler-style split: every worker shuffles alike, worker r takes batches r, r+W, ...
+            mine = itertools.islice(batches, self.rank, self.steps_per_epoch * self.world, self.world)
+            yield from itertools.islice(mine, skip if epoch == first_epoch else 0, None)
 
     @property
     def epoch(self) -> float:
@@ -139,7 +149,8 @@ class _Finetuner:
     def emit(self, phase: str, val_acc: float, **extra: Any) -> None:
         point = {"step": self.step, "epoch": round(self.epoch, 4), "val_acc": val_acc, "phase": phase}
         self.curve.append(point)
-        self.report({**point, **extra})
+        # Every report carries the current FLOPs, so a trial stopped early still has both objectives.
+        self.report({**point, "flops": count_flops(self.model), **extra})
 
     def finetune(self, epochs: float, phase: str, **extra: Any) -> float:
         """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end."""
@@ -148,10 +159,14 @@ class _Finetuner:
         device = next(self.model.parameters()).device
         # Pruning replaced the Parameter objects: a fresh optimizer each stage.
         opt = torch.optim.SGD(self.model.parameters(), lr=self.ft.lr, momentum=self.ft.momentum, weight_decay=self.ft.weight_decay)
+        net = self.model
+        if self.wrap_ddp:
+            # Re-wrapped every stage: pruning changed the parameters DDP would synchronise.
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.model.train()
         for i in range(1, n_steps + 1):
             x, y = next(self._stream)
-            loss = F.cross_entropy(self.model(x.to(device)), y.to(device))
+            loss = F.cross_entropy(net(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -185,8 +200,13 @@ def run_protocol(
     measure: MeasureConfig | None = None,
     seed: int = 0,
     report: Report | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    evaluate_test: bool = True,
     progress: bool = False,
     config: dict | None = None,
+    shard: tuple[int, int] = (0, 1),
+    wrap_ddp: bool = False,
 ) -> dict:
     """Prune ``model`` in place following ``prune.method`` and return the run record.
 
@@ -197,6 +217,14 @@ def run_protocol(
     keep_idxs), ``curve``, ``final_val_acc``, ``final_test_acc`` (+ ``final_test_top5``
     with more than 10 classes), FLOPs, params and latency before/after, ``prune_log``
     (replayable ``prune_layer`` records in order), ``wall_s`` and ``config``.
+
+    The protocol is a list of stages (one per unit or step, then the final fine-tuning).
+    After each stage ``checkpoint(state)`` receives a plain state (with the model's
+    ``state_dict``); handing that state back as ``resume`` to a fresh copy of the same base
+    model continues after that stage with the same numbers an uninterrupted run gives.
+    ``evaluate_test=False`` never reads the test split (a search must not). ``shard``
+    (rank, world size) splits the fine-tuning batches between data-parallel workers, and
+    ``wrap_ddp`` wraps the model in DistributedDataParallel for each fine-tuning stage.
     """
     t0 = time.perf_counter()
     finetune = finetune or FinetuneConfig()
@@ -208,31 +236,43 @@ def run_protocol(
     ratios = plan_ratios(model, units, prune)
     criterion = get_criterion(prune.criterion)
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
-
-    # Dropout and any other global-RNG consumer are seeded here, without leaking the state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ctx = ScoringContext(
-            batches=_scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
-            options=dict(prune.criterion_options),
-        )
-        total = prune.q + (prune.p * (len(units) if prune.method == "layer_by_layer" else prune.steps if prune.method == "iterative" else 0))
-        tuner = _Finetuner(model, splits, finetune, seed, report, progress, total)
+    ctx = ScoringContext(
+        batches=_scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
+        options=dict(prune.criterion_options),
+    )
+    n_stage_p = {"layer_by_layer": len(units), "iterative": prune.steps}.get(prune.method, 0)
+    state = _restore(model, resume) if resume else None
+    tuner = _Finetuner(model, splits, finetune, seed, report, progress, prune.q + prune.p * n_stage_p,
+                       start_step=state["step"] if state else 0, curve=state["curve"] if state else None,
+                       shard=shard, wrap_ddp=wrap_ddp)
+    if state is None:
         before = _measure(model, measure)
         base_val = tuner.val_acc()
         tuner.emit("base", base_val)
-        stages = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative}[prune.method]
-        unit_rows, prune_log = stages(model, units, ratios, criterion, ctx, prune, tuner)
-        final_val = tuner.curve[-1]["val_acc"]
-        tuner.close()
-        test = tuner.evaluate(splits.test)
+        state = {"stage": 0, "step": 0, "before": before, "base_val": base_val, "rows": [], "prune_log": [], "extra": {}}
+    stages = _STAGES[prune.method](units, ratios, criterion, ctx, prune)
+    for i, stage in enumerate(stages):
+        if i < state["stage"]:
+            continue
+        # Each stage seeds the global RNG (dropout) itself, so a resumed run matches an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000 + i)
+            stage(model, tuner, state)
+        state.update(stage=i + 1, step=tuner.step, curve=tuner.curve)
+        if checkpoint is not None:
+            checkpoint({**copy.deepcopy({k: v for k, v in state.items() if k != "curve"}), "curve": list(tuner.curve),
+                        "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+    tuner.close()
+    final_val = tuner.curve[-1]["val_acc"]
+    test = tuner.evaluate(splits.test) if evaluate_test else None
     after = _measure(model, measure)
+    before = state["before"]
     record = {
-        "base_val_acc": base_val,
-        "units": unit_rows,
+        "base_val_acc": state["base_val"],
+        "units": state["rows"],
         "curve": tuner.curve,
         "final_val_acc": final_val,
-        "final_test_acc": test["top1"],
+        "final_test_acc": test["top1"] if test else None,
         "ratios": ratios,
         "unit_names": [u.name for u in units],
         "flops_before": before["flops"],
@@ -242,15 +282,24 @@ def run_protocol(
         "latency_ms_before": before["latency_ms"],
         "latency_ms_after": after["latency_ms"],
         "latency_batch_size": measure.batch_size,
-        "prune_log": prune_log,
+        "prune_log": state["prune_log"],
         "wall_s": time.perf_counter() - t0,
         "config": config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed},
     }
-    if len(splits.class_names) > 10:
+    if test and len(splits.class_names) > 10:
         record["final_test_top5"] = test["top5"]
     report({"step": tuner.step, "epoch": round(tuner.epoch, 4), "val_acc": final_val, "phase": "final",
-            "test_acc": test["top1"], "flops": after["flops"], "params": after["params"]})
+            "test_acc": record["final_test_acc"], "flops": after["flops"], "params": after["params"],
+            "latency_ms": after["latency_ms"], "flops_before": before["flops"]})
     return record
+
+
+def _restore(model: nn.Module, resume: dict) -> dict:
+    """Rebuild the pruned architecture from the log, load the weights, return the state."""
+    for rec in resume["prune_log"]:
+        prune_layer(model, rec["unit"], rec["keep_idxs"])
+    model.load_state_dict(resume["model_state"])
+    return {k: copy.deepcopy(v) for k, v in resume.items() if k != "model_state"}
 
 
 def _measure(model: nn.Module, measure: MeasureConfig) -> dict:
@@ -269,85 +318,113 @@ def _row(rec: dict, damage: float, recovered: float) -> dict:
     }
 
 
-def _layer_by_layer(model, units, ratios, criterion, ctx, prune, tuner):
-    rows, log = [], []
-    for unit, ratio in reversed(list(zip(units, ratios, strict=True))):  # output side inward
-        scores = criterion(model, unit, ctx)
-        rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
-        log.append(rec)
-        damage = tuner.val_acc()
-        tuner.emit("damage", damage, unit=unit.name, flops=count_flops(model))
-        recovered = tuner.finetune(prune.p, "recovery", unit=unit.name) if prune.p > 0 else damage
-        rows.append(_row(rec, damage, recovered))
-    if prune.q > 0:
-        tuner.finetune(prune.q, "final_finetune")
-    return rows, log
+Stage = Callable[[nn.Module, _Finetuner, dict], None]
 
 
-def _one_shot(model, units, ratios, criterion, ctx, prune, tuner):
-    all_scores = {u.name: criterion(model, u, ctx) for u in units}  # all scored on the unpruned net
-    log = [
-        prune_layer(model, u.name, select_keep(all_scores[u.name], kept_count(u.n_filters, r, prune.round_to)))
-        for u, r in reversed(list(zip(units, ratios, strict=True)))
-    ]
-    damage = tuner.val_acc()
-    tuner.emit("damage", damage, unit="all", flops=count_flops(model))
-    recovered = tuner.finetune(prune.q, "final_finetune") if prune.q > 0 else damage
-    return [_row(rec, damage, recovered) for rec in log], log
+def _final_stage(prune: PruneConfig) -> Stage:
+    def final(model, tuner, state):
+        if prune.q > 0:
+            tuner.finetune(prune.q, "final_finetune")
+    return final
 
 
-def _iterative(model, units, ratios, criterion, ctx, prune, tuner):
+def _layer_by_layer(units, ratios, criterion, ctx, prune) -> list[Stage]:
+    def unit_stage(unit: Unit, ratio: float) -> Stage:
+        def stage(model, tuner, state):
+            scores = criterion(model, unit, ctx)  # on the current, partly pruned network
+            rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
+            state["prune_log"].append(rec)
+            damage = tuner.val_acc()
+            tuner.emit("damage", damage, unit=unit.name, flops=count_flops(model))
+            recovered = tuner.finetune(prune.p, "recovery", unit=unit.name) if prune.p > 0 else damage
+            state["rows"].append(_row(rec, damage, recovered))
+        return stage
+
+    pairs = reversed(list(zip(units, ratios, strict=True)))  # output side inward
+    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+
+
+def _one_shot(units, ratios, criterion, ctx, prune) -> list[Stage]:
+    def prune_all(model, tuner, state):
+        all_scores = {u.name: criterion(model, u, ctx) for u in units}  # all scored on the unpruned net
+        for u, r in reversed(list(zip(units, ratios, strict=True))):
+            keep = select_keep(all_scores[u.name], kept_count(u.n_filters, r, prune.round_to))
+            state["prune_log"].append(prune_layer(model, u.name, keep))
+        state["extra"]["damage"] = tuner.val_acc()
+        tuner.emit("damage", state["extra"]["damage"], unit="all", flops=count_flops(model))
+
+    def final(model, tuner, state):
+        damage = state["extra"]["damage"]
+        recovered = tuner.finetune(prune.q, "final_finetune") if prune.q > 0 else damage
+        state["rows"] = [_row(rec, damage, recovered) for rec in state["prune_log"]]
+
+    return [prune_all, final]
+
+
+def _iterative(units, ratios, criterion, ctx, prune) -> list[Stage]:
     """Global ranking: after step s, s/steps of the schedule's total filter budget is removed.
 
     Only the total follows the schedule; which filters go, and so how much each unit loses,
     is decided by one ranking over all units of scores divided by their unit's mean |score|.
+    No unit loses more than 90% of its filters.
     """
-    target_kept = {u.name: kept_count(u.n_filters, r, prune.round_to) for u, r in zip(units, ratios, strict=True)}
-    total_before = sum(u.n_filters for u in units)
-    total_target = sum(target_kept.values())
-    current = {u.name: u.n_filters for u in units}
     first = {u.name: u.n_filters for u in units}
-    # Each unit's original filter ids, so keep_idxs in the log can be mapped back.
-    alive = {u.name: list(range(u.n_filters)) for u in units}
-    log, damages = [], {}
-    for step in range(1, prune.steps + 1):
-        keep_total = round(total_before - (total_before - total_target) * step / prune.steps)
-        entries = []
-        for u in units:
-            s = criterion(model, _resized(u, current[u.name]), ctx).double()
-            s = s / s.abs().mean().clamp_min(1e-12)
-            entries += [(float(v), u.name, i) for i, v in enumerate(s)]
-        n_drop = sum(current.values()) - keep_total
-        # Lowest normalised scores go first; no unit loses more than 90% of its filters.
-        floor = {name: max(1, round(0.1 * first[name])) for name in current}
-        dropped = {name: set() for name in current}
-        for _score, name, i in sorted(entries):
-            if n_drop <= 0:
-                break
-            if current[name] - len(dropped[name]) > floor[name]:
-                dropped[name].add(i)
-                n_drop -= 1
-        for u in reversed(units):
-            if dropped[u.name]:
-                keep = [i for i in range(current[u.name]) if i not in dropped[u.name]]
-                rec = prune_layer(model, u.name, keep)
-                log.append({**rec, "step": step})
-                alive[u.name] = [alive[u.name][i] for i in keep]
-                current[u.name] = len(keep)
-        damage = tuner.val_acc()
-        damages[step] = damage
-        tuner.emit("damage", damage, unit=f"step{step}", flops=count_flops(model))
-        if prune.p > 0:
-            tuner.finetune(prune.p, "recovery", unit=f"step{step}")
-    if prune.q > 0:
-        tuner.finetune(prune.q, "final_finetune")
-    recovered = tuner.curve[-1]["val_acc"]
-    rows = [
-        {"name": u.name, "filters_before": first[u.name], "filters_after": current[u.name],
-         "damage_val_acc": damages[prune.steps], "recovered_val_acc": recovered, "keep_idxs": alive[u.name]}
-        for u in reversed(units)
-    ]
-    return rows, log
+    total_before = sum(first.values())
+    total_target = sum(kept_count(u.n_filters, r, prune.round_to) for u, r in zip(units, ratios, strict=True))
+    floor = {name: max(1, round(0.1 * n)) for name, n in first.items()}
+
+    def current_counts(state) -> dict[str, int]:
+        counts = dict(first)
+        for rec in state["prune_log"]:
+            counts[rec["unit"]] = rec["filters_after"]
+        return counts
+
+    def step_stage(step: int) -> Stage:
+        def stage(model, tuner, state):
+            current = current_counts(state)
+            keep_total = round(total_before - (total_before - total_target) * step / prune.steps)
+            entries = []
+            for u in units:
+                s = criterion(model, _resized(u, current[u.name]), ctx).double()
+                s = s / s.abs().mean().clamp_min(1e-12)
+                entries += [(float(v), u.name, i) for i, v in enumerate(s)]
+            n_drop = sum(current.values()) - keep_total
+            dropped: dict[str, set[int]] = {u.name: set() for u in units}
+            for _score, name, i in sorted(entries):  # lowest normalised scores go first
+                if n_drop <= 0:
+                    break
+                if current[name] - len(dropped[name]) > floor[name]:
+                    dropped[name].add(i)
+                    n_drop -= 1
+            for u in reversed(units):
+                if dropped[u.name]:
+                    keep = [i for i in range(current[u.name]) if i not in dropped[u.name]]
+                    state["prune_log"].append({**prune_layer(model, u.name, keep), "step": step})
+            damage = tuner.val_acc()
+            state["extra"]["damage"] = damage
+            tuner.emit("damage", damage, unit=f"step{step}", flops=count_flops(model))
+            if prune.p > 0:
+                tuner.finetune(prune.p, "recovery", unit=f"step{step}")
+        return stage
+
+    def final(model, tuner, state):
+        if prune.q > 0:
+            tuner.finetune(prune.q, "final_finetune")
+        current = current_counts(state)
+        alive = {u.name: list(range(u.n_filters)) for u in units}  # original ids of surviving filters
+        for rec in state["prune_log"]:
+            alive[rec["unit"]] = [alive[rec["unit"]][i] for i in rec["keep_idxs"]]
+        state["rows"] = [
+            {"name": u.name, "filters_before": first[u.name], "filters_after": current[u.name],
+             "damage_val_acc": state["extra"]["damage"], "recovered_val_acc": tuner.curve[-1]["val_acc"],
+             "keep_idxs": alive[u.name]}
+            for u in reversed(units)
+        ]
+
+    return [step_stage(s) for s in range(1, prune.steps + 1)] + [final]
+
+
+_STAGES = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative}
 
 
 def _resized(unit: Unit, n: int) -> Unit:

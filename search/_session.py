@@ -1,0 +1,93 @@
+"""Setting a search up: output folder state, Ray, the base model, MLflow, the trial context."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+__all__ = ["Session", "start_search", "data_args_of"]
+
+STATE_FILE = "launch_state.json"
+
+
+@dataclass
+class Session:
+    ctx: Any  # trainables.ray_trainable.TrialContext
+    n_units: int
+    unit_names: list[str]
+    storage: Path
+    callback: Any
+    tracker: Any
+    parent_run_id: str
+    restore_path: str | None
+    base_val_acc: float
+    base_flops: int
+
+
+def data_args_of(cfg) -> dict:
+    from trainables.run import _data_args
+
+    return _data_args(cfg)
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def _init_ray(cfg) -> None:
+    """Attach to a cluster when ``ray_address`` or RAY_ADDRESS says so, else start a private local Ray."""
+    import ray
+
+    address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # "local": never attach to somebody else's Ray on this machine.
+        ray.init(address="local", num_cpus=cfg.get("num_cpus"), include_dashboard=False, log_to_driver=False)
+
+
+def start_search(cfg, out: Path, log=print) -> Session:
+    """Everything before ``Tuner.fit``; on resume, the saved state of the earlier start."""
+    from search.tracking import MLflowTuneCallback, SearchTracker, default_tracking_uri
+    from trainables.metrics import count_flops
+    from trainables.ray_trainable import TrialContext
+    from trainables.run import configs_of, prepare
+    from trainables.surgery import describe_units
+
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    tracking_uri = cfg.mlflow.tracking_uri or state.get("tracking_uri") or default_tracking_uri(out.parent)
+    log(f"output folder: {out}")
+    log(f"MLflow UI:     {mlflow_ui_command(tracking_uri)}")
+    if not state:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
+    units = describe_units(base)
+    prune, finetune, measure, _ = configs_of(cfg)
+    storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
+    ctx = TrialContext(
+        model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,
+        base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args_of(cfg),
+        prune=asdict(prune), finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
+        threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        storage_path=str(storage),
+    )
+    tracker = SearchTracker(tracking_uri, cfg.mlflow.experiment)
+    parent = tracker.start_search(out.name, OmegaConf.to_container(cfg, resolve=True), run_id=state.get("parent_run_id"))
+    restore = state.get("experiment_path") if state else None
+    experiment_path = str(storage / "tune")
+    state_path.write_text(json.dumps({"tracking_uri": tracking_uri, "parent_run_id": parent,
+                                      "experiment_path": experiment_path, "base_model": str(base_path)}, indent=1))
+    _init_ray(cfg)
+    callback = MLflowTuneCallback(tracking_uri, cfg.mlflow.experiment, parent)
+    return Session(
+        ctx=ctx, n_units=len(units), unit_names=[u.name for u in units], storage=storage, callback=callback,
+        tracker=tracker, parent_run_id=parent, restore_path=restore if restore and Path(restore).exists() else None,
+        base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base),
+    )

@@ -1,0 +1,320 @@
+"""The accuracy-vs-FLOPs answer of a search: Pareto front, hypervolume, trials.parquet, pareto.png.
+
+Pure functions on plain data (lists of dicts, one per trial): no Ray, Optuna or MLflow here, so
+reports, benchmarks and notebooks can use them on a finished ``trials.parquet``.
+
+Conventions:
+    * ``val_acc`` and ``test_acc`` are fractions in [0, 1] (plots and tables show percent).
+    * ``flops`` counts one multiply or one add as a FLOP (FLOPs = 2 x MACs, as
+      ``trainables.metrics.count_flops``); ``flops_ratio`` = ``flops`` / FLOPs of the unpruned model.
+    * The front maximizes ``val_acc`` and minimizes ``flops``. Only trials that finished the protocol
+      (``status == "COMPLETED"``) are eligible: a trial stopped early by the scheduler never had
+      its final fine-tuning, so its accuracy is not comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "COMPLETED",
+    "DEFAULT_REF",
+    "REQUIRED_COLUMNS",
+    "TRIAL_COLUMNS",
+    "format_front",
+    "front_rows",
+    "hypervolume",
+    "mark_pareto",
+    "pareto_mask",
+    "plot_front",
+    "read_trials",
+    "write_trials",
+]
+
+COMPLETED = "COMPLETED"
+"""The one trial status eligible for the front (others: STOPPED_EARLY, FAILED, RUNNING, ...)."""
+
+DEFAULT_REF: tuple[float, float] = (0.0, 1.0)
+"""Hypervolume reference point (val_acc, flops_ratio): accuracy 0 and the unpruned model's FLOPs.
+
+A trial adds area only if its accuracy is above 0 and its FLOPs below the unpruned model's; an
+unpruned trial (flops_ratio 1) adds nothing.
+"""
+
+TRIAL_COLUMNS: pa.Schema = pa.schema(
+    [
+        pa.field("trial_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # COMPLETED | STOPPED_EARLY | FAILED | RUNNING
+        pa.field("criterion", pa.string(), nullable=False),  # criterion registry name
+        pa.field("schedule", pa.string()),  # ratio schedule name: uniform | differential | per_layer
+        pa.field("method", pa.string()),  # layer_by_layer | one_shot | iterative
+        pa.field("ratios", pa.list_(pa.float64())),  # one pruning ratio per prunable unit, network order
+        pa.field("p", pa.float64()),  # fine-tuning epochs after each unit / step
+        pa.field("q", pa.float64()),  # fine-tuning epochs at the end
+        pa.field("lr", pa.float64()),  # peak fine-tuning learning rate
+        pa.field("val_acc", pa.float64()),  # fraction in [0, 1]; the search objective
+        pa.field("test_acc", pa.float64()),  # fraction; evaluated only for Pareto-optimal trials
+        pa.field("flops", pa.int64()),  # FLOPs of one forward pass on one image (2 x MACs)
+        pa.field("flops_ratio", pa.float64()),  # flops / unpruned flops
+        pa.field("params", pa.int64()),
+        pa.field("latency_ms", pa.float64()),  # per batch, as trainables.metrics.measure_latency
+        pa.field("pareto", pa.bool_(), nullable=False),  # on the front (see mark_pareto)
+        pa.field("mlflow_run_id", pa.string()),
+        pa.field("wall_s", pa.float64()),  # wall-clock seconds of the trial
+        pa.field("config_json", pa.string()),  # the trial's full hyperparameters as JSON
+    ]
+)
+"""Schema of ``trials.parquet``: one row per trial. Nullable fields may be missing from a row."""
+
+REQUIRED_COLUMNS: tuple[str, ...] = tuple(f.name for f in TRIAL_COLUMNS if not f.nullable)
+"""Keys every row given to :func:`write_trials` must carry."""
+
+Row = dict[str, Any]
+
+
+def _missing(value: Any) -> bool:
+    """None or NaN: a value that cannot be placed on the front."""
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
+
+
+def pareto_mask(val_acc: Sequence[float], flops: Sequence[float]) -> list[bool]:
+    """Which points are Pareto-optimal when maximizing ``val_acc`` and minimizing ``flops``.
+
+    A point is on the front iff no other point is at least as accurate and at most as costly,
+    strictly better in one of the two. Exact duplicates do not dominate each other, so to keep the
+    front free of repeats only the first occurrence (lowest index) of a duplicated point is marked
+    on the front; later copies are False. O(n log n).
+    """
+    if len(val_acc) != len(flops):
+        raise ValueError(f"val_acc and flops must have the same length, but got {len(val_acc)} and {len(flops)}")
+    for name, values in (("val_acc", val_acc), ("flops", flops)):
+        bad = [i for i, v in enumerate(values) if _missing(v)]
+        if bad:
+            raise ValueError(f"{name} has None/NaN at indices {bad[:10]}; drop those points first (front_rows does)")
+    # Cheapest first; for equal cost the most accurate first; for exact duplicates the lowest index
+    # first. A point is then on the front iff it beats every point swept before it.
+    order = sorted(range(len(flops)), key=lambda i: (flops[i], -val_acc[i], i))
+    mask = [False] * len(flops)
+    best = -math.inf
+    for i in order:
+        if val_acc[i] > best:
+            mask[i] = True
+            best = val_acc[i]
+    return mask
+
+
+def _eligible(row: Row) -> bool:
+    return row.get("status") == COMPLETED and not _missing(row.get("val_acc")) and not _missing(row.get("flops"))
+
+
+def front_rows(rows: list[Row]) -> list[Row]:
+    """Copies of the Pareto-optimal rows, sorted by ``flops`` ascending.
+
+    Eligible rows have ``status == "COMPLETED"`` and non-null ``val_acc`` and ``flops``; rows
+    stopped early, failed or still running are never on the front. Idempotent: the front of a
+    front is itself.
+    """
+    eligible = [row for row in rows if _eligible(row)]
+    mask = pareto_mask([r["val_acc"] for r in eligible], [r["flops"] for r in eligible])
+    front = [dict(r) for r, on in zip(eligible, mask, strict=True) if on]
+    return sorted(front, key=lambda r: r["flops"])
+
+
+def mark_pareto(rows: list[Row]) -> list[Row]:
+    """New dicts, in input order, with ``"pareto"`` True exactly for the rows of :func:`front_rows`.
+
+    The input rows are not modified.
+    """
+    eligible_idx = [i for i, row in enumerate(rows) if _eligible(row)]
+    mask = pareto_mask([rows[i]["val_acc"] for i in eligible_idx], [rows[i]["flops"] for i in eligible_idx])
+    on_front = {i for i, on in zip(eligible_idx, mask, strict=True) if on}
+    return [{**row, "pareto": i in on_front} for i, row in enumerate(rows)]
+
+
+def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = DEFAULT_REF) -> float:
+    """Area dominated by ``(val_acc, flops_ratio)`` points and bounded by ``ref``.
+
+    Maximizes accuracy, minimizes the FLOPs ratio: each point dominates the rectangle
+    [ref_acc, acc] x [flops_ratio, ref_flops_ratio], and the result is the area of their union
+    (dominated points change nothing). Points that do not strictly beat ``ref`` in both
+    objectives add nothing. With :data:`DEFAULT_REF` = (0.0, 1.0) and accuracy as a fraction, the
+    result lies in [0, 1]; 1 would be a free, perfect model.
+    """
+    # Optuna 5 only has a private hypervolume (optuna._hypervolume.compute_hypervolume, which also
+    # rejects points not dominating the reference), and this module must not import Optuna; the
+    # 2-D case is a sweep over the FLOPs axis. tests/test_pareto.py cross-checks against Optuna's.
+    ref_acc, ref_cost = ref
+    for acc, cost in points:
+        if math.isnan(acc) or math.isnan(cost):
+            raise ValueError(f"hypervolume got a NaN point ({acc}, {cost}); drop it first")
+    useful = sorted((cost, acc) for acc, cost in points if acc > ref_acc and cost < ref_cost)
+    area, best_acc = 0.0, ref_acc
+    # Between two consecutive costs, the dominated height is the best accuracy seen so far.
+    for k, (cost, acc) in enumerate(useful):
+        best_acc = max(best_acc, acc)
+        next_cost = useful[k + 1][0] if k + 1 < len(useful) else ref_cost
+        area += (next_cost - cost) * (best_acc - ref_acc)
+    return float(area)
+
+
+def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
+    values = [row.get(field.name) for row in rows]
+    if field.type == pa.list_(pa.float64()):
+        values = [None if v is None else [float(x) for x in v] for v in values]
+    try:
+        return pa.array(values, type=field.type)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise ValueError(f"trials column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+
+
+def write_trials(rows: list[Row], path: str | os.PathLike[str]) -> None:
+    """Write ``rows`` to a Parquet file with schema :data:`TRIAL_COLUMNS`.
+
+    Missing nullable keys become nulls; a missing required key (:data:`REQUIRED_COLUMNS`, e.g.
+    ``pareto``: call :func:`mark_pareto` first) or a key outside the schema is an error, so the
+    file never silently loses or invents data. The write is atomic (temporary file in the same
+    folder, then ``os.replace``): readers see the old file or the new one, never half of one.
+    """
+    known = set(TRIAL_COLUMNS.names)
+    for i, row in enumerate(rows):
+        missing = [c for c in REQUIRED_COLUMNS if _missing(row.get(c))]
+        unknown = sorted(set(row) - known)
+        if missing or unknown:
+            raise ValueError(
+                f"trial row {i} (trial_id={row.get('trial_id')!r}) has missing required keys {missing} "
+                f"and unknown keys {unknown}; required: {list(REQUIRED_COLUMNS)} (set 'pareto' with "
+                "mark_pareto); put extra hyperparameters in 'config_json' or add a field to TRIAL_COLUMNS"
+            )
+    table = pa.Table.from_arrays([_column(f, rows) for f in TRIAL_COLUMNS], schema=TRIAL_COLUMNS)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_trials(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a ``trials.parquet`` written by :func:`write_trials` (nulls read back as None)."""
+    return pq.read_table(path).to_pylist()
+
+
+def _flops_unit(max_flops: float) -> tuple[float, str]:
+    return (1e9, "GFLOPs") if max_flops >= 1e9 else (1e6, "MFLOPs")
+
+
+def plot_front(
+    rows: list[Row],
+    path: str | os.PathLike[str],
+    *,
+    base_flops: float | None = None,
+    base_acc: float | None = None,
+    title: str = "",
+) -> None:
+    """Save the accuracy-vs-FLOPs scatter of all trials with the Pareto front as a PNG (dpi 150).
+
+    Every row with ``val_acc`` and ``flops`` is a point coloured by criterion; trials that did not
+    complete (stopped early, ...) are hollow. The front (:func:`front_rows`) is ringed and joined by
+    a step line: at a given budget, the best accuracy reached at or below it. ``base_flops``/``base_acc`` (fraction)
+    draw the unpruned model as a star. The x unit (MFLOPs or GFLOPs) follows the largest value.
+    """
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display, and the
+    # caller's matplotlib backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    points = [r for r in rows if not _missing(r.get("val_acc")) and not _missing(r.get("flops"))]
+    scale, unit = _flops_unit(max([float(r["flops"]) for r in points] + [base_flops or 0.0]))
+    criteria = sorted({str(r.get("criterion")) for r in points})
+    cmap = _colormap(len(criteria))
+    colour = {c: cmap(i % cmap.N) for i, c in enumerate(criteria)}
+
+    fig = Figure(figsize=(8, 5), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for crit in criteria:
+        for done in (True, False):
+            sel = [r for r in points if str(r.get("criterion")) == crit and (r.get("status") == COMPLETED) == done]
+            if sel:
+                ax.scatter(
+                    [r["flops"] / scale for r in sel], [100 * r["val_acc"] for r in sel], s=28,
+                    facecolors=colour[crit] if done else "none", edgecolors=colour[crit], linewidths=1.2,
+                    alpha=0.85, zorder=3,
+                )
+    handles = [Line2D([], [], ls="", marker="o", color=colour[c], label=c) for c in criteria]
+    if any(r.get("status") != COMPLETED for r in points):
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="grey", label="not completed"))
+    front = front_rows(points)
+    if front:
+        xs, ys = [r["flops"] / scale for r in front], [100 * r["val_acc"] for r in front]
+        ax.step(xs, ys, where="post", color="black", lw=1.3, zorder=2)
+        ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4)
+        handles.append(Line2D([], [], color="black", lw=1.3, marker="o", mfc="none", ms=8,
+                              label=f"Pareto front ({len(front)})"))
+    if base_flops is not None and base_acc is not None:
+        ax.scatter([base_flops / scale], [100 * base_acc], marker="*", s=220, color="gold",
+                   edgecolors="black", linewidths=0.8, zorder=4)
+        handles.append(Line2D([], [], ls="", marker="*", ms=13, mfc="gold", mec="black", label="unpruned base"))
+    if not points:
+        ax.text(0.5, 0.5, "no trial with val_acc and FLOPs yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if handles:
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+
+
+def _colormap(n: int) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["tab10" if n <= 10 else "tab20"]
+
+
+def _cell(value: Any, fmt: str, scale: float = 1.0) -> str:
+    return "-" if _missing(value) else format(value * scale, fmt)
+
+
+def _table_line(cells: list[str], widths: list[int]) -> str:
+    # The three name columns left-aligned, the numbers right-aligned.
+    return "  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+
+def format_front(rows: list[Row]) -> str:
+    """The Pareto-optimal rows of ``rows`` (:func:`front_rows`) as a plain-text table, cheapest first.
+
+    Missing values show as '-'; ``test_acc`` is evaluated only for front trials, so it is present
+    here once the search has finished.
+    """
+    header = ["trial_id", "criterion", "schedule", "FLOPs (M)", "FLOPs ratio", "val acc %", "test acc %",
+              "params (k)", "latency ms"]
+    body = [
+        [
+            str(r["trial_id"]), str(r.get("criterion") or "-"), str(r.get("schedule") or "-"),
+            _cell(r["flops"], ".2f", 1e-6), _cell(r.get("flops_ratio"), ".3f"), _cell(r["val_acc"], ".2f", 100),
+            _cell(r.get("test_acc"), ".2f", 100), _cell(r.get("params"), ".1f", 1e-3), _cell(r.get("latency_ms"), ".2f"),
+        ]
+        for r in front_rows(rows)
+    ]
+    widths = [max(len(row[j]) for row in [header, *body]) for j in range(len(header))]
+    lines = [_table_line(header, widths), "  ".join("-" * w for w in widths)]
+    lines += [_table_line(b, widths) for b in body]
+    if not body:
+        lines.append("(no completed trial with val_acc and flops)")
+    return "\n".join(lines)

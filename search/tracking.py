@@ -1,0 +1,645 @@
+"""MLflow tracking of a search: one parent run per search, one child run per trial.
+
+Every MLflow write happens in the driver process, through :class:`MLflowTuneCallback`, for three
+reasons: Ray workers never open the SQLite store (SQLite handles concurrent writers poorly and a
+worker may not even share the driver's disk); trials that the scheduler stops early are still
+finalised (their own code never learns that it was stopped); and a resumed search finds its runs
+again by the tag ``trial_id`` instead of creating duplicates.
+
+Layout of one search in MLflow:
+    * parent run: the resolved config as params (flattened, dotted keys) and ``config.yaml``;
+      summary metrics and the search's files (``trials.parquet``, ``pareto.png``) at the end.
+    * child run per trial (tag ``mlflow.parentRunId``): the sampled hyperparameters as params,
+      tags ``trial_id``, ``criterion``, ``stopped_early``, ``pareto``; metrics stepped by the
+      protocol's fine-tuning step; artifacts ``record.json`` and, for chosen trials, ``model/``.
+
+A pruned model is stored so that a user loads it with one call and no project code::
+
+    torch.export.load(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="model/model.pt2")).module()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT
+
+__all__ = [
+    "END_STATUSES",
+    "FINAL_METRICS",
+    "MLflowTuneCallback",
+    "SearchTracker",
+    "default_tracking_uri",
+]
+
+logger = logging.getLogger(__name__)
+
+END_STATUSES = ("FINISHED", "KILLED", "FAILED")
+"""How a trial or a search ends: it completed, it was stopped (early or interrupted), it raised."""
+
+FINAL_METRICS = ("val_acc", "flops", "params", "latency_ms", "wall_s", "test_acc")
+"""Metrics of a finished trial logged by :meth:`SearchTracker.end_trial` (FLOPs = 2 x MACs)."""
+
+# Keys Ray Tune adds to every result: bookkeeping, not measurements of the trial.
+_TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | frozenset(DEBUG_METRICS) | {
+    DONE,
+    SHOULD_CHECKPOINT,
+    EXPERIMENT_TAG,
+    "step",  # the x-axis of every metric, not a metric itself
+}
+_TRIAL_TAG = "trial_id"
+_PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(output_root: str | Path) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an SQLite store ``<output_root>/mlflow.db``.
+
+    The path is absolute because Tune runs each trial in its own working directory: a relative
+    ``sqlite:///mlflow.db`` would scatter one database per directory. A :class:`SearchTracker`
+    on this store keeps artifacts in ``<output_root>/mlartifacts``.
+    """
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env:
+        return from_env
+    return f"sqlite:///{(Path(output_root).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+class SearchTracker:
+    """A thin wrapper around :class:`mlflow.MlflowClient` for one search of one experiment.
+
+    ``artifact_root`` is where runs of a newly created experiment keep their files; by default
+    the folder ``mlartifacts`` next to an SQLite store (MLflow's own default, ``./mlruns``, is
+    relative to whatever directory the process happens to run in). ``parent_run_id`` attaches to
+    an existing search run without changing it (what the Tune callback does); ``start_search``
+    creates or re-opens one instead.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_root: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self._get_or_create_experiment(experiment, artifact_root)
+        self.parent_run_id = parent_run_id
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._fresh: set[str] = set()  # runs created here: no metric history to read back
+        self._running: set[str] = set()  # runs known RUNNING: trial_run need not ask MLflow
+        self._last: dict[tuple[str, str], tuple[int, float] | None] = {}  # (run, key) -> (step, value)
+
+    # -- search (parent run) -------------------------------------------------------------------
+
+    def start_search(self, name: str, config: Mapping[str, Any], run_id: str | None = None) -> str:
+        """Create the parent run of a search and return its id; with ``run_id``, re-open that run.
+
+        A new run gets ``config`` flattened as params (dotted keys, lists as JSON, values longer
+        than MLflow's limit truncated) and whole as the artifact ``config.yaml``. A re-opened run
+        (a resumed search) is set RUNNING again and keeps its params: MLflow params are immutable.
+        """
+        if run_id is not None:
+            run = self.client.get_run(run_id)
+            if run.info.experiment_id != self.experiment_id:
+                raise ValueError(
+                    f"run {run_id} belongs to experiment {run.info.experiment_id}, not to "
+                    f"{self.experiment_id}; resume with the experiment name the search started with"
+                )
+            self.client.update_run(run_id, status="RUNNING")
+            self.parent_run_id = run_id
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"role": "search"})
+        self.parent_run_id = run.info.run_id
+        self._log_params(self.parent_run_id, _flatten_params(config, expand_lists=False))
+        self.client.log_dict(self.parent_run_id, _plain(config), "config.yaml")
+        return self.parent_run_id
+
+    def finish_search(
+        self,
+        metrics: Mapping[str, float],
+        artifacts: Sequence[str | Path],
+        status: str = "FINISHED",
+    ) -> None:
+        """Log the search's summary metrics and files (folders keep their name), then end it.
+
+        Child runs still RUNNING are ended first as KILLED (see :meth:`finalize_dangling`), so a
+        finished search never leaves a trial looking alive.
+        """
+        _check_status(status)
+        parent = self._require_parent()
+        paths = [Path(p) for p in artifacts]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"search artifacts not found: {missing}; write them before finish_search")
+        bad = {k: v for k, v in metrics.items() if not _is_number(v)}
+        if bad:
+            raise ValueError(f"search metrics must be numbers, but got {bad}")
+        self.finalize_dangling("KILLED")
+        now = _now_ms()
+        self._log_metrics(parent, [Metric(_key(k), float(v), now, 0) for k, v in metrics.items()])
+        for path in paths:
+            if path.is_dir():
+                self.client.log_artifacts(parent, str(path), artifact_path=path.name)
+            else:
+                self.client.log_artifact(parent, str(path))
+        self.client.set_terminated(parent, status)
+
+    def finalize_dangling(self, status: str = "KILLED") -> int:
+        """End every child run of the search that is still RUNNING; return how many there were.
+
+        Such runs belong to trials of an interrupted search (driver killed, cluster lost). A
+        resumed search re-opens them through :meth:`trial_run`.
+        """
+        _check_status(status)
+        parent = self._require_parent()
+        dangling = self._search(f"tags.`{_PARENT_TAG}` = '{parent}' AND attributes.status = 'RUNNING'")
+        for run in dangling:
+            self.client.set_tag(run.info.run_id, "ended_by", "finalize_dangling")
+            self.client.set_terminated(run.info.run_id, status)
+            self._running.discard(run.info.run_id)
+        return len(dangling)
+
+    # -- trials (child runs) -------------------------------------------------------------------
+
+    def trial_run(
+        self, trial_id: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
+    ) -> str:
+        """The id of the child run of ``trial_id``, created on first use and never duplicated.
+
+        A new run gets ``params`` as params: nested keys dotted, a list both as one JSON string
+        and as one param per element ``<key>.<i>`` (per-layer ratios become ``ratios.0``, ...),
+        and the tags ``trial_id``, ``criterion`` (from ``params["criterion"]``) and ``tags``. An
+        existing run keeps its params and is set RUNNING again if it had been ended (a trial that
+        a resumed search runs again).
+        """
+        _check_trial_id(trial_id)
+        run_id = self._find_run(trial_id)
+        if run_id is not None:
+            if run_id not in self._running and self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            self._running.add(run_id)
+            return run_id
+        all_tags = {_PARENT_TAG: self._require_parent(), _TRIAL_TAG: trial_id, "role": "trial"}
+        if "criterion" in params:
+            all_tags["criterion"] = str(params["criterion"])
+        all_tags.update({_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()})
+        run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial_id}", tags=all_tags)
+        run_id = run.info.run_id
+        self._runs[trial_id] = run_id
+        self._fresh.add(run_id)
+        self._running.add(run_id)
+        self._log_params(run_id, _flatten_params(params, expand_lists=True))
+        return run_id
+
+    def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """Log the numeric values of one trial result at ``step = int(result["step"])``.
+
+        Ray Tune's bookkeeping keys (``training_iteration``, ``time_total_s``, ...) and booleans
+        are left out; nested dicts are flattened with ``/`` as Tune does. A value whose step is
+        not after the last step logged for its key is skipped, so a trial that runs again after
+        a resume or a retry never logs a step twice (the last steps are read back from MLflow
+        once per key when this tracker did not create the run).
+        """
+        if "step" not in result:
+            raise ValueError(
+                f"result of trial {trial_id} has no 'step' (keys: {sorted(result)}); stepped metrics "
+                "need the protocol's fine-tuning step; log final values with end_trial"
+            )
+        step = int(result["step"])
+        run_id = self._require_run(trial_id)
+        now = _now_ms()
+        metrics = []
+        for key, value in _numeric_items(result):
+            last = self._last_point(run_id, key)
+            if last is None or step > last[0]:
+                metrics.append(Metric(key, value, now, step))
+        self._log_metrics(run_id, metrics)
+
+    def end_trial(
+        self,
+        trial_id: str,
+        status: str,
+        final: Mapping[str, Any] | None = None,
+        record_path: str | Path | None = None,
+    ) -> None:
+        """End the trial's run with ``status`` (one of :data:`END_STATUSES`).
+
+        ``final`` values of :data:`FINAL_METRICS` become the run's latest values: MLflow shows
+        the value at the highest step, so a final value that differs from the last point of its
+        curve goes one step after it, and one equal to it is not logged again. ``record_path``
+        (the protocol's JSON record) is stored as ``record.json``. Tag ``stopped_early`` is
+        ``true`` for KILLED. The run is ended even if logging the record fails.
+        """
+        _check_status(status)
+        run_id = self._require_run(trial_id)
+        try:
+            if final:
+                self._log_final(run_id, final)
+            if record_path is not None:
+                _log_file_as(self.client, run_id, Path(record_path), "record.json")
+        finally:
+            self.client.set_tag(run_id, "stopped_early", str(status == "KILLED").lower())
+            self.client.set_terminated(run_id, status)
+            self._running.discard(run_id)
+
+    def set_pareto(self, trial_id: str, pareto: bool) -> None:
+        """Tag the trial's run ``pareto=true|false`` (on the search's accuracy-vs-FLOPs front)."""
+        self.client.set_tag(self._require_run(trial_id), "pareto", str(bool(pareto)).lower())
+
+    def log_artifact(self, trial_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Store one file or folder of the trial (e.g. Tune's error file) in its run."""
+        run_id = self._require_run(trial_id)
+        if Path(path).is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+    def log_pruned_model(
+        self,
+        trial_id: str,
+        model: torch.nn.Module,
+        example_input: torch.Tensor,
+        record: Mapping[str, Any],
+    ) -> str:
+        """Store the pruned model as ``model/model.pt2`` plus ``model/record.json``; return its URI.
+
+        The model is a ``torch.export`` program in eval mode with a dynamic batch dimension, so it
+        loads with one call and no project code (see the module docstring). The returned URI is
+        ``runs:/<run_id>/model/model.pt2``. ``model`` is left in the mode it came in.
+        """
+        run_id = self._require_run(trial_id)
+        was_training = model.training
+        try:
+            # Dim.AUTO, not Dim("batch"): export specialises a batch of 1 instead of failing.
+            program = torch.export.export(
+                model.eval(), (example_input,), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+            )
+        finally:
+            model.train(was_training)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp, "model")
+            folder.mkdir()
+            torch.export.save(program, folder / "model.pt2")
+            (folder / "record.json").write_text(json.dumps(_plain(record), indent=2))
+            self.client.log_artifacts(run_id, str(folder), artifact_path="model")
+        return f"runs:/{run_id}/model/model.pt2"
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _get_or_create_experiment(self, name: str, artifact_root: str | None) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = _artifact_location(self.tracking_uri, artifact_root)
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException:
+                # Another process created it between our lookup and our create.
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage != "active":
+            raise ValueError(
+                f"experiment '{name}' is deleted in {self.tracking_uri}; restore it "
+                "(mlflow experiments restore) or choose another experiment name"
+            )
+        return experiment.experiment_id
+
+    def _require_parent(self) -> str:
+        if self.parent_run_id is None:
+            raise RuntimeError(
+                "no search run: call start_search(...) first, or pass parent_run_id= to SearchTracker"
+            )
+        return self.parent_run_id
+
+    def _require_run(self, trial_id: str) -> str:
+        run_id = self._find_run(trial_id)
+        if run_id is None:
+            raise LookupError(
+                f"no MLflow run for trial '{trial_id}' in search run {self.parent_run_id}; "
+                "call trial_run(trial_id, params) first"
+            )
+        return run_id
+
+    def _find_run(self, trial_id: str) -> str | None:
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        parent = self._require_parent()
+        found = self._search(
+            f"tags.`{_PARENT_TAG}` = '{parent}' AND tags.{_TRIAL_TAG} = '{trial_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        if not found:
+            return None
+        if len(found) > 1:
+            logger.warning(
+                "trial %s has %d runs in search %s; using the oldest, %s",
+                trial_id, len(found), parent, found[0].info.run_id,
+            )
+        self._runs[trial_id] = found[0].info.run_id
+        return self._runs[trial_id]
+
+    def _search(self, filter_string: str, order_by: list[str] | None = None) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string, order_by=order_by, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _last_point(self, run_id: str, key: str) -> tuple[int, float] | None:
+        """The (step, value) MLflow reports as latest for ``key``, read from MLflow at most once."""
+        if (run_id, key) not in self._last:
+            if run_id in self._fresh:
+                self._last[(run_id, key)] = None
+            else:
+                history = self.client.get_metric_history(run_id, key)
+                # MLflow's "latest": highest (step, timestamp, value).
+                latest = max(history, key=lambda m: (m.step, m.timestamp, m.value), default=None)
+                self._last[(run_id, key)] = None if latest is None else (latest.step, latest.value)
+        return self._last[(run_id, key)]
+
+    def _log_final(self, run_id: str, final: Mapping[str, Any]) -> None:
+        now = _now_ms()
+        metrics = []
+        for key in FINAL_METRICS:
+            if key not in final or not _is_number(final[key]):
+                continue
+            value, last = float(final[key]), self._last_point(run_id, key)
+            if last is None:
+                metrics.append(Metric(key, value, now, 0))
+            elif not _same(value, last[1]):
+                metrics.append(Metric(key, value, now, last[0] + 1))
+        self._log_metrics(run_id, metrics)
+
+    def _log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        for m in metrics:
+            self._last[(run_id, m.key)] = (m.step, m.value)
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        entries = [Param(k, v) for k, v in params.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+
+
+class MLflowTuneCallback(Callback):
+    """Ray Tune callback that logs every trial to MLflow from the driver through a SearchTracker.
+
+    Hooks (verified in the source of ray 2.60, ``tune/execution/tune_controller.py``):
+        * ``on_trial_start``: the run is created (or found again) with ``trial.config`` as params.
+        * ``on_trial_result``: stepped metrics; called for every reported result, including the
+          one on which a scheduler (ASHA) or a stopper decides STOP (it carries ``done=True``).
+        * ``on_trial_complete``: fires both for a trial that returned and for one that a
+          scheduler or stopper stopped (``TuneController.stop_trial``). They differ only in the
+          last result: ``trial_done`` True means the protocol finished (FINISHED, with final
+          metrics and ``record_path``); otherwise the trial was stopped early (KILLED, tag
+          ``stopped_early=true``).
+        * ``on_trial_error``: FAILED, with Tune's error file as ``error.txt``.
+        * ``on_experiment_end``: a stop of the whole experiment (a stopper's ``stop_all()``,
+          ``TuneConfig(time_budget_s=...)``) terminates trials through
+          ``TuneController._stop_experiment_if_needed`` without ``on_trial_complete``; their
+          runs are ended here the same way.
+
+    The callback is pickled into the experiment's ``tuner.pkl`` when the Tuner is built and
+    unpickled by ``Tuner.restore``; the MLflow client is therefore created lazily and dropped
+    from the pickled state. A tracking failure is logged as a warning and the search goes on,
+    unless ``strict`` is True (tests), in which case it propagates and stops the search.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        parent_run_id: str,
+        artifact_root: str | None = None,
+        *,
+        strict: bool = False,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.artifact_root = artifact_root
+        self.strict = strict
+        self._tracker: SearchTracker | None = None
+        self._done: set[str] = set()  # trials that reported trial_done in this process
+        self._open_trials: set[str] = set()  # trials whose run this callback opened, not yet ended
+
+    @property
+    def tracker(self) -> SearchTracker:
+        if self._tracker is None:
+            self._tracker = SearchTracker(
+                self.tracking_uri, self.experiment, self.artifact_root, parent_run_id=self.parent_run_id
+            )
+        return self._tracker
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_tracker"] = None  # an MLflow client holds a database engine: not picklable
+        return state
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._guard("on_trial_start", trial, lambda: self._open(trial))
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        def log() -> None:
+            self._open(trial)
+            if result.get("trial_done"):
+                self._done.add(trial.trial_id)
+            if "step" in result:
+                self.tracker.log_result(trial.trial_id, result)
+
+        self._guard("on_trial_result", trial, log)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def end() -> None:
+            self._open(trial)  # a trial stopped while PENDING never started
+            self._end(trial)
+
+        self._guard("on_trial_complete", trial, end)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        def fail() -> None:
+            self._open(trial)
+            error_file = getattr(trial, "error_file", None)  # Tune writes <trial dir>/error.txt
+            try:
+                if error_file and Path(error_file).is_file():
+                    self.tracker.log_artifact(trial.trial_id, error_file)
+            finally:
+                self.tracker.end_trial(trial.trial_id, "FAILED")
+                self._open_trials.discard(trial.trial_id)
+
+        self._guard("on_trial_error", trial, fail)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # An experiment-level stop (a stopper's stop_all(), TuneConfig(time_budget_s=...)) ends
+        # trials without on_trial_complete. Trials still live here were interrupted (Ctrl-C, a
+        # lost driver): their runs stay RUNNING for Tuner.restore to continue, and
+        # SearchTracker.finalize_dangling ends them if the search is never resumed.
+        for trial in trials:
+            if trial.trial_id in self._open_trials and trial.status in ("TERMINATED", "ERROR"):
+                self._guard("on_experiment_end", trial, lambda t=trial: self._end(t))
+
+    def _open(self, trial: Any) -> str:
+        tags = {"trial_name": str(trial), "experiment_tag": str(getattr(trial, "experiment_tag", ""))}
+        run_id = self.tracker.trial_run(trial.trial_id, dict(trial.config or {}), tags)
+        self._open_trials.add(trial.trial_id)
+        return run_id
+
+    def _end(self, trial: Any) -> None:
+        """FINISHED if the protocol reported ``trial_done``, else KILLED (stopped early)."""
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            self.tracker.end_trial(trial.trial_id, "FAILED")
+        elif last.get("trial_done") or trial.trial_id in self._done:
+            self.tracker.end_trial(
+                trial.trial_id, "FINISHED", final=last, record_path=last.get("record_path")
+            )
+        else:
+            self.tracker.end_trial(trial.trial_id, "KILLED")
+        self._open_trials.discard(trial.trial_id)
+
+    def _guard(self, hook: str, trial: Any, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:
+            if self.strict:
+                raise
+            logger.warning(
+                "MLflow tracking failed in %s for trial %s (store %s); the search goes on, but "
+                "this trial's run may be incomplete. Fix the cause, then check the run or call "
+                "SearchTracker.finalize_dangling.",
+                hook, getattr(trial, "trial_id", trial), self.tracking_uri, exc_info=True,
+            )
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _artifact_location(tracking_uri: str, artifact_root: str | None) -> str | None:
+    if artifact_root is not None:
+        return Path(artifact_root).expanduser().resolve().as_uri()
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
+        db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        return (db.resolve().parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides
+
+
+def _check_status(status: str) -> None:
+    if status not in END_STATUSES:
+        raise ValueError(f"unknown run status {status!r}; valid: {', '.join(END_STATUSES)}")
+
+
+def _check_trial_id(trial_id: str) -> None:
+    if not trial_id or "'" in trial_id or "`" in trial_id:
+        raise ValueError(f"trial id {trial_id!r} must be non-empty without quotes (it goes into an MLflow filter)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _key(key: Any) -> str:
+    """An MLflow-valid param or metric name: unsupported characters become ``_``."""
+    text = "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in str(key))
+    return text[:MAX_ENTITY_KEY_LENGTH]
+
+
+def _value(value: Any, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
+    text = value if isinstance(value, str) else json.dumps(_plain(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: mappings to dicts, sequences to lists, unknown objects to ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (isinstance(value, Sequence) and not isinstance(value, str)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if _is_number(value):
+        return float(value)
+    return str(value)
+
+
+def _flatten_params(params: Mapping[str, Any], expand_lists: bool, prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for name, value in params.items():
+        key = _key(f"{prefix}{name}")
+        if isinstance(value, Mapping):
+            flat.update(_flatten_params(value, expand_lists, prefix=f"{key}."))
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            flat[key] = _value(value)
+            if expand_lists:
+                flat.update({f"{key}.{i}": _value(v) for i, v in enumerate(value)})
+        else:
+            flat[key] = _value(value)
+    return flat
+
+
+def _numeric_items(result: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    for name, value in result.items():
+        if not prefix and name in _TUNE_KEYS:
+            continue
+        if isinstance(value, Mapping):
+            yield from _numeric_items(value, prefix=f"{prefix}{name}/")
+        elif _is_number(value):
+            yield _key(f"{prefix}{name}"), float(value)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _log_file_as(client: MlflowClient, run_id: str, path: Path, name: str) -> None:
+    """Store ``path`` in the run's artifact root under the file name ``name``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot log {path} as {name}: no such file")
+    if path.name == name:
+        client.log_artifact(run_id, str(path))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp, name)
+        shutil.copyfile(path, copy)
+        client.log_artifact(run_id, str(copy))

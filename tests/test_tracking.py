@@ -1,0 +1,280 @@
+"""MLflow tracking: one run per trial however often it is asked for, no metric step twice after a
+resume, every run ended, and a pruned model a user loads with one call; then a real tiny Tune run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from search.tracking import MLflowTuneCallback, SearchTracker, default_tracking_uri
+
+PARENT = "mlflow.parentRunId"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module: creating one runs MLflow's migrations (seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracker(store, request) -> SearchTracker:
+    """A started search in an experiment of its own (named after the test)."""
+    t = SearchTracker(store, request.node.name)
+    t.start_search("search", {"model": {"name": "small_cnn"}, "budget": 2, "units": ["a", "b"]})
+    return t
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def children(client: MlflowClient, t: SearchTracker) -> dict[str, mlflow.entities.Run]:
+    runs = client.search_runs([t.experiment_id], f"tags.`{PARENT}` = '{t.parent_run_id}'")
+    return {r.data.tags["trial_id"]: r for r in runs}
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_default_tracking_uri_is_absolute_and_env_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri("out")
+    assert uri.startswith("sqlite:///")
+    path = Path(uri[len("sqlite:///"):])
+    assert path.is_absolute() and path == tmp_path.resolve() / "out" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert default_tracking_uri("out") == "http://mlflow.example:5000"
+
+
+def test_artifacts_live_next_to_the_store(store, tracker):
+    location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+    assert location == (Path(store[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+
+
+def test_start_search_logs_flat_config(tracker):
+    run = tracker.client.get_run(tracker.parent_run_id)
+    assert run.data.params["model.name"] == "small_cnn"
+    assert json.loads(run.data.params["units"]) == ["a", "b"]
+    local = mlflow.artifacts.download_artifacts(
+        run_id=tracker.parent_run_id, artifact_path="config.yaml", tracking_uri=tracker.tracking_uri
+    )
+    assert "small_cnn" in Path(local).read_text()
+
+
+def test_trial_run_is_get_or_create(tracker):
+    params = {"criterion": "l1", "ratios": [0.25, 0.5], "lr": 0.01, "prune": {"p": 0.2}}
+    first = tracker.trial_run("t1", params)
+    assert tracker.trial_run("t1", params) == first
+    fresh = SearchTracker(tracker.tracking_uri, tracker.client.get_experiment(tracker.experiment_id).name,
+                          parent_run_id=tracker.parent_run_id)
+    assert fresh.trial_run("t1", params) == first  # found again by tag, not created
+    found = children(tracker.client, tracker)
+    assert list(found) == ["t1"]
+    run = found["t1"]
+    assert run.data.tags["criterion"] == "l1"
+    assert json.loads(run.data.params["ratios"]) == [0.25, 0.5]
+    assert (run.data.params["ratios.0"], run.data.params["ratios.1"]) == ("0.25", "0.5")
+    assert run.data.params["prune.p"] == "0.2"
+
+
+def test_log_result_never_logs_a_step_twice(tracker):
+    tracker.trial_run("t1", {"criterion": "l1"})
+    for step in (0, 1, 2):
+        tracker.log_result("t1", {"val_acc": 0.5 + step / 10, "step": step, "epoch": step / 2,
+                                  "phase": "recovery", "training_iteration": step + 1, "trial_done": False})
+    # A resumed search: a new tracker re-opens the search run and the trial runs again from step 1.
+    resumed = SearchTracker(tracker.tracking_uri, tracker.client.get_experiment(tracker.experiment_id).name)
+    resumed.start_search("search", {}, run_id=tracker.parent_run_id)
+    resumed.trial_run("t1", {"criterion": "l1"})
+    for step in (1, 2, 3):
+        resumed.log_result("t1", {"val_acc": 0.9, "step": step, "epoch": step / 2})
+    run_id = resumed.trial_run("t1", {})
+    history = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "val_acc")}
+    assert steps(tracker.client, run_id, "val_acc") == [0, 1, 2, 3]
+    assert history == pytest.approx({0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9})  # old points kept
+    assert steps(tracker.client, run_id, "epoch") == [0, 1, 2, 3]
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert "training_iteration" not in metrics and "trial_done" not in metrics and "step" not in metrics
+    with pytest.raises(ValueError, match="no 'step'"):
+        resumed.log_result("t1", {"val_acc": 0.9})
+
+
+def test_end_trial_statuses_and_tags(tracker, tmp_path):
+    record = tmp_path / "record_t_done.json"
+    record.write_text(json.dumps({"final_val_acc": 0.93, "units": {}}))
+    for trial_id in ("done", "stopped", "failed"):
+        tracker.trial_run(trial_id, {"criterion": "apoz"})
+        tracker.log_result(trial_id, {"val_acc": 0.9, "flops": 5e6, "step": 10})
+    final = {"val_acc": 0.93, "flops": 5e6, "params": 1e4, "latency_ms": 1.5, "wall_s": 3.0}
+    tracker.end_trial("done", "FINISHED", final=final, record_path=record)
+    tracker.end_trial("stopped", "KILLED")
+    tracker.end_trial("failed", "FAILED")
+    runs = children(tracker.client, tracker)
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "done": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+    assert {k: r.data.tags["stopped_early"] for k, r in runs.items()} == {
+        "done": "false", "stopped": "true", "failed": "false"}
+    done = runs["done"]
+    assert done.data.metrics == pytest.approx(final)  # final values are the latest ones
+    assert steps(tracker.client, done.info.run_id, "flops") == [10]  # equal final value: not again
+    local = mlflow.artifacts.download_artifacts(
+        run_id=done.info.run_id, artifact_path="record.json", tracking_uri=tracker.tracking_uri)
+    assert json.loads(Path(local).read_text())["final_val_acc"] == 0.93
+    tracker.set_pareto("done", True)
+    assert tracker.client.get_run(done.info.run_id).data.tags["pareto"] == "true"
+    with pytest.raises(ValueError, match="valid: FINISHED, KILLED, FAILED"):
+        tracker.end_trial("done", "DONE")
+
+
+def test_finalize_dangling_and_finish_search(tracker, tmp_path):
+    for trial_id in ("a", "b", "c"):
+        tracker.trial_run(trial_id, {})
+    tracker.end_trial("c", "FINISHED")
+    assert tracker.finalize_dangling() == 2
+    runs = children(tracker.client, tracker)
+    assert {k: r.info.status for k, r in runs.items()} == {"a": "KILLED", "b": "KILLED", "c": "FINISHED"}
+    assert tracker.finalize_dangling() == 0
+    tracker.trial_run("a", {})  # a resumed search runs trial a again: its run is re-opened
+    assert tracker.client.get_run(runs["a"].info.run_id).info.status == "RUNNING"
+    (tmp_path / "trials.parquet").write_bytes(b"PAR1")
+    tracker.finish_search({"hypervolume": 0.42}, [tmp_path / "trials.parquet"])
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["hypervolume"] == 0.42
+    assert [f.path for f in tracker.client.list_artifacts(tracker.parent_run_id)] == [
+        "config.yaml", "trials.parquet"]
+    assert "RUNNING" not in {r.info.status for r in children(tracker.client, tracker).values()}
+
+
+def test_pruned_model_loads_with_one_call(tracker, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10),
+    )
+    x = torch.randn(2, 1, 8, 8)  # (B, C, H, W)
+    model(torch.randn(8, 1, 8, 8))  # non-trivial BatchNorm running statistics
+    tracker.trial_run("t1", {"criterion": "l1"})
+    uri = tracker.log_pruned_model("t1", model, x, {"units": {"0": {"kept": [0, 2]}}})
+    run_id = tracker.trial_run("t1", {})
+    assert uri == f"runs:/{run_id}/model/model.pt2"
+    assert model.training  # left as it came
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # the user's environment
+    loaded = torch.export.load(
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.pt2")).module()
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+    x5 = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(loaded(x5), model(x5))  # any batch size
+    record = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/record.json")
+    assert json.loads(Path(record).read_text())["units"]["0"]["kept"] == [0, 2]
+
+
+def test_callback_pickles_without_its_client(tracker):
+    name = tracker.client.get_experiment(tracker.experiment_id).name
+    callback = MLflowTuneCallback(tracker.tracking_uri, name, tracker.parent_run_id)
+    assert callback.tracker.parent_run_id == tracker.parent_run_id  # client created
+    for dumps, loads in ((pickle.dumps, pickle.loads), (ray.cloudpickle.dumps, ray.cloudpickle.loads)):
+        copy = loads(dumps(callback))
+        assert copy._tracker is None
+        assert (copy.tracking_uri, copy.experiment, copy.parent_run_id) == (
+            tracker.tracking_uri, name, tracker.parent_run_id)
+        assert copy.tracker.experiment_id == tracker.experiment_id
+
+
+def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, local_ray):
+    """ASHA stops the weak trial at its first rung; one trial raises; one finishes."""
+    out = str(tmp_path)
+
+    def trainable(config):
+        for i in range(3):
+            if config["quality"] > 0.93 and i == 2:
+                raise RuntimeError("boom")
+            tune.report({"val_acc": config["quality"], "step": 10 * i, "epoch": i / 2,
+                         "phase": "recovery", "flops": 5e6, "unit": "features.7"})
+        record = Path(out, f"record_{config['quality']}.json")
+        record.write_text(json.dumps({"final_val_acc": config["quality"]}))
+        tune.report({"trial_done": True, "val_acc": config["quality"], "flops": 4e6, "params": 1e4,
+                     "latency_ms": 1.0, "wall_s": 0.5, "record_path": str(record)})
+
+    name = tracker.client.get_experiment(tracker.experiment_id).name
+    callback = MLflowTuneCallback(tracker.tracking_uri, name, tracker.parent_run_id, strict=True)
+    tuner = tune.Tuner(
+        trainable,
+        # Grid order + one trial at a time make ASHA's decisions deterministic.
+        param_space={"quality": tune.grid_search([0.9, 0.2, 0.95]), "criterion": "l1", "ratios": [0.25, 0.5]},
+        tune_config=tune.TuneConfig(
+            metric="val_acc", mode="max", max_concurrent_trials=1,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(name="tiny", storage_path=str(tmp_path / "ray"), callbacks=[callback], verbose=0),
+    )
+    results = tuner.fit()
+    trial_of = {r.config["quality"]: r.metrics["trial_id"] for r in results}
+    runs = children(tracker.client, tracker)
+    assert set(runs) == set(trial_of.values())  # one run per trial
+    done, stopped, failed = (runs[trial_of[q]] for q in (0.9, 0.2, 0.95))
+    assert (done.info.status, stopped.info.status, failed.info.status) == ("FINISHED", "KILLED", "FAILED")
+    assert (done.data.tags["stopped_early"], stopped.data.tags["stopped_early"]) == ("false", "true")
+    client = tracker.client
+    assert steps(client, done.info.run_id, "epoch") == [0, 10, 20]
+    assert steps(client, stopped.info.run_id, "val_acc") == [0]
+    assert steps(client, failed.info.run_id, "val_acc") == [0, 10]
+    assert done.data.metrics["flops"] == 4e6 and done.data.metrics["latency_ms"] == 1.0
+    assert {"training_iteration", "time_total_s", "trial_done"}.isdisjoint(done.data.metrics)
+    assert done.data.params["ratios.1"] == "0.5" and done.data.tags["criterion"] == "l1"
+    assert [f.path for f in client.list_artifacts(done.info.run_id)] == ["record.json"]
+    assert [f.path for f in client.list_artifacts(failed.info.run_id)] == ["error.txt"]
+    assert tracker.finalize_dangling() == 0  # nothing left RUNNING
+
+
+class _StopAllAfterFirstTrial(tune.Stopper):
+    """Stops the whole experiment, as ``TuneConfig(time_budget_s=...)`` does, after one trial."""
+
+    def __init__(self) -> None:
+        self.seen_last_step = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen_last_step |= result.get("step") == 2
+        return False
+
+    def stop_all(self) -> bool:
+        return self.seen_last_step
+
+
+def test_experiment_level_stop_ends_the_runs(tracker, tmp_path, local_ray):
+    """stop_all() bypasses on_trial_complete; on_experiment_end still ends the run (KILLED)."""
+
+    def trainable(config):
+        for i in range(3):
+            tune.report({"val_acc": 0.5, "step": i})
+
+    name = tracker.client.get_experiment(tracker.experiment_id).name
+    callback = MLflowTuneCallback(tracker.tracking_uri, name, tracker.parent_run_id, strict=True)
+    tune.Tuner(
+        trainable,
+        param_space={"x": tune.grid_search([1, 2])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="budget", storage_path=str(tmp_path / "ray"), callbacks=[callback],
+                                  stop=_StopAllAfterFirstTrial(), verbose=0),
+    ).fit()
+    runs = children(tracker.client, tracker)
+    assert [(r.info.status, r.data.tags["stopped_early"]) for r in runs.values()] == [("KILLED", "true")]
+    assert steps(tracker.client, next(iter(runs.values())).info.run_id, "val_acc") == [0, 1, 2]

@@ -1,0 +1,193 @@
+"""The Ray adapter: the only module of ``trainables/`` that imports ray.
+
+One per-worker function, ``train_loop_per_worker``, runs the protocol for one trial. It is
+launched in one of two ways from the Tune function trainable ``trial_fn``:
+
+- the TorchTrainer path (GPUs and/or several workers): a Ray Train ``TorchTrainer`` with
+  ``ScalingConfig(num_workers, use_gpu)``, DDP fine-tuning, results forwarded to Tune by
+  ``TuneReportCallback``. Launching it costs ~15 s per trial on 2 CPUs.
+- the fast path (one CPU worker): the very same function runs inside the trial process and
+  reports through ``tune.report``; ~1-3 s of overhead per trial.
+
+Checkpoints are written at the end of every protocol stage (one per pruned unit, then the
+final fine-tuning): the pruned model's weights, the protocol state and the record so far.
+A restarted trial rebuilds the pruned model from the base weights and the prune log, and
+continues after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.models import build_model
+from trainables.protocol import run_protocol
+
+__all__ = ["TrialContext", "trial_fn", "train_loop_per_worker", "trial_configs", "load_trial_model"]
+
+_STATE_FILE = "state.pt"
+_RECORD_FILE = "record.json"
+
+
+@dataclass
+class TrialContext:
+    """What every trial shares: the base model, the data, the fixed protocol settings."""
+
+    model_name: str
+    model_kwargs: dict
+    num_classes: int
+    base_state: dict  # the base model's state_dict: every trial starts from these weights
+    data_args: dict  # keyword arguments of data.get_data
+    prune: dict  # PruneConfig fields the search does not set
+    finetune: dict  # FinetuneConfig fields the search does not set
+    measure: dict  # MeasureConfig fields
+    seed: int = 0
+    threads: int | None = 1  # torch threads per worker: concurrent trials must not oversubscribe cores
+    num_workers: int = 1
+    use_gpu: bool = False
+    storage_path: str | None = None  # Ray Train run storage (TorchTrainer path)
+    extra: dict = field(default_factory=dict)
+
+
+_SEARCHED = {"criterion", "schedule", "ratio", "ratio_low", "ratio_high", "p", "q"}
+
+
+def trial_configs(ctx: TrialContext, config: dict) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig]:
+    """Merge a sampled trial config (flat: criterion, ratio_0..ratio_k, p, q, lr, ...) into the fixed ones."""
+    prune = {**ctx.prune, **{k: v for k, v in config.items() if k in _SEARCHED}}
+    ratios = [config[f"ratio_{i}"] for i in range(len(config)) if f"ratio_{i}" in config]
+    if ratios:
+        prune.update(schedule="per_layer", ratios=ratios)
+    if "criterion_weights" in config:
+        prune["criterion_options"] = {**prune.get("criterion_options", {}), "weights": config["criterion_weights"]}
+    finetune = {**ctx.finetune, **({"lr": config["lr"]} if "lr" in config else {})}
+    known = {f.name for f in fields(PruneConfig)}
+    return PruneConfig(**{k: v for k, v in prune.items() if k in known}), FinetuneConfig(**finetune), MeasureConfig(**ctx.measure)
+
+
+def _base_model(ctx: TrialContext) -> torch.nn.Module:
+    model = build_model(ctx.model_name, num_classes=ctx.num_classes, **ctx.model_kwargs)
+    model.load_state_dict(ctx.base_state)
+    return model
+
+
+def load_trial_model(ctx: TrialContext, checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The pruned, fine-tuned model of a trial checkpoint and its record (or state)."""
+    state = torch.load(Path(checkpoint_dir) / _STATE_FILE, map_location="cpu", weights_only=True)
+    model = _base_model(ctx)
+    from trainables.surgery import prune_layer
+
+    for rec in state["prune_log"]:
+        prune_layer(model, rec["unit"], rec["keep_idxs"])
+    model.load_state_dict(state["model_state"])
+    record_path = Path(checkpoint_dir) / _RECORD_FILE
+    return model, json.loads(record_path.read_text()) if record_path.exists() else state
+
+
+class _Reporter:
+    """Adapts the protocol's ``report``/``checkpoint`` callbacks to Tune or Train reports.
+
+    The protocol calls ``checkpoint(state)`` right after a stage's last evaluation; holding
+    back each report until the next one arrives lets that evaluation carry the checkpoint,
+    so every evaluation is exactly one Tune result.
+    """
+
+    def __init__(self, report_fn, checkpoint_cls, write_checkpoints: bool):
+        self.report_fn, self.checkpoint_cls, self.write = report_fn, checkpoint_cls, write_checkpoints
+        self.pending: dict | None = None
+
+    def report(self, metrics: dict) -> None:
+        self.flush()
+        self.pending = {k: v for k, v in metrics.items() if v is not None}
+
+    def checkpoint(self, state: dict, record: dict | None = None) -> None:
+        metrics, self.pending = self.pending or {}, None
+        if not self.write:  # non-zero DDP ranks report metrics only
+            self.report_fn(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / _STATE_FILE)
+            if record is not None:
+                (Path(tmp) / _RECORD_FILE).write_text(json.dumps(record))
+            self.report_fn(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.report_fn(self.pending)
+            self.pending = None
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Run one trial's protocol in this worker; the same function serves both paths."""
+    ctx: TrialContext = config["ctx"]
+    trial = config["trial"]
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    in_train = config.get("path") == "torch_trainer"
+    if in_train:
+        import ray.train as api
+
+        rank, world = api.get_context().get_world_rank(), api.get_context().get_world_size()
+        checkpoint_cls = api.Checkpoint
+    else:
+        import ray.tune as api
+
+        rank, world = 0, 1
+        checkpoint_cls = api.Checkpoint
+    from data import get_data
+
+    splits = get_data(**ctx.data_args)
+    prune, finetune, measure = trial_configs(ctx, trial)
+    model = _base_model(ctx)
+    device = torch.device("cuda", torch.cuda.current_device()) if ctx.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    resume = None
+    loaded = api.get_checkpoint()
+    if loaded is not None:
+        with loaded.as_directory() as d:
+            resume = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=True)
+    reporter = _Reporter(api.report, checkpoint_cls, write_checkpoints=rank == 0)
+    record = run_protocol(
+        model, splits, prune, finetune, measure=measure, seed=ctx.seed, report=reporter.report,
+        checkpoint=reporter.checkpoint, resume=resume, evaluate_test=False,
+        config={"trial": trial, "prune": asdict(prune), "finetune": asdict(finetune)},
+        shard=(rank, world), wrap_ddp=world > 1,
+    )
+    final = dict(reporter.pending or {})
+    reporter.pending = None
+    final.update(trial_done=True, wall_s=record["wall_s"], params=record["params_after"])
+    # The final result carries the last checkpoint: pruned weights + the full record.
+    state = {"prune_log": record["prune_log"], "model_state": {k: v.cpu() for k, v in model.state_dict().items()}}
+    reporter.pending = final
+    reporter.checkpoint(state, record={**record, "curve": record["curve"]})
+    return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
+
+
+def trial_fn(config: dict, ctx: TrialContext) -> None:
+    """The Tune function trainable: fast path in-process, or a TorchTrainer per trial.
+
+    Returns nothing: Tune would take a returned dict for one more result.
+    """
+    payload = {"ctx": ctx, "trial": config}
+    if ctx.num_workers == 1 and not ctx.use_gpu:
+        train_loop_per_worker({**payload, "path": "fast"})
+        return
+    import ray.tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**payload, "path": "torch_trainer"},
+        scaling_config=ScalingConfig(num_workers=ctx.num_workers, use_gpu=ctx.use_gpu),
+        # Named after the Tune trial, so a restored trial finds its Train run and checkpoints again.
+        run_config=RunConfig(name=f"train-{trial_id}", storage_path=ctx.storage_path, callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
