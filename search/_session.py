@@ -76,7 +76,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
         base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args_of(cfg),
         prune=asdict(prune), finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
         threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-        storage_path=str(storage),
+        storage_path=str(storage), path=cfg.train.path,
     )
     tracker = SearchTracker(tracking_uri, cfg.mlflow.experiment)
     parent = tracker.start_search(out.name, OmegaConf.to_container(cfg, resolve=True), run_id=state.get("parent_run_id"))

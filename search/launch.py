@@ -41,9 +41,13 @@ def load_search_config(argv: list[str]):
     from trainables.criteria import list_criteria
 
     check_space(cfg.search, list_criteria())
-    for key, allowed in (("sampler", ("tpe", "nsga2", "random")), ("scheduler", ("asha", "none"))):
-        if cfg.search[key] not in allowed:
-            raise ValueError(f"search.{key}='{cfg.search[key]}' is not one of: {', '.join(allowed)}")
+    for key, value, allowed in (
+        ("search.sampler", cfg.search.sampler, ("tpe", "nsga2", "random")),
+        ("search.scheduler", cfg.search.scheduler, ("asha", "none")),
+        ("train.path", cfg.train.path, ("auto", "fast", "torch_trainer")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
     if cfg.search.num_trials < 1 or cfg.search.max_concurrent_trials < 1:
         raise ValueError(f"search.num_trials={cfg.search.num_trials} and search.max_concurrent_trials="
                          f"{cfg.search.max_concurrent_trials} must be >= 1")
@@ -82,7 +86,7 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None)
 
     # The trial's Tune-side driver needs almost no CPU on the TorchTrainer path (its workers
     # hold the resources); a whole CPU per driver deadlocked two trials on 2 CPUs.
-    fast = ctx.num_workers == 1 and not ctx.use_gpu
+    fast = ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
     resources = {"cpu": 1} if fast else {"cpu": 0.01}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
     if restore:

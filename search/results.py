@@ -93,7 +93,7 @@ def finish_search(cfg, out: Path, session, results, log=print) -> dict[str, Any]
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
         if trial_id:
-            run_ids[trial_id] = tracker.trial_run(trial_id, dict(result.config or {}))
+            run_ids[trial_id] = tracker.find_run(trial_id)
     tracker.finalize_dangling()
     rows = mark_pareto(trial_rows(results, session, run_ids))
     _evaluate_front(rows, session, cfg, log)

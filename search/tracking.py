@@ -267,6 +267,11 @@ class SearchTracker:
             self.client.set_terminated(run_id, status)
             self._running.discard(run_id)
 
+    def find_run(self, trial_id: str) -> str | None:
+        """The id of the child run of ``trial_id``, or None; never creates or re-opens a run."""
+        _check_trial_id(trial_id)
+        return self._find_run(trial_id)
+
     def set_pareto(self, trial_id: str, pareto: bool) -> None:
         """Tag the trial's run ``pareto=true|false`` (on the search's accuracy-vs-FLOPs front)."""
         self.client.set_tag(self._require_run(trial_id), "pareto", str(bool(pareto)).lower())

@@ -68,16 +68,36 @@ def test_count_params_by_hand():
 # --- deployment form and latency --------------------------------------------------------
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet20_cifar"])
-def test_deployment_form_computes_what_the_model_computes(arch):
+def test_deployment_form_computes_what_the_model_computes(arch, channels_last):
     torch.manual_seed(0)
     model = _randomise_bn(build_model(arch)).train()
     x = torch.randn(4, *model.input_shape, generator=torch.Generator().manual_seed(1))
-    deployed = deployment_form(model)
+    deployed = deployment_form(model, channels_last=channels_last)
     assert model.training, "deployment_form must not switch the caller's model to eval"
     with torch.no_grad():
         expected, got = model.eval()(x), deployed(x)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+class _ConvPlusBias(nn.Module):
+    """conv -> add a broadcast (1, C, 1, 1) tensor -> relu: an add the fused kernel cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x) + self.shift)
+
+
+def test_deployment_form_keeps_a_broadcasting_add_right():
+    torch.manual_seed(0)
+    model, x = _ConvPlusBias(), torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(deployment_form(model)(x), model(x), rtol=1e-5, atol=1e-6)
 
 
 def test_deployment_form_folds_batchnorm():

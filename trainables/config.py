@@ -72,6 +72,7 @@ class FinetuneConfig:
     batch_size: int = 128
     eval_batch_size: int = 1000
     eval_every: float = 0.5  # epochs between points of the recovery curve (also at every stage end)
+    anneal_final: bool = True  # cosine-decay the learning rate to 0 over the final q epochs
 
     def validate(self) -> None:
         if not self.lr > 0:

@@ -42,10 +42,15 @@ def count_params(model: nn.Module) -> int:
 
 
 def deployment_form(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """A copy of ``model`` as it would be deployed: eval mode, BatchNorm folded into the conv.
+    """A copy of ``model`` as it would be deployed: eval mode, BatchNorm folded into the conv,
+    and on CPU every conv fused with the ReLU, or residual add (+ ReLU), that follows it.
 
     Folding uses torch.fx's conv-BN fusion; a model fx cannot trace is kept unfused (with a
-    warning). channels_last lets oneDNN/cuDNN pick their fastest convolution layouts.
+    warning). The ReLU and add fusion runs them as oneDNN post-ops inside the convolution (the
+    kernels torch.compile's CPU backend uses), which saves one pass over each activation map;
+    it computes the same function and falls back to conv + add + relu off CPU. channels_last
+    lets oneDNN/cuDNN pick their fastest convolution layouts (faster for every model measured
+    in bench/RESULTS.md).
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -54,12 +59,125 @@ def deployment_form(model: nn.Module, channels_last: bool = True) -> nn.Module:
         deployed = fuse(deployed)
     except Exception as err:  # fx cannot trace data-dependent control flow
         warnings.warn(f"BatchNorm not folded ({type(err).__name__}: {err}); timing the unfused model", stacklevel=2)
+    else:
+        if _pointwise_fusion_available(deployed):
+            _fuse_conv_pointwise(deployed)
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
     shape = getattr(model, "input_shape", None)
     if shape is not None:  # fx's GraphModule drops plain attributes; latency needs the stamp
         deployed.input_shape = tuple(shape)
     return deployed
+
+
+class _FusedConv2d(nn.Module):
+    """``relu?(conv(x) + other?)`` as one oneDNN convolution with post-ops (CPU, float32).
+
+    Same parameters as the conv it replaces (frozen: a deployment form is not trained).
+    Elsewhere (another device or dtype, or an ``other`` that would broadcast) it computes
+    the same thing op by op.
+    """
+
+    def __init__(self, conv: nn.Conv2d, add: bool, relu: bool):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)  # (C_out, C_in/groups, kH, kW)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.groups, self.add, self.relu = conv.groups, add, relu
+
+    def forward(self, x: Tensor, other: Tensor | None = None) -> Tensor:
+        if self._onednn_ok(x, other):
+            if other is None:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                    "relu" if self.relu else "none", [], "",
+                )
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "add", None, "relu" if self.relu else None, [], "",
+            )
+        y = nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if other is not None:
+            y = y + other
+        return torch.relu(y) if self.relu else y
+
+    def _onednn_ok(self, x: Tensor, other: Tensor | None) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or self.weight.dtype != torch.float32:
+            return False
+        if other is None:
+            return True
+        return other.dtype == x.dtype and tuple(other.shape) == self._out_shape(x)  # the op cannot broadcast
+
+    def _out_shape(self, x: Tensor) -> tuple[int, ...]:
+        k = self.weight.shape[2:]
+        hw = [(n + 2 * p - d * (kk - 1) - 1) // s + 1
+              for n, p, d, kk, s in zip(x.shape[2:], self.padding, self.dilation, k, self.stride, strict=True)]
+        return (x.shape[0], self.weight.shape[0], *hw)
+
+
+def _pointwise_fusion_available(model: nn.Module) -> bool:
+    params = list(model.parameters())
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and bool(params)
+        and all(p.device.type == "cpu" for p in params)
+    )
+
+
+def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.relu_, nn.functional.relu) and not node.kwargs
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    import operator
+
+    two_tensors = len(node.args) == 2 and not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args)
+    if node.op == "call_function":
+        return two_tensors and node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target in ("add", "add_") and two_tensors
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fuse_conv_pointwise(gm: torch.fx.GraphModule) -> None:
+    """Replace conv -> [add] -> [relu] chains of ``gm`` (in place) with ``_FusedConv2d``.
+
+    A chain only fuses when each node is the sole user of the one before, so no
+    intermediate result is needed elsewhere; the fused node takes the last node's place.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(gm.get_submodule(node.target)) is not nn.Conv2d:
+            continue
+        conv = gm.get_submodule(node.target)
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            continue
+        chain, other = [node], None
+        user = _only_user(node)
+        if user is not None and _is_add(user) and user.args[0] is not user.args[1]:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            chain.append(user)
+            user = _only_user(user)
+        if user is not None and _is_relu(gm, user):
+            chain.append(user)
+        if len(chain) == 1:
+            continue
+        name = node.target.replace(".", "_") + "_fused"
+        gm.add_submodule(name, _FusedConv2d(conv, add=other is not None, relu=_is_relu(gm, chain[-1])))
+        with gm.graph.inserting_after(chain[-1]):
+            fused = gm.graph.call_module(name, (node.args[0],) if other is None else (node.args[0], other))
+        chain[-1].replace_all_uses_with(fused)
+        for old in reversed(chain):
+            gm.graph.erase_node(old)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 @torch.no_grad()
@@ -88,10 +206,9 @@ def measure_latency(
     _check_latency_args(batch_size, repeats, warmup, threads)
     device = torch.device(device)
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
+    net = model if _on_device(model, device) else copy.deepcopy(model).to(device)
     if deploy:
-        net = deployment_form(model, channels_last).to(device)
-    else:
-        net = model if _on_device(model, device) else copy.deepcopy(model).to(device)
+        net = deployment_form(net, channels_last)  # built on the device: its fusions depend on it
     x = torch.randn(batch_size, *shape, device=device)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)

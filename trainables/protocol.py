@@ -152,13 +152,18 @@ class _Finetuner:
         # Every report carries the current FLOPs, so a trial stopped early still has both objectives.
         self.report({**point, "flops": count_flops(self.model), **extra})
 
-    def finetune(self, epochs: float, phase: str, **extra: Any) -> float:
-        """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end."""
+    def finetune(self, epochs: float, phase: str, anneal: bool = False, **extra: Any) -> float:
+        """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end.
+
+        ``anneal`` decays the learning rate to 0 along a cosine over this stage (used for the
+        final fine-tuning, so a run ends at a settled optimum rather than a noisy SGD iterate).
+        """
         n_steps = round(epochs * self.steps_per_epoch)
         every = max(1, round(self.ft.eval_every * self.steps_per_epoch))
         device = next(self.model.parameters()).device
         # Pruning replaced the Parameter objects: a fresh optimizer each stage.
         opt = torch.optim.SGD(self.model.parameters(), lr=self.ft.lr, momentum=self.ft.momentum, weight_decay=self.ft.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_steps)) if anneal else None
         net = self.model
         if self.wrap_ddp:
             # Re-wrapped every stage: pruning changed the parameters DDP would synchronise.
@@ -170,6 +175,8 @@ class _Finetuner:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             self.step += 1
             if self._bar is not None:
                 self._bar.update(1)
@@ -324,7 +331,7 @@ Stage = Callable[[nn.Module, _Finetuner, dict], None]
 def _final_stage(prune: PruneConfig) -> Stage:
     def final(model, tuner, state):
         if prune.q > 0:
-            tuner.finetune(prune.q, "final_finetune")
+            tuner.finetune(prune.q, "final_finetune", anneal=tuner.ft.anneal_final)
     return final
 
 
@@ -355,7 +362,7 @@ def _one_shot(units, ratios, criterion, ctx, prune) -> list[Stage]:
 
     def final(model, tuner, state):
         damage = state["extra"]["damage"]
-        recovered = tuner.finetune(prune.q, "final_finetune") if prune.q > 0 else damage
+        recovered = tuner.finetune(prune.q, "final_finetune", anneal=tuner.ft.anneal_final) if prune.q > 0 else damage
         state["rows"] = [_row(rec, damage, recovered) for rec in state["prune_log"]]
 
     return [prune_all, final]
@@ -409,7 +416,7 @@ def _iterative(units, ratios, criterion, ctx, prune) -> list[Stage]:
 
     def final(model, tuner, state):
         if prune.q > 0:
-            tuner.finetune(prune.q, "final_finetune")
+            tuner.finetune(prune.q, "final_finetune", anneal=tuner.ft.anneal_final)
         current = current_counts(state)
         alive = {u.name: list(range(u.n_filters)) for u in units}  # original ids of surviving filters
         for rec in state["prune_log"]:

@@ -51,6 +51,7 @@ class TrialContext:
     num_workers: int = 1
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train run storage (TorchTrainer path)
+    path: str = "auto"  # auto | fast | torch_trainer (auto: TorchTrainer only for GPUs or several workers)
     extra: dict = field(default_factory=dict)
 
 
@@ -174,7 +175,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     Returns nothing: Tune would take a returned dict for one more result.
     """
     payload = {"ctx": ctx, "trial": config}
-    if ctx.num_workers == 1 and not ctx.use_gpu:
+    if ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu):
         train_loop_per_worker({**payload, "path": "fast"})
         return
     import ray.tune

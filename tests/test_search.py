@@ -1,0 +1,151 @@
+"""The distributed search on a tiny dataset: outputs, MLflow runs, kill and resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from search.launch import load_search_config, main
+from search.pareto import read_trials
+from trainables import build_model, describe_units
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args(root: Path, tmp: Path, name: str, n: int, *extra: str) -> list[str]:
+    return [
+        f"data.root={root}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "model.pretrain.epochs=1", f"cache_dir={tmp / 'cache'}", f"output_root={tmp / 'out'}", f"name={name}",
+        f"search.num_trials={n}", "search.max_concurrent_trials=2", "measure.batch_size=4", "measure.repeats=1",
+        "num_cpus=2", *extra,
+    ]
+
+
+def _child_runs(out: Path) -> list:
+    state = json.loads((out / "launch_state.json").read_text())
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    return client.search_runs(
+        [client.get_experiment_by_name("prunesearch").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+    )
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["search.sampler=cmaes"], "search.sampler='cmaes' is not one of: tpe, nsga2, random"),
+        (["search.criteria=[l1,l3]"], "search.criteria: unknown criterion 'l3'; valid: apoz"),
+        (["search.ratio.high=1.2"], "search.ratio: low=0.1, high=1.2"),
+        (["search.num_trials=0"], "search.num_trials=0"),
+        (["model=resnet5"], "unknown model 'resnet5'"),
+    ],
+)
+def test_bad_search_input_is_one_line(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1
+
+
+def test_resume_of_a_folder_without_state_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no launch_state.json"):
+        load_search_config([f"resume={tmp_path}"])
+
+
+def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_path, capsys):
+    assert main(_args(tiny_fmnist, tmp_path, "s4", 4, "search.scheduler=asha", "search.asha.grace_period=3")) == 0
+    out = tmp_path / "out" / "s4"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    rows = read_trials(out / "trials.parquet")
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    n_units = len(describe_units(build_model("small_cnn")))
+    for r in rows:
+        assert len(r["ratios"]) == n_units and r["mlflow_run_id"]
+        assert r["pareto"] is False or r["status"] == "COMPLETED"  # stopped trials never on the front
+        assert (r["test_acc"] is not None) == r["pareto"]  # the test split only for the front
+    assert any(r["pareto"] for r in rows)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = _child_runs(out)
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    statuses = {r.data.tags["trial_id"]: r.info.status for r in runs}
+    for row in rows:
+        assert statuses[row["trial_id"]] == ("FINISHED" if row["status"] == "COMPLETED" else "KILLED")
+    front = [r for r in runs if r.data.tags.get("pareto") == "true"]
+    assert front and all("val_acc" in r.data.metrics for r in front)
+
+
+def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
+    out = tmp_path / "out" / "kr"
+    cmd = [sys.executable, "-m", "search.launch", *_args(tiny_fmnist, tmp_path, "kr", 4, "search.max_concurrent_trials=1")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # A session of its own: killing its process group ends exactly the Ray this search started.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = [p for p in (out / "ray").rglob("result.json") if '"trial_done": true' in p.read_text()]
+            if done:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "trials.parquet").exists()
+    resumed = subprocess.run([sys.executable, "-m", "search.launch", f"resume={out}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = read_trials(out / "trials.parquet")
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
+    assert all(r["status"] == "COMPLETED" for r in rows)
+    runs = _child_runs(out)
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)  # one run per trial
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path):
+    """The same per-worker function, run in the trial process or by a 1-worker TorchTrainer."""
+    import ray
+    from ray import tune
+
+    from data import get_data
+    from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.ray_trainable import TrialContext, trial_fn
+
+    torch_seed_model = build_model("small_cnn")
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+    base = {
+        "model_name": "small_cnn", "model_kwargs": {}, "num_classes": 10,
+        "base_state": torch_seed_model.state_dict(),
+        "data_args": {"name": "fashion_mnist", "root": str(tiny_fmnist), "val_size": 100},
+        "prune": {**PruneConfig(score_batches=2).__dict__},
+        "finetune": {**FinetuneConfig(batch_size=32, eval_batch_size=100).__dict__},
+        "measure": {**MeasureConfig(latency=False).__dict__}, "seed": 3,
+    }
+    assert splits.num_classes == 10
+    trial = {"criterion": "taylor", "schedule": "uniform", "ratio": 0.4, "p": 0.1, "q": 0.2, "lr": 0.01}
+    finals = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for path in ("fast", "torch_trainer"):
+            ctx = TrialContext(**base, path=path, storage_path=str(tmp_path / path))
+            resources = {"cpu": 1} if path == "fast" else {"cpu": 0.01}
+            tuner = tune.Tuner(
+                tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources), param_space=trial,
+                run_config=tune.RunConfig(name=path, storage_path=str(tmp_path / "tune"), verbose=0),
+            )
+            [result] = list(tuner.fit())
+            assert result.error is None, result.error
+            finals[path] = {k: result.metrics[k] for k in ("val_acc", "flops", "params", "step")}
+            assert result.metrics["trial_done"]
+    finally:
+        ray.shutdown()
+    assert finals["fast"] == finals["torch_trainer"]
