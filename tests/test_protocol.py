@@ -181,3 +181,30 @@ def test_evaluate_test_false_never_reads_the_test_split(base, splits):
     blind = dataclasses.replace(splits, test=Exploding())
     record = run_protocol(copy.deepcopy(base), blind, PruneConfig(p=0.0, q=0.1), FAST, measure=MEASURE, evaluate_test=False)
     assert record["final_test_acc"] is None
+
+
+def test_eval_max_images_limits_intermediate_evaluations_only(base, splits):
+    seen = []
+    ft = dataclasses.replace(FAST, eval_max_images=30)
+    model = copy.deepcopy(base)
+    import trainables.protocol as protocol
+
+    original = protocol.evaluate
+
+    def spy(model, batches, classes=None):
+        out = original(model, batches, classes)
+        seen.append(out["n"])
+        return out
+
+    protocol.evaluate = spy
+    try:
+        record = run_protocol(model, splits, PruneConfig(p=0.2, q=0.2, score_batches=1), ft, measure=MEASURE)
+    finally:
+        protocol.evaluate = original
+    n_val, n_test = len(splits.val), len(splits.test)
+    assert seen[0] == n_val and seen[-1] == n_test and seen[-2] == n_val  # base, final val, test: all images
+    assert set(seen[1:-2]) == {30}
+    from data import iterate_batches
+    from trainables.metrics import evaluate
+
+    assert record["final_val_acc"] == evaluate(model, iterate_batches(splits.val, 100, shuffle=False))["top1"]

@@ -73,6 +73,7 @@ class FinetuneConfig:
     eval_batch_size: int = 1000
     eval_every: float = 0.5  # epochs between points of the recovery curve (also at every stage end)
     anneal_final: bool = True  # cosine-decay the learning rate to 0 over the final q epochs
+    eval_max_images: int | None = None  # intermediate evaluations on the first N val images (None: all)
 
     def validate(self) -> None:
         if not self.lr > 0:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data._datasets import iterate_batches  # submodule import: safe while `data` initialises
+from data._datasets import iterate_batches, take  # submodule import: safe while `data` initialises
 from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
 from trainables.criteria import ScoringContext, get_criterion
 from trainables.metrics import count_flops, count_params, evaluate, measure_latency
@@ -139,8 +139,14 @@ class _Finetuner:
     def epoch(self) -> float:
         return self.step / self.steps_per_epoch
 
-    def val_acc(self) -> float:
-        return self.evaluate(self.splits.val)["top1"]
+    def val_acc(self, full: bool = False) -> float:
+        """Validation accuracy; intermediate evaluations may use only the first
+        ``eval_max_images`` validation images (a cheaper curve), ``full`` always uses all."""
+        val = self.splits.val
+        limit = self.ft.eval_max_images
+        if not full and limit is not None and limit < len(val):
+            val = take(val, torch.arange(limit), None)  # in-memory data stays in memory: fast slicing
+        return self.evaluate(val)["top1"]
 
     def evaluate(self, dataset) -> dict:
         batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False)
@@ -254,7 +260,7 @@ def run_protocol(
                        shard=shard, wrap_ddp=wrap_ddp)
     if state is None:
         before = _measure(model, measure)
-        base_val = tuner.val_acc()
+        base_val = tuner.val_acc(full=True)
         tuner.emit("base", base_val)
         state = {"stage": 0, "step": 0, "before": before, "base_val": base_val, "rows": [], "prune_log": [], "extra": {}}
     stages = _STAGES[prune.method](units, ratios, criterion, ctx, prune)
@@ -271,6 +277,8 @@ def run_protocol(
                         "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
     tuner.close()
     final_val = tuner.curve[-1]["val_acc"]
+    if finetune.eval_max_images is not None and finetune.eval_max_images < len(splits.val):
+        final_val = tuner.val_acc(full=True)  # the curve used a subset; the result uses all of val
     test = tuner.evaluate(splits.test) if evaluate_test else None
     after = _measure(model, measure)
     before = state["before"]
