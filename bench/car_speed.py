@@ -114,30 +114,30 @@ def _timed(fn, *args) -> tuple[float, Tensor]:
     return time.perf_counter() - t0, out
 
 
-def time_methods(s: Setup, max_batches: list[int], repeats: int) -> dict[str, list[float]]:
-    """Seconds per full scoring of the unit, per method, over interleaved repeats.
+def time_methods(s: Setup, max_batches: list[int], repeats: int) -> tuple[dict[str, list[float]], Tensor]:
+    """Seconds per full scoring of the unit, per method, over interleaved repeats, and the scores.
 
-    Every run's scores are checked against the first naive run: exactly equal in double for
-    the raw ``car`` function (both count flipped predictions in integers and divide once),
-    and equal to float32 for the registered criterion, which returns float32 scores.
+    Every run's scores are checked against the first naive run (float32, as the registered
+    criterion returns them), and the raw ``car`` function's double scores must equal
+    ``car_naive``'s exactly (both count flipped predictions in integers and divide once).
     """
-    methods = {"naive": lambda ctx: car_naive(s.model, s.unit, ctx)}
-    for mb in max_batches:
-        methods[f"fast {mb}"] = lambda ctx: get_criterion("car")(s.model, s.unit, ctx)
     ctxs = {"naive": ScoringContext(batches=s.batches)}
     ctxs.update({f"fast {mb}": ScoringContext(batches=s.batches, car_max_batch=mb) for mb in max_batches})
-    reference = car_naive(s.model, s.unit, ctxs["naive"]).double()
+    times: dict[str, list[float]] = {name: [] for name in ctxs}
+    reference = None
+    for rep in range(repeats):
+        order = list(ctxs) if rep % 2 == 0 else list(reversed(ctxs))  # alternate to spread drift
+        for name in order:
+            fn = car_naive if name == "naive" else get_criterion("car")
+            seconds, scores = _timed(fn, s.model, s.unit, ctxs[name])
+            if reference is None:  # the first run of all is naive (rep 0 runs in order)
+                reference = scores.double()
+            assert torch.equal(scores.double(), reference.float().double()), f"{name}: scores differ from car_naive"
+            times[name].append(seconds)
     for mb in max_batches:  # the exact check, on the double scores before the criterion's cast
         raw = car(s.model, s.unit, ctxs[f"fast {mb}"]).double()
         assert torch.equal(raw, reference), f"car (car_max_batch={mb}) differs from car_naive: {raw} vs {reference}"
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for rep in range(repeats):
-        order = list(methods) if rep % 2 == 0 else list(reversed(methods))  # alternate to spread drift
-        for name in order:
-            seconds, scores = _timed(methods[name], ctxs[name])
-            assert torch.equal(scores.double(), reference.float().double()), f"{name}: scores differ from car_naive"
-            times[name].append(seconds)
-    return times
+    return times, reference
 
 
 def table_rows(model_name: str, s: Setup, times: dict[str, list[float]], n_scored: int) -> list[str]:
@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> None:
             s = setup_small_cnn(args.batches or 4, args.batch_size, args.train_steps, args.unit, args.seed)
         else:
             s = setup_vgg_cifar(args.batches or 2, args.batch_size, args.unit, args.seed)
-        times = time_methods(s, args.max_batch, args.repeats)
+        times, scores = time_methods(s, args.max_batch, args.repeats)
         n_scored = sum(len(y) for _, y in s.batches)
         rows += table_rows(name, s, times, n_scored)
-        scores = car_naive(s.model, s.unit, ScoringContext(batches=s.batches))
         notes.append(f"- {name}: {s.data}; {int((scores != 0).sum())}/{s.unit.n_filters} filters have a nonzero CAR, "
                      f"max {float(scores.max()):.4f}. Scores identical to car_naive in every run (asserted).")
         print("\n".join(rows), flush=True)

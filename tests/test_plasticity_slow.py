@@ -23,7 +23,8 @@ def test_random_and_l1_both_recover_while_their_damage_differs():
     prune, finetune, measure, _ = configs_of(cfg)
     results = {}
     for crit in ("random", "l1"):
-        p = dataclasses.replace(prune, criterion=crit, ratio=0.5)
+        # The budget of bench/plasticity.py, whose table is in bench/RESULTS.md.
+        p = dataclasses.replace(prune, criterion=crit, ratio=0.5, p=0.5, q=3.0)
         raw = run_protocol(copy.deepcopy(base), splits, dataclasses.replace(p, method="one_shot", q=0.0), finetune, measure=measure)
         rec = run_protocol(copy.deepcopy(base), splits, p, finetune, measure=measure)
         results[crit] = (raw["final_val_acc"], rec["final_val_acc"], rec["base_val_acc"])

@@ -101,6 +101,7 @@ class _Reporter:
     def __init__(self, report_fn, checkpoint_cls, write_checkpoints: bool):
         self.report_fn, self.checkpoint_cls, self.write = report_fn, checkpoint_cls, write_checkpoints
         self.pending: dict | None = None
+        self.last_state: dict = {}
 
     def report(self, metrics: dict) -> None:
         self.flush()
@@ -108,6 +109,7 @@ class _Reporter:
 
     def checkpoint(self, state: dict, record: dict | None = None) -> None:
         metrics, self.pending = self.pending or {}, None
+        self.last_state = state
         if not self.write:  # non-zero DDP ranks report metrics only
             self.report_fn(metrics)
             return
@@ -152,6 +154,12 @@ def train_loop_per_worker(config: dict) -> dict:
     if loaded is not None:
         with loaded.as_directory() as d:
             resume = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=True)
+            record_file = Path(d) / _RECORD_FILE
+            if resume.get("done") and record_file.exists():
+                # Killed after its final checkpoint: the protocol is finished, report it again.
+                record = json.loads(record_file.read_text())
+                api.report({k: v for k, v in _final_metrics(record).items() if v is not None})
+                return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
     reporter = _Reporter(api.report, checkpoint_cls, write_checkpoints=rank == 0)
     record = run_protocol(
         model, splits, prune, finetune, measure=measure, seed=ctx.seed, report=reporter.report,
@@ -162,11 +170,20 @@ def train_loop_per_worker(config: dict) -> dict:
     final = dict(reporter.pending or {})
     reporter.pending = None
     final.update(trial_done=True, wall_s=record["wall_s"], params=record["params_after"])
-    # The final result carries the last checkpoint: pruned weights + the full record.
-    state = {"prune_log": record["prune_log"], "model_state": {k: v.cpu() for k, v in model.state_dict().items()}}
+    # The final result carries the last checkpoint: the finished protocol state, the pruned
+    # weights and the full record; a trial restored from it only reports it again.
+    state = {**reporter.last_state, "done": True, "prune_log": record["prune_log"],
+             "model_state": {k: v.cpu() for k, v in model.state_dict().items()}}
     reporter.pending = final
     reporter.checkpoint(state, record={**record, "curve": record["curve"]})
     return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
+
+
+def _final_metrics(record: dict) -> dict:
+    last = record["curve"][-1]
+    return {"step": last["step"], "epoch": last["epoch"], "phase": "final", "val_acc": record["final_val_acc"],
+            "flops": record["flops_after"], "params": record["params_after"], "latency_ms": record["latency_ms_after"],
+            "flops_before": record["flops_before"], "wall_s": record["wall_s"], "trial_done": True}
 
 
 def trial_fn(config: dict, ctx: TrialContext) -> None:
