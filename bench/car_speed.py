@@ -13,7 +13,8 @@ interleaved (naive, fast, fast, ..., repeated), and reports medians.
 Data: small_cnn is scored on the first Fashion-MNIST validation images after a short
 seeded training (an untrained net has nothing to lose); vgg16_bn_cifar on random images
 labelled with the model's own predictions, so that every flipped prediction counts (with
-random labels an untrained VGG flips no correct prediction and CAR is all zeros).
+random labels an untrained VGG flips no correct prediction and CAR is all zeros), after
+recalibrating its BN statistics on those images.
 ``--write`` replaces this script's section of bench/RESULTS.md.
 """
 
@@ -98,14 +99,23 @@ def setup_small_cnn(n_batches: int, batch_size: int, train_steps: int, unit: str
 @torch.no_grad()
 def setup_vgg_cifar(n_batches: int, batch_size: int, unit: str | None, seed: int) -> Setup:
     torch.manual_seed(seed)
-    model = build_model("vgg16_bn_cifar").eval()
+    model = build_model("vgg16_bn_cifar")
     gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n_batches):
-        x = torch.randn(batch_size, *model.input_shape, generator=gen)  # (B, 3, 32, 32)
-        batches.append((x, model(x).argmax(dim=1)))  # labels = own predictions: base accuracy 100%
-    data = f"{n_batches}x{batch_size} random images, labels = the model's predictions (random init)"
-    return Setup(model, first_unit_with(model, 64, unit), batches, data)
+    images = [torch.randn(batch_size, *model.input_shape, generator=gen) for _ in range(n_batches)]  # (B, 3, 32, 32)
+    # Fresh BN statistics (mean 0, var 1) leave an untrained VGG's activations to grow or die
+    # layer after layer, so every image gets the same class and no ablation flips one.
+    # Recalibrating BN on the scoring images normalises them as in a trained net.
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    for x in images:
+        model(x)
+    model.eval()
+    batches = [(x, model(x).argmax(dim=1)) for x in images]  # labels = own predictions: base accuracy 100%
+    data = (f"{n_batches}x{batch_size} random images, BN statistics calibrated on them, "
+            "labels = the model's own predictions (random init)")
+    return Setup(model, first_unit_with(model, 64, unit or "features.3"), batches, data)
 
 
 def _timed(fn, *args) -> tuple[float, Tensor]:
@@ -170,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=None, help="scoring batches (default: 4 small_cnn, 2 vgg16_bn_cifar)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=200, help="Adam steps on Fashion-MNIST before scoring small_cnn")
-    ap.add_argument("--unit", default=None, help="unit to score (default: the first with 64 filters)")
+    ap.add_argument("--unit", default=None,
+                    help="unit to score (default: features.3 for vgg16_bn_cifar, the first 64-filter unit for small_cnn)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="small_cnn, 2x32 images, 1 repeat, no training")
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"- {name}: {s.data}; {int((scores != 0).sum())}/{s.unit.n_filters} filters have a nonzero CAR, "
                      f"max {float(scores.max()):.4f}. Scores identical to car_naive in every run (asserted).")
         print("\n".join(rows), flush=True)
-    header = machine_header(sys.argv, time.perf_counter() - t0, extra=f"{args.repeats} interleaved repeats per method.")
+    header = machine_header(sys.argv, time.perf_counter() - t0, extra=f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats per method.")
     body = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
     print(body)
     if args.write:

@@ -67,7 +67,7 @@ def machine_header(argv: list[str], seconds: float, extra: str = "") -> str:
         f"{pkg} {importlib.metadata.version(pkg)}" for pkg in ("torch", "torchvision", "torch-pruning")
     )
     return (
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch intra-op threads {torch.get_num_threads()}; {versions}.\n"
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {versions}.\n"
         f"Command: `{' '.join(['python', '/'.join(Path(argv[0]).parts[-2:]), *argv[1:]])}` "
         f"({seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}). {extra}\n"
     )

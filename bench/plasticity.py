@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.latency import write_section  # noqa: E402  (one writer of RESULTS.md sections)
 from data import iterate_batches  # noqa: E402
 from trainables.metrics import evaluate  # noqa: E402
 from trainables.protocol import run_protocol  # noqa: E402
@@ -101,19 +102,6 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.write:
         write_section(SECTION, header + "\n" + text + "\n")
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the section ``title`` of bench/RESULTS.md."""
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(title)
-    if start == -1:
-        text = text.rstrip() + f"\n\n{title}\n\n{body}"
-    else:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + f"{title}\n\n{body}" + (text[end:] if end != -1 else "")
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.plasticity import write_section  # noqa: E402
+from bench.latency import write_section  # noqa: E402
 from trainables.protocol import run_protocol  # noqa: E402
 from trainables.ray_trainable import TrialContext, trial_configs, trial_fn  # noqa: E402
 from trainables.run import _data_args, configs_of, load_run_config, prepare  # noqa: E402
