@@ -19,7 +19,6 @@ STATE_FILE = "launch_state.json"
 class Session:
     ctx: Any  # trainables.ray_trainable.TrialContext
     n_units: int
-    unit_names: list[str]
     storage: Path
     callback: Any
     tracker: Any
@@ -27,6 +26,7 @@ class Session:
     restore_path: str | None
     base_val_acc: float
     base_flops: int
+    splits: Any = None  # the driver's data: the front's test accuracy is measured on its test split
 
 
 def data_args_of(cfg) -> dict:
@@ -87,7 +87,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     _init_ray(cfg)
     callback = MLflowTuneCallback(tracking_uri, cfg.mlflow.experiment, parent)
     return Session(
-        ctx=ctx, n_units=len(units), unit_names=[u.name for u in units], storage=storage, callback=callback,
+        ctx=ctx, n_units=len(units), splits=splits, storage=storage, callback=callback,
         tracker=tracker, parent_run_id=parent, restore_path=restore if restore and Path(restore).exists() else None,
         base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base),
     )

@@ -59,18 +59,18 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
     return rows
 
 
-def _evaluate_front(rows: list[dict], session, cfg, log) -> None:
+def _evaluate_front(rows: list[dict], session, log) -> None:
     """Test accuracy and an MLflow model for the Pareto-optimal trials only."""
     import torch
 
-    from data import get_data, iterate_batches
+    from data import iterate_batches
     from trainables.metrics import evaluate
     from trainables.ray_trainable import load_trial_model
 
     front = [r for r in rows if r["pareto"]]
     if not front:
         return
-    splits = get_data(**session.ctx.data_args)
+    splits = session.splits  # loaded once by the driver in start_search
     for row in front:
         ckpt = row["_checkpoint"]
         if ckpt is None:
@@ -96,7 +96,7 @@ def finish_search(cfg, out: Path, session, results, log=print) -> dict[str, Any]
             run_ids[trial_id] = tracker.find_run(trial_id)
     tracker.finalize_dangling()
     rows = mark_pareto(trial_rows(results, session, run_ids))
-    _evaluate_front(rows, session, cfg, log)
+    _evaluate_front(rows, session, log)
     for row in rows:
         if row["mlflow_run_id"]:
             tracker.set_pareto(row["trial_id"], row["pareto"])
