@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ class Session:
     base_val_acc: float
     base_flops: int
     splits: Any = None  # the driver's data: the front's test accuracy is measured on its test split
+    candidates: list[str] | None = None  # blended search: the criteria whose factors are searched
+    full_prune: dict | None = None  # proxy search: the full-fidelity prune settings (front fine-tuning)
+    artifacts: list[Path] = field(default_factory=list)  # extra files for the parent MLflow run
 
 
 def data_args_of(cfg) -> dict:
@@ -37,6 +40,59 @@ def data_args_of(cfg) -> dict:
 
 def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def trial_prune(cfg, prune) -> tuple[dict, dict]:
+    """``(trial_prune, full_prune)``: the run config's prune settings with the search's
+    ``prune_overrides``; with ``fidelity=proxy`` trials prune in one shot and only recalibrate
+    BN (no gradient step), while ``full_prune`` keeps the fine-tuning for the front."""
+    from trainables.config import PruneConfig
+
+    from dataclasses import fields
+
+    overrides = dict(cfg.search.get("prune_overrides") or {})
+    known = {f.name for f in fields(PruneConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown key search.prune_overrides.{unknown[0]}; valid: {', '.join(sorted(known))}")
+    full = {**asdict(prune), **overrides}
+    if cfg.search.get("blend"):
+        full["criterion_options"] = {**full.get("criterion_options", {}), "normalize": cfg.search.blend.get("normalize", "rank")}
+    trial = dict(full)
+    if cfg.search.get("fidelity", "full") == "proxy":
+        proxy = dict(cfg.search.get("proxy") or {})
+        for key, low in (("adapt_bn_batches", 0), ("adapt_bn_batch_size", 1)):
+            value = proxy.get(key, 50 if key == "adapt_bn_batches" else 128)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"search.proxy.{key}={value!r} must be an integer >= {low}")
+        trial.update(method="one_shot", p=0.0, q=0.0, adapt_bn_batches=int(proxy.get("adapt_bn_batches", 50)),
+                     adapt_bn_batch_size=int(proxy.get("adapt_bn_batch_size", 128)))
+    for values in (full, trial):
+        probe = {**values, "criterion": "l1"}  # the searched criterion is checked by the space
+        PruneConfig(**probe).validate()
+    return trial, full
+
+
+def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path, log=print) -> tuple[list[str], list[Path]]:
+    """The blended search's candidates: ``search.blend.candidates`` if given, else the
+    representatives of the criteria clustering (scores cached next to the base models)."""
+    from search.blend.clustering import cluster_pool, format_clustering, pool_scores, write_clustering
+    from trainables.config import PruneConfig
+    from trainables.protocol import resolve_classes, scoring_batches
+
+    blend = cfg.search.blend
+    if blend.get("candidates"):
+        return list(blend.candidates), []
+    p = PruneConfig(**{**prune, "criterion": "l1", "criterion_options": {}})
+    scores = pool_scores(base, list(blend.pool), scoring_batches(splits, p, cfg.seed), seed=cfg.seed,
+                         target_classes=resolve_classes(p.target_classes, splits.class_names),
+                         cache_dir=cfg.cache_dir, model_key=Path(base_path).stem, log=log)
+    result = cluster_pool(scores, list(blend.pool), n_clusters=blend.get("n_clusters"),
+                          distance_threshold=blend.get("distance_threshold"))
+    write_clustering(result, out / "clustering", title=f"{cfg.model.name} on {cfg.data.name}: criteria clustering")
+    log(format_clustering(result))
+    log(f"candidates (cluster representatives): {', '.join(result.representatives)}")
+    return result.representatives, [out / "clustering"]  # a folder: MLflow keeps its name
 
 
 def _init_ray(cfg) -> None:
@@ -70,11 +126,15 @@ def start_search(cfg, out: Path, log=print) -> Session:
     base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
     units = describe_units(base)
     prune, finetune, measure, _ = configs_of(cfg)
+    prune_trial, prune_full = trial_prune(cfg, prune)
+    candidates, artifacts = state.get("candidates"), []
+    if cfg.search.get("blend") and candidates is None:
+        candidates, artifacts = blend_candidates(cfg, base, splits, base_path, prune_full, out, log=log)
     storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,
         base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args_of(cfg),
-        prune=asdict(prune), finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
+        prune=prune_trial, finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
         threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
         storage_path=str(storage), path=cfg.train.path,
     )
@@ -83,11 +143,13 @@ def start_search(cfg, out: Path, log=print) -> Session:
     restore = state.get("experiment_path") if state else None
     experiment_path = str(storage / "tune")
     state_path.write_text(json.dumps({"tracking_uri": tracking_uri, "parent_run_id": parent,
-                                      "experiment_path": experiment_path, "base_model": str(base_path)}, indent=1))
+                                      "experiment_path": experiment_path, "base_model": str(base_path),
+                                      "candidates": candidates}, indent=1))
     _init_ray(cfg)
     callback = MLflowTuneCallback(tracking_uri, cfg.mlflow.experiment, parent)
     return Session(
         ctx=ctx, n_units=len(units), splits=splits, storage=storage, callback=callback,
         tracker=tracker, parent_run_id=parent, restore_path=restore if restore and Path(restore).exists() else None,
         base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base),
+        candidates=candidates, full_prune=prune_full, artifacts=artifacts,
     )

@@ -20,6 +20,8 @@ __all__ = ["main", "load_search_config"]
 
 from search._session import STATE_FILE as _STATE
 
+SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
+
 
 def load_search_config(argv: list[str]):
     """Compose ``conf/launch.yaml`` with overrides; a resumed search reuses its saved config."""
@@ -40,10 +42,11 @@ def load_search_config(argv: list[str]):
     from search.space import check_space
     from trainables.criteria import list_criteria
 
-    check_space(cfg.search, list_criteria())
+    check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
     for key, value, allowed in (
-        ("search.sampler", cfg.search.sampler, ("tpe", "nsga2", "random")),
+        ("search.sampler", cfg.search.sampler, SAMPLERS),
         ("search.scheduler", cfg.search.scheduler, ("asha", "none")),
+        ("search.fidelity", cfg.search.get("fidelity", "full"), ("full", "proxy")),
         ("train.path", cfg.train.path, ("auto", "fast", "torch_trainer")),
     ):
         if value not in allowed:
@@ -51,6 +54,19 @@ def load_search_config(argv: list[str]):
     if cfg.search.num_trials < 1 or cfg.search.max_concurrent_trials < 1:
         raise ValueError(f"search.num_trials={cfg.search.num_trials} and search.max_concurrent_trials="
                          f"{cfg.search.max_concurrent_trials} must be >= 1")
+    for key in ("finetune_front", "population_size"):
+        value = cfg.search.get(key)
+        if value is not None and (not isinstance(value, int) or value < (0 if key == "finetune_front" else 2)):
+            raise ValueError(f"search.{key}={value!r} must be an integer >= {0 if key == 'finetune_front' else 2}")
+    if cfg.search.sampler == "cmaes":
+        import importlib.util
+
+        if importlib.util.find_spec("cmaes") is None:
+            raise ValueError("search.sampler='cmaes' needs the cmaes package: pip install cmaes")
+    from search._session import trial_prune
+    from trainables.run import configs_of
+
+    trial_prune(cfg, configs_of(cfg)[0])  # prune_overrides and the proxy settings are valid
     return cfg
 
 
@@ -67,14 +83,50 @@ def _sampler(cfg):
     import optuna
 
     seed = cfg.search.seed
+    population = cfg.search.get("population_size") or 50
     return {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=population),
+        # CMA-ES is single-objective: the search then maximises val_acc alone (see _tuner).
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, popsize=cfg.search.get("population_size")),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
     }[cfg.search.sampler]()
 
 
-def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None):
+def _trainable(fn, ctx):
+    from ray import tune
+
+    # The trial's Tune-side driver needs almost no CPU on the TorchTrainer path (its workers
+    # hold the resources); a whole CPU per driver deadlocked two trials on 2 CPUs.
+    fast = ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
+    return tune.with_resources(tune.with_parameters(fn, ctx=ctx), {"cpu": 1} if fast else {"cpu": 0.01})
+
+
+def _finetune_tuner(cfg, session):
+    """A function ``configs -> ResultGrid`` running each config at full fidelity as a Tune
+    trial (same MLflow parent, checkpoints under ``<storage>/tune_finetune``)."""
+    from dataclasses import replace
+
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig
+
+    from trainables.ray_trainable import front_trial_fn
+
+    ctx = replace(session.ctx, prune=session.full_prune)
+
+    def run(configs: list[dict]):
+        return tune.Tuner(
+            _trainable(front_trial_fn, ctx),
+            param_space={"front_config": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+            run_config=RunConfig(name="tune_finetune", storage_path=str(session.storage), callbacks=[session.callback],
+                                 failure_config=FailureConfig(max_failures=cfg.search.max_failures), verbose=0),
+        ).fit()
+
+    return run
+
+
+def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None, candidates: list[str] | None = None):
     from omegaconf import OmegaConf
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -84,16 +136,14 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None)
     from trainables.criteria import list_criteria
     from trainables.ray_trainable import trial_fn
 
-    # The trial's Tune-side driver needs almost no CPU on the TorchTrainer path (its workers
-    # hold the resources); a whole CPU per driver deadlocked two trials on 2 CPUs.
-    fast = ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
-    resources = {"cpu": 1} if fast else {"cpu": 0.01}
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources)
+    trainable = _trainable(trial_fn, ctx)
     if restore:
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    single = cfg.search.sampler == "cmaes"
     searcher = OptunaSearch(
-        space=define_space(OmegaConf.to_container(cfg.search, resolve=True), n_units, list_criteria()),
-        metric=["val_acc", "flops"], mode=["max", "min"], sampler=_sampler(cfg), seed=cfg.search.seed,
+        space=define_space(OmegaConf.to_container(cfg.search, resolve=True), n_units, list_criteria(), candidates),
+        metric="val_acc" if single else ["val_acc", "flops"], mode="max" if single else ["max", "min"],
+        sampler=_sampler(cfg), seed=cfg.search.seed,
     )
     scheduler = None
     if cfg.search.scheduler == "asha":
@@ -134,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     try:
-        tuner = _tuner(cfg, session.ctx, session.n_units, session.storage, session.callback, session.restore_path)
+        tuner = _tuner(cfg, session.ctx, session.n_units, session.storage, session.callback, session.restore_path,
+                       session.candidates)
         results = tuner.fit()
-        finish_search(cfg, out, session, results)
+        finetune = None
+        if cfg.search.get("fidelity", "full") == "proxy" and cfg.search.get("finetune_front", 0) > 0:
+            finetune = _finetune_tuner(cfg, session)
+        finish_search(cfg, out, session, results, finetune=finetune)
     finally:
         ray.shutdown()
     print(out)

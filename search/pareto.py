@@ -71,6 +71,9 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("mlflow_run_id", pa.string()),
         pa.field("wall_s", pa.float64()),  # wall-clock seconds of the trial
         pa.field("config_json", pa.string()),  # the trial's full hyperparameters as JSON
+        # finetuned.parquet of a proxy search: the searched trial this row fine-tunes, and its proxy accuracy
+        pa.field("proxy_trial_id", pa.string()),
+        pa.field("proxy_val_acc", pa.float64()),
     ]
 )
 """Schema of ``trials.parquet``: one row per trial. Nullable fields may be missing from a row."""

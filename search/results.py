@@ -42,6 +42,7 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
     for result in results:
         m = result.metrics or {}
         config = dict(result.config or {})
+        config = dict(config.get("front_config", config))  # a front fine-tuning trial re-runs a searched config
         trial_id = m.get("trial_id") or Path(result.path).name
         flops = m.get("flops")
         rows.append({
@@ -87,7 +88,64 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
         log(f"front trial {row['trial_id']}: test acc {100 * test['top1']:.2f}%, model logged to MLflow")
 
 
-def finish_search(cfg, out: Path, session, results, log=print) -> dict[str, Any]:
+def pick_for_finetuning(rows: list[dict], n: int) -> list[dict]:
+    """The ``n`` completed trials with the best proxy accuracy, Pareto-optimal ones first (with
+    a fixed FLOPs target the front is often a single trial)."""
+    done = [r for r in rows if r["status"] == "COMPLETED" and r["val_acc"] is not None]
+    done.sort(key=lambda r: (not r["pareto"], -r["val_acc"], r["flops"] or 0))
+    return done[:n]
+
+
+def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> tuple[list[dict], list[Path], dict]:
+    """Fine-tune the best proxy trials at full fidelity, test them, write ``finetuned.parquet``."""
+    from dataclasses import replace
+
+    from search.pareto import format_front
+
+    picked = pick_for_finetuning(rows, int(cfg.search.finetune_front))
+    if not picked:
+        return [], [], {}
+    log(f"fine-tuning the {len(picked)} best proxy trials at full fidelity: {', '.join(r['trial_id'] for r in picked)}")
+    configs = [json.loads(r["config_json"]) for r in picked]
+    results = finetune(configs)
+    full = replace(session, ctx=replace(session.ctx, prune=session.full_prune))
+    run_ids = {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id:
+            run_ids[trial_id] = session.tracker.find_run(trial_id)
+    ft_rows = trial_rows(results, full, run_ids)
+    by_config = {r["config_json"]: r for r in picked}
+    for row in ft_rows:
+        source = by_config.get(row["config_json"], {})
+        row["proxy_trial_id"], row["proxy_val_acc"] = source.get("trial_id"), source.get("val_acc")
+        row["pareto"] = row["status"] == "COMPLETED"  # evaluated on test and logged as models, like a front
+    _evaluate_front(ft_rows, full, log)
+    for row in ft_rows:
+        if row["mlflow_run_id"]:
+            session.tracker.set_pareto(row["trial_id"], False)
+            session.tracker.client.set_tag(row["mlflow_run_id"], "fidelity", "full")
+    plain = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ft_rows]
+    write_trials(plain, out / "finetuned.parquet")
+    table = format_front(plain)
+    (out / "finetuned.txt").write_text(table + "\n")
+    metrics = {}
+    pairs = [(r["proxy_val_acc"], r["val_acc"]) for r in plain if r["val_acc"] is not None and r["proxy_val_acc"] is not None]
+    if len(pairs) >= 3:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr(*zip(*pairs)).statistic
+        metrics["proxy_vs_finetuned_spearman"] = float(rho)
+    best = max((r for r in plain if r["val_acc"] is not None), key=lambda r: r["val_acc"], default=None)
+    if best is not None:
+        metrics.update(finetuned_best_val_acc=best["val_acc"], finetuned_best_test_acc=best["test_acc"] or float("nan"))
+    log("")
+    log("fine-tuned at full fidelity (val/test after fine-tuning; proxy val acc in finetuned.parquet):")
+    log(table)
+    return plain, [out / "finetuned.parquet", out / "finetuned.txt"], metrics
+
+
+def finish_search(cfg, out: Path, session, results, log=print, finetune=None) -> dict[str, Any]:
     tracker = session.tracker
     run_ids = {}
     for result in results:
@@ -110,14 +168,18 @@ def finish_search(cfg, out: Path, session, results, log=print) -> dict[str, Any]
     table = format_front(plain)
     (out / "pareto.txt").write_text(table + "\n")
     counts = {s: sum(r["status"] == s for r in plain) for s in ("COMPLETED", "STOPPED_EARLY", "FAILED")}
-    tracker.finish_search({"hypervolume": hv, "n_completed": counts["COMPLETED"], "n_trials": len(plain)},
-                          [out / "trials.parquet", out / "pareto.png", out / "pareto.txt", out / "config.yaml"])
     log("")
     log(table)
+    ft_rows, ft_files, ft_metrics = _finetune_best(cfg, out, session, rows, finetune, log) if finetune else ([], [], {})
+    tracker.finish_search({"hypervolume": hv, "n_completed": counts["COMPLETED"], "n_trials": len(plain), **ft_metrics},
+                          [out / "trials.parquet", out / "pareto.png", out / "pareto.txt", out / "config.yaml",
+                           *ft_files, *session.artifacts])
     log(f"trials: {counts['COMPLETED']} completed, {counts['STOPPED_EARLY']} stopped early by ASHA, {counts['FAILED']} failed")
     log(f"hypervolume: {hv:.4f} (reference: val_acc={ref[0]}, FLOPs ratio={ref[1]})")
     from search._session import mlflow_ui_command
 
+    if "proxy_vs_finetuned_spearman" in ft_metrics:
+        log(f"proxy vs fine-tuned accuracy, Spearman rho over {len(ft_rows)} trials: {ft_metrics['proxy_vs_finetuned_spearman']:.3f}")
     log(f"MLflow UI:     {mlflow_ui_command(tracker.tracking_uri)}")
     log(f"output folder: {out}")
-    return {"rows": plain, "hypervolume": hv, "counts": counts}
+    return {"rows": plain, "hypervolume": hv, "counts": counts, "finetuned": ft_rows}

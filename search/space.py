@@ -3,8 +3,10 @@
 ``define_space(space, n_units)`` returns the function OptunaSearch calls with an
 ``optuna.Trial``: it suggests the criterion, the ratio schedule and its ratios (one for
 uniform, low/high for differential, one per unit for per_layer), p, q and the learning
-rate, with bounds from ``conf/search/*.yaml``. The values it suggests become the trial's
-config, which ``trainables.ray_trainable.trial_configs`` turns into protocol settings.
+rate, with bounds from ``conf/search/*.yaml``; a key set to null is not searched (the run
+config's value holds). For the blended criterion it also suggests one calibration factor
+``weight_<candidate>`` per candidate. The values it suggests become the trial's config,
+which ``trainables.ray_trainable.trial_configs`` turns into protocol settings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ def _bounds(space: Mapping, key: str) -> tuple[float, float, bool]:
     return float(spec["low"]), float(spec["high"]), bool(spec.get("log", False))
 
 
+def _searched(space: Mapping, key: str) -> bool:
+    return space.get(key) is not None
+
+
 def check_space(space: Mapping, criteria: list[str]) -> None:
     """One-line errors for a bad space, before any trial starts."""
     unknown = [c for c in space["criteria"] or [] if c not in criteria]
@@ -29,7 +35,27 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
     bad = [s for s in space["schedules"] if s not in _SCHEDULES]
     if not space["schedules"] or bad:
         raise ValueError(f"search.schedules={list(space['schedules'])} must be a non-empty subset of {', '.join(_SCHEDULES)}")
+    if "blended" in (space["criteria"] or []) and not space.get("blend"):
+        raise ValueError("search.criteria includes 'blended' but search.blend is missing; use search=blended")
+    if not _searched(space, "ratio") and [s for s in space["schedules"] if s != "uniform"]:
+        raise ValueError(f"search.ratio=null (not searched) needs search.schedules=[uniform], got {list(space['schedules'])}")
+    if space.get("blend"):
+        from search.blend.clustering import check_pool
+
+        blend = space["blend"]
+        check_pool(blend["pool"], criteria, n_clusters=blend.get("n_clusters"), distance_threshold=blend.get("distance_threshold"))
+        if blend.get("candidates") is not None:
+            check_pool(blend["candidates"], criteria, n_clusters=1, key="search.blend.candidates")
+        lo, hi, _ = _bounds(blend, "factor")
+        if not 0 <= lo <= hi or hi <= 0:
+            raise ValueError(f"search.blend.factor: low={lo}, high={hi} must satisfy 0 <= low <= high, high > 0 (factors are weights >= 0)")
+        from trainables.criteria.blended import NORMALIZERS
+
+        if blend.get("normalize", "rank") not in NORMALIZERS:
+            raise ValueError(f"search.blend.normalize='{blend.get('normalize')}' is not one of: {', '.join(NORMALIZERS)}")
     for key, lo_ok, hi_ok in (("ratio", 0.0, 1.0), ("p", 0.0, None), ("q", 0.0, None), ("lr", 0.0, None)):
+        if not _searched(space, key):
+            continue
         low, high, log = _bounds(space, key)
         if not (lo_ok <= low <= high) or (hi_ok is not None and high >= hi_ok) or (log and low <= 0):
             allowed = f"[{lo_ok}, {hi_ok})" if hi_ok is not None else f">= {lo_ok}"
@@ -40,30 +66,40 @@ class SearchSpace:
     """The define-by-run function for ``OptunaSearch(space=...)``; a class so that Tune can
     pickle it into the searcher's checkpoint (a closure cannot be pickled)."""
 
-    def __init__(self, space: Mapping, n_units: int, criteria: list[str]):
+    def __init__(self, space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | None = None):
         self.space = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(space).items()}
         self.n_units = n_units
-        self.pool = list(self.space["criteria"] or criteria)
+        self.candidates = list(candidates or [])  # the blended criterion's candidates, one factor each
+        # criteria=null: every registered criterion (blended only when it has candidates)
+        self.pool = list(self.space["criteria"] or [c for c in criteria if c != "blended" or self.candidates])
         self.schedules = list(self.space["schedules"])
+        if "blended" in self.pool and not self.candidates:
+            raise ValueError("search.criteria includes 'blended' but no candidates were given")
 
     def __call__(self, trial) -> dict | None:
-        trial.suggest_categorical("criterion", self.pool)
-        schedule = trial.suggest_categorical("schedule", self.schedules)
-        low, high, _ = _bounds(self.space, "ratio")
-        if schedule == "uniform":
-            trial.suggest_float("ratio", low, high)
-        elif schedule == "differential":
-            ratio_low = trial.suggest_float("ratio_low", low, high)
-            trial.suggest_float("ratio_high", ratio_low, high)
-        else:
-            for i in range(self.n_units):
-                trial.suggest_float(f"ratio_{i}", low, high)
+        criterion = trial.suggest_categorical("criterion", self.pool)
+        if criterion == "blended":
+            lo, hi, _ = _bounds(self.space["blend"], "factor")
+            for name in self.candidates:
+                trial.suggest_float(f"weight_{name}", lo, hi)
+        if _searched(self.space, "ratio"):
+            schedule = trial.suggest_categorical("schedule", self.schedules)
+            low, high, _ = _bounds(self.space, "ratio")
+            if schedule == "uniform":
+                trial.suggest_float("ratio", low, high)
+            elif schedule == "differential":
+                ratio_low = trial.suggest_float("ratio_low", low, high)
+                trial.suggest_float("ratio_high", ratio_low, high)
+            else:
+                for i in range(self.n_units):
+                    trial.suggest_float(f"ratio_{i}", low, high)
         for key in ("p", "q", "lr"):
-            lo, hi, log = _bounds(self.space, key)
-            trial.suggest_float(key, lo, hi, log=log)
+            if _searched(self.space, key):
+                lo, hi, log = _bounds(self.space, key)
+                trial.suggest_float(key, lo, hi, log=log)
         return None
 
 
-def define_space(space: Mapping, n_units: int, criteria: list[str]) -> SearchSpace:
+def define_space(space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | None = None) -> SearchSpace:
     """The define-by-run function for ``OptunaSearch(space=...)``."""
-    return SearchSpace(space, n_units, criteria)
+    return SearchSpace(space, n_units, criteria, candidates)

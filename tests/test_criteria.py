@@ -56,7 +56,7 @@ def test_cli_lists_names_one_per_line():
 
 
 def test_unknown_criterion_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown criterion 'l3'; valid: apoz, bn_gamma, car"):
+    with pytest.raises(ValueError, match=r"unknown criterion 'l3'; valid: apoz, blended, bn_gamma, car"):
         get_criterion("l3")
 
 

@@ -200,6 +200,7 @@ def full_row(**overrides) -> dict:
         "val_acc": 0.91, "test_acc": 0.9, "flops": 12_345_678, "flops_ratio": 0.42, "params": 54_321,
         "latency_ms": 1.5, "pareto": True, "mlflow_run_id": "abc123", "wall_s": 12.5,
         "config_json": json.dumps({"criterion": "fpgm", "ratio_low": 0.1}),
+        "proxy_trial_id": "p7", "proxy_val_acc": 0.85,
     }
     return {**row, **overrides}
 

@@ -208,3 +208,18 @@ def test_eval_max_images_limits_intermediate_evaluations_only(base, splits):
     from trainables.metrics import evaluate
 
     assert record["final_val_acc"] == evaluate(model, iterate_batches(splits.val, 100, shuffle=False))["top1"]
+
+
+def test_adaptive_bn_proxy_recalibrates_without_touching_weights_and_is_deterministic(base, splits):
+    """The blended search's proxy: one-shot, no fine-tuning, BN statistics re-estimated."""
+    kwargs = dict(method="one_shot", criterion="l1", ratio=0.5, p=0.0, q=0.0)
+    plain, rec_plain, _ = _run(base, splits, **kwargs)
+    adapted, rec, _ = _run(base, splits, **kwargs, adapt_bn_batches=3, adapt_bn_batch_size=32)
+    _, rec_again, _ = _run(base, splits, **kwargs, adapt_bn_batches=3, adapt_bn_batch_size=32)
+    assert rec["final_val_acc"] == rec_again["final_val_acc"]
+    assert rec["prune_log"] == rec_plain["prune_log"]  # same filters removed
+    sd_plain, sd = plain.state_dict(), adapted.state_dict()
+    for k in sd:
+        same = torch.equal(sd_plain[k], sd[k])
+        assert same == (not k.endswith(("running_mean", "running_var", "num_batches_tracked"))), k
+    assert rec["flops_after"] == rec_plain["flops_after"] and rec["curve"][-1]["step"] == 0  # no gradient step

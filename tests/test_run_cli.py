@@ -22,7 +22,7 @@ def _tiny_args(root: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["criterion=l3"], "unknown criterion 'l3'; valid: apoz, bn_gamma, car"),
+        (["criterion=l3"], "unknown criterion 'l3'; valid: apoz, blended, bn_gamma, car"),
         (["model=resnet5"], "unknown model 'resnet5'; valid: alexnet"),
         (["data=mnistt"], "unknown data 'mnistt'; valid: cifar10, cifar100, fashion_mnist, imagenet"),
         (["prune.ratio=1.5"], "prune.ratio=1.5 is outside [0, 1)"),

@@ -41,7 +41,7 @@ def _child_runs(out: Path) -> list:
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["search.sampler=cmaes"], "search.sampler='cmaes' is not one of: tpe, nsga2, random"),
+        (["search.sampler=grid"], "search.sampler='grid' is not one of: tpe, nsga2, cmaes, random"),
         (["search.criteria=[l1,l3]"], "search.criteria: unknown criterion 'l3'; valid: apoz"),
         (["search.ratio.high=1.2"], "search.ratio: low=0.1, high=1.2"),
         (["search.num_trials=0"], "search.num_trials=0"),

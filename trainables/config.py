@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trainables.criteria import list_criteria
+from trainables.criteria.blended import check_blend_options
 from trainables.schedules import list_schedules
 
 __all__ = ["PruneConfig", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "METHODS"]
@@ -35,6 +36,8 @@ class PruneConfig:
     steps: int = 4  # iterative: number of global pruning steps
     score_batches: int = 4  # scoring batches handed to data-driven criteria
     score_batch_size: int = 64
+    adapt_bn_batches: int = 0  # after each pruning step, re-estimate BN statistics on N train batches (EagleEye)
+    adapt_bn_batch_size: int = 128
     target_classes: list | None = None  # class names or ids for the class_specific criterion
 
     def validate(self) -> None:
@@ -54,10 +57,14 @@ class PruneConfig:
                 raise ValueError(f"prune.{key}={value!r} must be a number of epochs >= 0")
         if self.target_flops_reduction is not None and not 0.0 < self.target_flops_reduction < 1.0:
             raise ValueError(f"prune.target_flops_reduction={self.target_flops_reduction!r} is outside (0, 1)")
-        for key in ("round_to", "steps", "score_batches", "score_batch_size"):
+        for key in ("round_to", "steps", "score_batches", "score_batch_size", "adapt_bn_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"prune.{key}={value!r} must be an integer >= 1")
+        if not isinstance(self.adapt_bn_batches, int) or self.adapt_bn_batches < 0:
+            raise ValueError(f"prune.adapt_bn_batches={self.adapt_bn_batches!r} must be an integer >= 0")
+        if self.criterion == "blended":
+            check_blend_options(self.criterion_options)
         if self.criterion == "class_specific" and not self.target_classes:
             raise ValueError("prune.target_classes is empty; the class_specific criterion needs class names or ids")
 

@@ -33,7 +33,7 @@ from trainables.metrics import count_flops, count_params, evaluate, measure_late
 from trainables.schedules import kept_count, make_ratios
 from trainables.surgery import Unit, describe_units, prune_layer
 
-__all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes"]
+__all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "recalibrate_bn", "scoring_batches"]
 
 Report = Callable[[dict], None]
 
@@ -57,6 +57,39 @@ def resolve_classes(classes: Sequence[str | int] | None, class_names: Sequence[s
         else:
             raise ValueError(f"prune.target_classes: unknown class {c!r}; valid: {', '.join(class_names)} (or ids 0..{len(class_names) - 1})")
     return ids
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Adaptive BN (Li et al. 2020, EagleEye): re-estimate every BatchNorm's running mean and
+    variance on ``batches`` with no gradient step; returns the number of images seen.
+
+    Pruning removes input channels, so the statistics the BN layers stored for the unpruned
+    network are stale; recomputing them recovers much of the damage for the price of a few
+    forward passes. Only the BN layers are put in training mode (dropout stays off), and
+    ``momentum=None`` makes the estimate a plain average over all batches.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
 
 
 def _flops_with_ratios(model: nn.Module, units: list[Unit], ratios: Sequence[float], round_to: int) -> int:
@@ -148,6 +181,14 @@ class _Finetuner:
             val = take(val, torch.arange(limit), None)  # in-memory data stays in memory: fast slicing
         return self.evaluate(val)["top1"]
 
+    def adapt_bn(self, prune: PruneConfig, salt: int) -> None:
+        """Adaptive BN after a pruning step (``prune.adapt_bn_batches`` > 0), on its own seeded
+        stream of training batches so that the fine-tuning batches are the same with or without it."""
+        if prune.adapt_bn_batches > 0:
+            stream = iterate_batches(self.splits.train, prune.adapt_bn_batch_size, shuffle=True,
+                                     seed=self.seed * 100_019 + 7_777 + salt)
+            recalibrate_bn(self.model, itertools.islice(stream, prune.adapt_bn_batches))
+
     def evaluate(self, dataset) -> dict:
         batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False)
         return evaluate(self.model, batches, classes=self.splits.eval_classes)
@@ -199,7 +240,7 @@ class _Finetuner:
             self._bar.close()
 
 
-def _scoring_batches(splits, prune: PruneConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
+def scoring_batches(splits, prune: PruneConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
     stream = iterate_batches(splits.train, prune.score_batch_size, shuffle=True, seed=seed + 7919)
     return list(itertools.islice(stream, prune.score_batches))
 
@@ -250,7 +291,7 @@ def run_protocol(
     criterion = get_criterion(prune.criterion)
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
     ctx = ScoringContext(
-        batches=_scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
+        batches=scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
         options=dict(prune.criterion_options),
     )
     n_stage_p = {"layer_by_layer": len(units), "iterative": prune.steps}.get(prune.method, 0)
@@ -349,6 +390,7 @@ def _layer_by_layer(units, ratios, criterion, ctx, prune) -> list[Stage]:
             scores = criterion(model, unit, ctx)  # on the current, partly pruned network
             rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
             state["prune_log"].append(rec)
+            tuner.adapt_bn(prune, len(state["prune_log"]))
             damage = tuner.val_acc()
             tuner.emit("damage", damage, unit=unit.name, flops=count_flops(model))
             recovered = tuner.finetune(prune.p, "recovery", unit=unit.name) if prune.p > 0 else damage
@@ -365,6 +407,7 @@ def _one_shot(units, ratios, criterion, ctx, prune) -> list[Stage]:
         for u, r in reversed(list(zip(units, ratios, strict=True))):
             keep = select_keep(all_scores[u.name], kept_count(u.n_filters, r, prune.round_to))
             state["prune_log"].append(prune_layer(model, u.name, keep))
+        tuner.adapt_bn(prune, 0)
         state["extra"]["damage"] = tuner.val_acc()
         tuner.emit("damage", state["extra"]["damage"], unit="all", flops=count_flops(model))
 
@@ -415,6 +458,7 @@ def _iterative(units, ratios, criterion, ctx, prune) -> list[Stage]:
                 if dropped[u.name]:
                     keep = [i for i in range(current[u.name]) if i not in dropped[u.name]]
                     state["prune_log"].append({**prune_layer(model, u.name, keep), "step": step})
+            tuner.adapt_bn(prune, step)
             damage = tuner.val_acc()
             state["extra"]["damage"] = damage
             tuner.emit("damage", damage, unit=f"step{step}", flops=count_flops(model))

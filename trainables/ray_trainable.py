@@ -59,13 +59,15 @@ _SEARCHED = {"criterion", "schedule", "ratio", "ratio_low", "ratio_high", "p", "
 
 
 def trial_configs(ctx: TrialContext, config: dict) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig]:
-    """Merge a sampled trial config (flat: criterion, ratio_0..ratio_k, p, q, lr, ...) into the fixed ones."""
+    """Merge a sampled trial config (flat: criterion, ratio_0..ratio_k, weight_<candidate>, p, q,
+    lr, ...) into the fixed ones."""
     prune = {**ctx.prune, **{k: v for k, v in config.items() if k in _SEARCHED}}
     ratios = [config[f"ratio_{i}"] for i in range(len(config)) if f"ratio_{i}" in config]
     if ratios:
         prune.update(schedule="per_layer", ratios=ratios)
-    if "criterion_weights" in config:
-        prune["criterion_options"] = {**prune.get("criterion_options", {}), "weights": config["criterion_weights"]}
+    weights = {k[len("weight_"):]: float(v) for k, v in config.items() if k.startswith("weight_")}
+    if weights:  # the blended criterion's calibration factors
+        prune["criterion_options"] = {**prune.get("criterion_options", {}), "weights": weights}
     finetune = {**ctx.finetune, **({"lr": config["lr"]} if "lr" in config else {})}
     known = {f.name for f in fields(PruneConfig)}
     return PruneConfig(**{k: v for k, v in prune.items() if k in known}), FinetuneConfig(**finetune), MeasureConfig(**ctx.measure)
@@ -110,6 +112,10 @@ class _Reporter:
     def checkpoint(self, state: dict, record: dict | None = None) -> None:
         metrics, self.pending = self.pending or {}, None
         self.last_state = state
+        if not metrics:
+            # A stage that evaluated nothing (the final stage with q=0): no result to attach the
+            # checkpoint to; a trial restored before the next one just redoes that empty stage.
+            return
         if not self.write:  # non-zero DDP ranks report metrics only
             self.report_fn(metrics)
             return
@@ -209,3 +215,9 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
         run_config=RunConfig(name=f"train-{trial_id}", storage_path=ctx.storage_path, callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+def front_trial_fn(config: dict, ctx: TrialContext) -> None:
+    """Re-runs a searched trial's config (``config["front_config"]``) under ``ctx``: the
+    full-fidelity fine-tuning of a proxy search's best trials, one Tune trial each."""
+    trial_fn(dict(config["front_config"]), ctx)

@@ -75,8 +75,10 @@ def configs_of(cfg) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig, Pretrai
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    prune = _dataclass_from(PruneConfig, "prune", c["prune"], criterion=c["criterion"]["name"],
-                            criterion_options=c["criterion"].get("options") or {})
+    # Keys of the criterion group besides name/options (e.g. blended's weights) are its options too.
+    crit = c["criterion"]
+    options = {**(crit.get("options") or {}), **{k: v for k, v in crit.items() if k not in ("name", "options")}}
+    prune = _dataclass_from(PruneConfig, "prune", c["prune"], criterion=crit["name"], criterion_options=options)
     finetune = _dataclass_from(FinetuneConfig, "finetune", c["finetune"], batch_size=c["data"]["batch_size"],
                                eval_batch_size=c["data"]["eval_batch_size"])
     measure = _dataclass_from(MeasureConfig, "measure", c["measure"])

@@ -4,7 +4,7 @@ Importing this package registers every built-in criterion, so Ray workers that i
 see the same registry as the driver.
 """
 
-from trainables.criteria import activations, car, gradients, weights  # noqa: F401  (registration)
+from trainables.criteria import activations, blended, car, gradients, weights  # noqa: F401  (registration)
 from trainables.criteria._base import (
     CRITERIA,
     Criterion,
