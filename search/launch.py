@@ -170,15 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     from search._session import start_search
     from search.results import finish_search
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = load_search_config(argv)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from trainables.run import cli_config
+
+    cfg, code = cli_config(__doc__, argv, load_search_config)
+    if cfg is None:
+        return code
     out = _output_folder(cfg)
     session = start_search(cfg, out)
     import ray

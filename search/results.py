@@ -4,7 +4,6 @@ the pruned models of the front in MLflow, ``trials.parquet``, ``pareto.png`` and
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,20 @@ def _status(result) -> str:
     return "COMPLETED" if (result.metrics or {}).get("trial_done") else "STOPPED_EARLY"
 
 
-def _ratios(config: dict, n_units: int) -> list[float]:
+def _ratios(result, session, config: dict) -> list[float]:
+    """The ratios the trial applied: from its final record (which includes any FLOPs-target
+    scaling), else (a trial stopped before the end) as its config's schedule gives them."""
+    from trainables.ray_trainable import trial_configs
     from trainables.schedules import make_ratios
 
-    if config.get("schedule") == "per_layer" or "ratio_0" in config:
-        return [float(config[f"ratio_{i}"]) for i in range(n_units)]
-    if config.get("schedule") == "differential":
-        return make_ratios("differential", n_units, ratio_low=config["ratio_low"], ratio_high=config["ratio_high"])
-    return [float(config.get("ratio", math.nan))] * n_units
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            record = Path(d) / "record.json"
+            if record.exists():
+                return [float(r) for r in json.loads(record.read_text())["ratios"]]
+    prune, _, _ = trial_configs(session.ctx, config)
+    return make_ratios(prune.schedule, session.n_units, ratio=prune.ratio, ratio_low=prune.ratio_low,
+                       ratio_high=prune.ratio_high, ratios=prune.ratios)
 
 
 def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
@@ -48,7 +53,7 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
         rows.append({
             "trial_id": trial_id, "status": _status(result), "criterion": config.get("criterion"),
             "schedule": config.get("schedule"), "method": session.ctx.prune.get("method"),
-            "ratios": _ratios(config, session.n_units), "p": config.get("p"), "q": config.get("q"),
+            "ratios": _ratios(result, session, config), "p": config.get("p"), "q": config.get("q"),
             "lr": config.get("lr"), "val_acc": m.get("val_acc"), "test_acc": None,
             "flops": int(flops) if flops is not None else None, "params": m.get("params"),
             "latency_ms": m.get("latency_ms"),

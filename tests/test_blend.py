@@ -242,6 +242,7 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys):
         weights = {k for k in json.loads(r["config_json"]) if k.startswith("weight_")}
         assert weights == {f"weight_{c}" for c in clustering["representatives"]}
         assert r["flops_ratio"] == pytest.approx(0.5, abs=0.02)  # every candidate at the FLOPs target
+        assert len(set(r["ratios"])) == 1 and 0.2 < r["ratios"][0] < 0.5  # uniform, scaled to meet it
     [tuned] = read_trials(out / "finetuned.parquet")
     best = max((r for r in rows if r["status"] == "COMPLETED"), key=lambda r: (r["pareto"], r["val_acc"]))
     assert tuned["proxy_trial_id"] == best["trial_id"] and tuned["proxy_val_acc"] == pytest.approx(best["val_acc"])
@@ -255,3 +256,19 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys):
     assert len(children) == 5 and sum(r.data.tags.get("fidelity") == "full" for r in children) == 1
     artifacts = {a.path for a in client.list_artifacts(state["parent_run_id"])}
     assert {"clustering", "finetuned.parquet", "trials.parquet"} <= artifacts
+
+
+def test_blend_cli_clusters_the_base_model_and_refuses_bad_input(tiny_fmnist, tmp_path, capsys):
+    from search.blend.__main__ import main as blend_main
+
+    assert blend_main(["search.blend.pool=[l1,apoz]", "search.blend.n_clusters=3"]) == 2
+    assert "search.blend.n_clusters=3 must be an integer in [1, 2]" in capsys.readouterr().err
+    args = [f"data.root={tiny_fmnist}", "data.val_size=100", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
+            f"output_root={tmp_path / 'out' / 'search'}", "name=c1", "search.blend.pool=[l1,l2,fpgm,apoz]",
+            "search.blend.n_clusters=2"]
+    assert blend_main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = tmp_path / "out" / "blend" / "c1"
+    assert lines[-1] == str(out) and any(line.startswith("candidates (cluster representatives):") for line in lines)
+    assert {p.name for p in (out / "clustering").iterdir()} == {"clustering.json", "correlation.parquet", "correlation.png"}
+    assert len(list((tmp_path / "cache" / "criteria_scores").rglob("*.pt"))) == 4  # one cache file per criterion

@@ -186,14 +186,26 @@ def run(cfg, report=None, log=print) -> tuple[dict, Path]:
     return record, path
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_config(doc: str, argv: list[str] | None, load) -> tuple[Any, int]:
+    """The shared front of the command lines: ``(cfg, 0)``, or ``(None, exit code)`` after
+    ``-h`` (prints ``doc``) or a bad input (one line on stderr, exit code 2)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+        print(doc)
+        return None, 0
     try:
-        cfg = load_run_config(argv)
-        record, path = run(cfg)
+        return load(argv), 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, code = cli_config(__doc__, argv, load_run_config)
+    if cfg is None:
+        return code
+    try:
+        record, path = run(cfg)  # a FLOPs target out of reach is found only once the model is built
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

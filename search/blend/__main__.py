@@ -19,17 +19,12 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
     from search.launch import load_search_config
+    from trainables.run import cli_config
 
-    try:
-        cfg = load_search_config(["search=blended", *argv])
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg, code = cli_config(__doc__, argv, lambda args: load_search_config(["search=blended", *args]))
+    if cfg is None:
+        return code
     from omegaconf import OmegaConf
 
     from search._session import blend_candidates, trial_prune
