@@ -46,9 +46,9 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
     """``(trial_prune, full_prune)``: the run config's prune settings with the search's
     ``prune_overrides``; with ``fidelity=proxy`` trials prune in one shot and only recalibrate
     BN (no gradient step), while ``full_prune`` keeps the fine-tuning for the front."""
-    from trainables.config import PruneConfig
-
     from dataclasses import fields
+
+    from trainables.config import PruneConfig
 
     overrides = dict(cfg.search.get("prune_overrides") or {})
     known = {f.name for f in fields(PruneConfig)}
@@ -60,13 +60,13 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
         full["criterion_options"] = {**full.get("criterion_options", {}), "normalize": cfg.search.blend.get("normalize", "rank")}
     trial = dict(full)
     if cfg.search.get("fidelity", "full") == "proxy":
-        proxy = dict(cfg.search.get("proxy") or {})
+        proxy = {"adapt_bn_batches": 50, "adapt_bn_batch_size": 128, **dict(cfg.search.get("proxy") or {})}
         for key, low in (("adapt_bn_batches", 0), ("adapt_bn_batch_size", 1)):
-            value = proxy.get(key, 50 if key == "adapt_bn_batches" else 128)
+            value = proxy[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"search.proxy.{key}={value!r} must be an integer >= {low}")
-        trial.update(method="one_shot", p=0.0, q=0.0, adapt_bn_batches=int(proxy.get("adapt_bn_batches", 50)),
-                     adapt_bn_batch_size=int(proxy.get("adapt_bn_batch_size", 128)))
+        trial.update(method="one_shot", p=0.0, q=0.0, adapt_bn_batches=proxy["adapt_bn_batches"],
+                     adapt_bn_batch_size=proxy["adapt_bn_batch_size"])
     for values in (full, trial):
         probe = {**values, "criterion": "l1"}  # the searched criterion is checked by the space
         PruneConfig(**probe).validate()

@@ -54,10 +54,10 @@ def load_search_config(argv: list[str]):
     if cfg.search.num_trials < 1 or cfg.search.max_concurrent_trials < 1:
         raise ValueError(f"search.num_trials={cfg.search.num_trials} and search.max_concurrent_trials="
                          f"{cfg.search.max_concurrent_trials} must be >= 1")
-    for key in ("finetune_front", "population_size"):
+    for key, low in (("finetune_front", 0), ("population_size", 2)):
         value = cfg.search.get(key)
-        if value is not None and (not isinstance(value, int) or value < (0 if key == "finetune_front" else 2)):
-            raise ValueError(f"search.{key}={value!r} must be an integer >= {0 if key == 'finetune_front' else 2}")
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise ValueError(f"search.{key}={value!r} must be an integer >= {low}")
     if cfg.search.sampler == "cmaes":
         import importlib.util
 

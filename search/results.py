@@ -93,6 +93,12 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
         log(f"front trial {row['trial_id']}: test acc {100 * test['top1']:.2f}%, model logged to MLflow")
 
 
+def _run_ids(results, tracker) -> dict[str, str | None]:
+    """Trial id -> its MLflow child run id, for every trial that reported."""
+    ids = [(r.metrics or {}).get("trial_id") for r in results]
+    return {t: tracker.find_run(t) for t in ids if t}
+
+
 def pick_for_finetuning(rows: list[dict], n: int) -> list[dict]:
     """The ``n`` completed trials with the best proxy accuracy, Pareto-optimal ones first (with
     a fixed FLOPs target the front is often a single trial)."""
@@ -114,12 +120,7 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
     configs = [json.loads(r["config_json"]) for r in picked]
     results = finetune(configs)
     full = replace(session, ctx=replace(session.ctx, prune=session.full_prune))
-    run_ids = {}
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id:
-            run_ids[trial_id] = session.tracker.find_run(trial_id)
-    ft_rows = trial_rows(results, full, run_ids)
+    ft_rows = trial_rows(results, full, _run_ids(results, session.tracker))
     by_config = {r["config_json"]: r for r in picked}
     for row in ft_rows:
         source = by_config.get(row["config_json"], {})
@@ -152,11 +153,7 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
 
 def finish_search(cfg, out: Path, session, results, log=print, finetune=None) -> dict[str, Any]:
     tracker = session.tracker
-    run_ids = {}
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id:
-            run_ids[trial_id] = tracker.find_run(trial_id)
+    run_ids = _run_ids(results, tracker)
     tracker.finalize_dangling()
     rows = mark_pareto(trial_rows(results, session, run_ids))
     _evaluate_front(rows, session, log)
