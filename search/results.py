@@ -16,7 +16,7 @@ from search.pareto import (
     write_trials,
 )
 
-__all__ = ["trial_rows", "finish_search"]
+__all__ = ["trial_ids", "trial_rows", "finish_search"]
 
 
 def _status(result) -> str:
@@ -41,14 +41,27 @@ def _ratios(result, session, config: dict) -> list[float]:
                        ratio_high=prune.ratio_high, ratios=prune.ratios)
 
 
+def trial_ids(results) -> list[str]:
+    """The Tune trial id of every result of a ResultGrid, in order.
+
+    A Result carries its trial id only in its metrics, which a trial that failed before its
+    first report does not have, and its folder name is not the id. The ResultGrid (ray 2.60)
+    builds its results from the Trial objects it keeps in ``_experiment_analysis.trials``, in
+    that order; those are read here, in one place, for want of a public accessor.
+    """
+    trials = results._experiment_analysis.trials
+    if len(trials) != len(results):
+        raise RuntimeError(f"ResultGrid has {len(results)} results but {len(trials)} trials; cannot pair them")
+    return [t.trial_id for t in trials]
+
+
 def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
     """Plain rows (the trials.parquet schema) from a Tune ResultGrid."""
     rows = []
-    for result in results:
+    for trial_id, result in zip(trial_ids(results), results):
         m = result.metrics or {}
         config = dict(result.config or {})
         config = dict(config.get("front_config", config))  # a front fine-tuning trial re-runs a searched config
-        trial_id = m.get("trial_id") or Path(result.path).name
         flops = m.get("flops")
         rows.append({
             "trial_id": trial_id, "status": _status(result), "criterion": config.get("criterion"),
@@ -94,9 +107,8 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
 
 
 def _run_ids(results, tracker) -> dict[str, str | None]:
-    """Trial id -> its MLflow child run id, for every trial that reported."""
-    ids = [(r.metrics or {}).get("trial_id") for r in results]
-    return {t: tracker.find_run(t) for t in ids if t}
+    """Trial id -> its MLflow child run id (None for a trial that never started)."""
+    return {t: tracker.find_run(t) for t in trial_ids(results)}
 
 
 def pick_for_finetuning(rows: list[dict], n: int) -> list[dict]:
@@ -153,6 +165,10 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
 
 def finish_search(cfg, out: Path, session, results, log=print, finetune=None) -> dict[str, Any]:
     tracker = session.tracker
+    orphans = tracker.drop_orphans(trial_ids(results))
+    if orphans:
+        log(f"deleted {len(orphans)} MLflow run(s) of trials the resumed search never knew "
+            f"(killed before Tune saved them; restorable): {', '.join(orphans)}")
     run_ids = _run_ids(results, tracker)
     tracker.finalize_dangling()
     rows = mark_pareto(trial_rows(results, session, run_ids))

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,34 @@ class SearchTracker:
             self.client.set_terminated(run.info.run_id, status)
             self._running.discard(run.info.run_id)
         return len(dangling)
+
+    def drop_orphans(self, known_trial_ids: Iterable[str]) -> list[str]:
+        """Soft-delete the trial runs of the search whose trial is not in ``known_trial_ids``;
+        return their trial ids.
+
+        Orphans come from a search killed in the moment between Tune starting a trial (the
+        callback opens its run) and Tune saving its experiment state: the restored search never
+        heard of that trial and samples a new one instead. An orphan is tagged ``orphaned=true``
+        and deleted, not purged: ``mlflow runs restore --run-id <id>`` brings it back.
+        """
+        known = set(known_trial_ids)
+        parent = self._require_parent()
+        dropped = []
+        for run in self._search(f"tags.`{_PARENT_TAG}` = '{parent}' AND tags.role = 'trial'"):
+            trial_id = run.data.tags.get(_TRIAL_TAG)
+            if trial_id in known:
+                continue
+            run_id = run.info.run_id
+            self.client.set_tag(run_id, "orphaned", "true")
+            self.client.set_tag(run_id, "orphan_reason", "its trial is not in the Tune experiment "
+                                "(the search was killed before Tune saved that trial)")
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+            self.client.delete_run(run_id)
+            self._runs.pop(trial_id, None)
+            self._running.discard(run_id)
+            dropped.append(trial_id)
+        return dropped
 
     # -- trials (child runs) -------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import pytest
 
 from search.launch import load_search_config, main
 from search.pareto import read_trials
+from search.tracking import SearchTracker
 from trainables import build_model, describe_units
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,11 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     finally:
         proc.wait()
     assert not (out / "trials.parquet").exists()
+    # A kill can land after the callback opened a trial's run but before Tune saved that trial:
+    # the resumed search never knows it. Plant such an orphan; the resume must delete it.
+    state = json.loads((out / "launch_state.json").read_text())
+    planted = SearchTracker(state["tracking_uri"], "prunesearch", parent_run_id=state["parent_run_id"])
+    orphan = planted.trial_run("unsaved0", {"criterion": "l1"})
     resumed = subprocess.run([sys.executable, "-m", "search.launch", f"resume={out}"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -109,6 +115,8 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     runs = _child_runs(out)
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)  # one run per trial
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert planted.client.get_run(orphan).info.lifecycle_stage == "deleted"
+    assert "deleted 1 MLflow run" in resumed.stdout + resumed.stderr
 
 
 def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path):

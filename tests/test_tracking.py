@@ -163,6 +163,20 @@ def test_finalize_dangling_and_finish_search(tracker, tmp_path):
     assert "RUNNING" not in {r.info.status for r in children(tracker.client, tracker).values()}
 
 
+def test_drop_orphans_deletes_only_runs_of_unknown_trials(tracker):
+    for trial_id in ("kept", "ended", "lost"):
+        tracker.trial_run(trial_id, {"criterion": "l1"})
+    tracker.end_trial("ended", "FAILED")  # a failed trial Tune knows is not an orphan
+    lost = tracker.find_run("lost")
+    assert tracker.drop_orphans(["kept", "ended", "never-started"]) == ["lost"]
+    assert sorted(children(tracker.client, tracker)) == ["ended", "kept"]
+    run = tracker.client.get_run(lost)  # soft-deleted: still there, tagged, restorable
+    assert run.info.lifecycle_stage == "deleted" and run.info.status == "KILLED"
+    assert run.data.tags["orphaned"] == "true"
+    assert tracker.find_run("lost") is None
+    assert tracker.drop_orphans(["kept", "ended"]) == []
+
+
 def test_pruned_model_loads_with_one_call(tracker, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
