@@ -76,7 +76,12 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
 def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path, log=print) -> tuple[list[str], list[Path]]:
     """The blended search's candidates: ``search.blend.candidates`` if given, else the
     representatives of the criteria clustering (scores cached next to the base models)."""
-    from search.blend.clustering import cluster_pool, format_clustering, pool_scores, write_clustering
+    from search.blend.clustering import (
+        cluster_pool,
+        format_clustering,
+        pool_scores,
+        write_clustering,
+    )
     from trainables.config import PruneConfig
     from trainables.protocol import resolve_classes, scoring_batches
 

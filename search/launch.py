@@ -169,7 +169,6 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
 def main(argv: list[str] | None = None) -> int:
     from search._session import start_search
     from search.results import finish_search
-
     from trainables.run import cli_config
 
     cfg, code = cli_config(__doc__, argv, load_search_config)

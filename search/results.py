@@ -58,7 +58,7 @@ def trial_ids(results) -> list[str]:
 def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
     """Plain rows (the trials.parquet schema) from a Tune ResultGrid."""
     rows = []
-    for trial_id, result in zip(trial_ids(results), results):
+    for trial_id, result in zip(trial_ids(results), results, strict=True):
         m = result.metrics or {}
         config = dict(result.config or {})
         config = dict(config.get("front_config", config))  # a front fine-tuning trial re-runs a searched config
@@ -152,7 +152,7 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
     if len(pairs) >= 3:
         from scipy.stats import spearmanr
 
-        rho = spearmanr(*zip(*pairs)).statistic
+        rho = spearmanr(*zip(*pairs, strict=True)).statistic
         metrics["proxy_vs_finetuned_spearman"] = float(rho)
     best = max((r for r in plain if r["val_acc"] is not None), key=lambda r: r["val_acc"], default=None)
     if best is not None:

@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from search.blend.clustering import check_pool, cluster_criteria, cluster_pool, pool_scores, write_clustering
+from search.blend.clustering import (
+    check_pool,
+    cluster_criteria,
+    cluster_pool,
+    pool_scores,
+    write_clustering,
+)
 from search.launch import load_search_config, main
 from search.space import define_space
 from trainables import ScoringContext, build_model, describe_units, get_criterion
