@@ -30,6 +30,7 @@ class Session:
     candidates: list[str] | None = None  # blended search: the criteria whose factors are searched
     full_prune: dict | None = None  # proxy search: the full-fidelity prune settings (front fine-tuning)
     artifacts: list[Path] = field(default_factory=list)  # extra files for the parent MLflow run
+    owns_ray: bool = True  # this search started Ray, so it shuts Ray down at the end
 
 
 def data_args_of(cfg) -> dict:
@@ -100,16 +101,25 @@ def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path,
     return result.representatives, [out / "clustering"]  # a folder: MLflow keeps its name
 
 
-def _init_ray(cfg) -> None:
-    """Attach to a cluster when ``ray_address`` or RAY_ADDRESS says so, else start a private local Ray."""
+def _init_ray(cfg, log=print) -> bool:
+    """Attach to a cluster when ``ray_address`` or RAY_ADDRESS says so, else start a private local
+    Ray; return whether this call started Ray (only then may the search shut it down).
+
+    A Ray session already running in this process (a notebook, a test session) is used as it
+    is: shutting Ray down and starting it again in one process can crash it (ray#31145).
+    """
     import ray
 
+    if ray.is_initialized():
+        log("Ray:           using the Ray session already running in this process")
+        return False
     address = cfg.get("ray_address") or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
         # "local": never attach to somebody else's Ray on this machine.
         ray.init(address="local", num_cpus=cfg.get("num_cpus"), include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def start_search(cfg, out: Path, log=print) -> Session:
@@ -150,11 +160,11 @@ def start_search(cfg, out: Path, log=print) -> Session:
     state_path.write_text(json.dumps({"tracking_uri": tracking_uri, "parent_run_id": parent,
                                       "experiment_path": experiment_path, "base_model": str(base_path),
                                       "candidates": candidates}, indent=1))
-    _init_ray(cfg)
+    owns_ray = _init_ray(cfg, log=log)
     callback = MLflowTuneCallback(tracking_uri, cfg.mlflow.experiment, parent)
     return Session(
         ctx=ctx, n_units=len(units), splits=splits, storage=storage, callback=callback,
         tracker=tracker, parent_run_id=parent, restore_path=restore if restore and Path(restore).exists() else None,
         base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base),
-        candidates=candidates, full_prune=prune_full, artifacts=artifacts,
+        candidates=candidates, full_prune=prune_full, artifacts=artifacts, owns_ray=owns_ray,
     )

@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             finetune = _finetune_tuner(cfg, session)
         finish_search(cfg, out, session, results, finetune=finetune)
     finally:
-        ray.shutdown()
+        if session.owns_ray:
+            ray.shutdown()
     print(out)
     return 0
 

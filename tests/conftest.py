@@ -43,3 +43,23 @@ def make_learnable_fmnist(folder: Path, n_train: int = 600, n_test: int = 200, s
 def tiny_fmnist(tmp_path_factory) -> Path:
     """A folder with a tiny, learnable Fashion-MNIST in IDX .gz files (600 train, 200 test)."""
     return make_learnable_fmnist(tmp_path_factory.mktemp("tiny_fmnist"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process test that needs it, shut down once at the end.
+
+    Starting Ray again after ``ray.shutdown()`` in one process can leave background threads
+    pointing at freed core-worker state (ray#31145), which crashed this suite at exit (SIGSEGV
+    after the summary). ``search.launch.main`` uses a running session instead of starting one.
+    """
+    import ray
+
+    if ray.is_initialized():  # started by something outside this fixture: not ours to end
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -220,7 +220,7 @@ def test_bad_blended_search_input_is_one_line_before_any_trial(args, match, caps
     assert match in err and err.count("\n") == 1
 
 
-def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys):
+def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_session):
     """Clustering, proxy trials with evolved factors, the best one fine-tuned and tested, MLflow."""
     import json
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import ray
 
 from search.launch import load_search_config, main
 from search.pareto import read_trials
@@ -60,10 +61,13 @@ def test_resume_of_a_folder_without_state_is_refused(tmp_path):
         load_search_config([f"resume={tmp_path}"])
 
 
-def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_path, capsys):
+def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_path, capsys, ray_session):
     assert main(_args(tiny_fmnist, tmp_path, "s4", 4, "search.scheduler=asha", "search.asha.grace_period=3")) == 0
     out = tmp_path / "out" / "s4"
-    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == str(out)
+    assert "using the Ray session already running" in printed
+    assert ray.is_initialized()  # a search ends only the Ray it started
     rows = read_trials(out / "trials.parquet")
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     n_units = len(describe_units(build_model("small_cnn")))
@@ -119,9 +123,8 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     assert "deleted 1 MLflow run" in resumed.stdout + resumed.stderr
 
 
-def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path):
+def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path, ray_session):
     """The same per-worker function, run in the trial process or by a 1-worker TorchTrainer."""
-    import ray
     from ray import tune
 
     from data import get_data
@@ -141,19 +144,15 @@ def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path
     assert splits.num_classes == 10
     trial = {"criterion": "taylor", "schedule": "uniform", "ratio": 0.4, "p": 0.1, "q": 0.2, "lr": 0.01}
     finals = {}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for path in ("fast", "torch_trainer"):
-            ctx = TrialContext(**base, path=path, storage_path=str(tmp_path / path))
-            resources = {"cpu": 1} if path == "fast" else {"cpu": 0.01}
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources), param_space=trial,
-                run_config=tune.RunConfig(name=path, storage_path=str(tmp_path / "tune"), verbose=0),
-            )
-            [result] = list(tuner.fit())
-            assert result.error is None, result.error
-            finals[path] = {k: result.metrics[k] for k in ("val_acc", "flops", "params", "step")}
-            assert result.metrics["trial_done"]
-    finally:
-        ray.shutdown()
+    for path in ("fast", "torch_trainer"):
+        ctx = TrialContext(**base, path=path, storage_path=str(tmp_path / path))
+        resources = {"cpu": 1} if path == "fast" else {"cpu": 0.01}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), resources), param_space=trial,
+            run_config=tune.RunConfig(name=path, storage_path=str(tmp_path / "tune"), verbose=0),
+        )
+        [result] = list(tuner.fit())
+        assert result.error is None, result.error
+        finals[path] = {k: result.metrics[k] for k in ("val_acc", "flops", "params", "step")}
+        assert result.metrics["trial_done"]
     assert finals["fast"] == finals["torch_trainer"]

@@ -34,16 +34,6 @@ def tracker(store, request) -> SearchTracker:
     return t
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def children(client: MlflowClient, t: SearchTracker) -> dict[str, mlflow.entities.Run]:
     runs = client.search_runs([t.experiment_id], f"tags.`{PARENT}` = '{t.parent_run_id}'")
     return {r.data.tags["trial_id"]: r for r in runs}
@@ -213,7 +203,7 @@ def test_callback_pickles_without_its_client(tracker):
         assert copy.tracker.experiment_id == tracker.experiment_id
 
 
-def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, local_ray):
+def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, ray_session):
     """ASHA stops the weak trial at its first rung; one trial raises; one finishes."""
     out = str(tmp_path)
 
@@ -273,7 +263,7 @@ class _StopAllAfterFirstTrial(tune.Stopper):
         return self.seen_last_step
 
 
-def test_experiment_level_stop_ends_the_runs(tracker, tmp_path, local_ray):
+def test_experiment_level_stop_ends_the_runs(tracker, tmp_path, ray_session):
     """stop_all() bypasses on_trial_complete; on_experiment_end still ends the run (KILLED)."""
 
     def trainable(config):
