@@ -143,7 +143,7 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
     searcher = OptunaSearch(
         space=define_space(OmegaConf.to_container(cfg.search, resolve=True), n_units, list_criteria(), candidates),
         metric="val_acc" if single else ["val_acc", "flops"], mode="max" if single else ["max", "min"],
-        sampler=_sampler(cfg), seed=cfg.search.seed,
+        sampler=_sampler(cfg),  # seeded itself: OptunaSearch ignores its own seed for a built sampler
     )
     scheduler = None
     if cfg.search.scheduler == "asha":
