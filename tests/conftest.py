@@ -50,8 +50,9 @@ def ray_session():
     """One local Ray for every in-process test that needs it, shut down once at the end.
 
     Starting Ray again after ``ray.shutdown()`` in one process can leave background threads
-    pointing at freed core-worker state (ray#31145), which crashed this suite at exit (SIGSEGV
-    after the summary). ``search.launch.main`` uses a running session instead of starting one.
+    pointing at freed core-worker state (ray#31145): the likely cause of the SIGSEGV at exit
+    (after the summary) that CI once saw; it never reproduced here, so that is inferred, not
+    proven. ``search.launch.main`` uses a running session instead of starting one.
     """
     import ray
 
