@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.latency import write_section  # noqa: E402
+from trainables.base_model import prepare  # noqa: E402
+from trainables.compose import configs_of, data_args, load_run_config  # noqa: E402
 from trainables.protocol import run_protocol  # noqa: E402
 from trainables.ray_trainable import TrialContext, trial_configs, trial_fn  # noqa: E402
-from trainables.run import _data_args, configs_of, load_run_config, prepare  # noqa: E402
 
 TRIAL = {"criterion": "l1", "schedule": "uniform", "ratio": 0.5, "p": 0.01, "q": 0.05, "lr": 0.01}
 
@@ -47,7 +48,7 @@ def main() -> None:
     prune, finetune, measure, _ = configs_of(cfg)
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs={}, num_classes=splits.num_classes, base_state=base.state_dict(),
-        data_args=_data_args(cfg), prune=asdict(prune), finetune=asdict(finetune), measure=asdict(measure),
+        data_args=data_args(cfg), prune=asdict(prune), finetune=asdict(finetune), measure=asdict(measure),
         seed=0, threads=1,
     )
     torch.set_num_threads(1)

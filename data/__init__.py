@@ -6,8 +6,9 @@ class-folder datasets (ImageNet layout).
 """
 
 from . import _cifar, _fashion_mnist, _folder  # noqa: F401  (register the datasets)
-from ._api import DataSplits, get_data, list_datasets
-from ._datasets import InMemoryDataset, iterate_batches
+from ._api import DataSplits, get_data, known_class_names, list_datasets
+from ._datasets import InMemoryDataset, iterate_batches, take
+from ._registry import Registry
 from ._spec import DatasetNotFoundError
 from ._subsets import list_class_subsets, load_class_subset
 
@@ -15,9 +16,12 @@ __all__ = [
     "DataSplits",
     "DatasetNotFoundError",
     "InMemoryDataset",
+    "Registry",
     "get_data",
     "iterate_batches",
+    "known_class_names",
     "list_class_subsets",
     "list_datasets",
     "load_class_subset",
+    "take",
 ]

@@ -29,7 +29,7 @@ class DataSplits:
     ``InMemoryDataset``s whose ``.images`` (N, C, H, W) ``iterate_batches`` slices directly.
     """
 
-    train: Dataset  # the fine-tuning set (after `fraction`), disjoint from val
+    train: Dataset  # the fine-tuning set (after `fraction`), disjoint from val, with training augmentation
     val: Dataset  # fixed validation split carved from the training set (seeded)
     test: Dataset  # the official test split; only read for final figures
     num_classes: int  # width of the model head
@@ -37,11 +37,27 @@ class DataSplits:
     input_shape: tuple[int, int, int]  # (C, H, W) of one image
     # With `remap_labels=False` and a class subset: the label ids to score on; else None.
     eval_classes: list[int] | None
+    # The samples of `train`, in the same order, under the evaluation transform: what scoring
+    # and BN re-estimation read (augmented crops would score filters on images nobody deploys).
+    # For in-memory data sets (no augmentation) it is the same object as `train`.
+    train_eval: Dataset | None = None
+    num_workers: int = 0  # DataLoader worker processes for file-backed splits (JPEG decoding)
+
+    def __post_init__(self) -> None:
+        if self.train_eval is None:
+            object.__setattr__(self, "train_eval", self.train)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by ``get_data`` (``data.name`` in the config)."""
     return DATASETS.names()
+
+
+def known_class_names(name: str) -> list[str] | None:
+    """Class names of dataset ``name`` (ids 0..K-1) known without reading a file, else None
+    (class-folder datasets learn theirs from the folder); for checks before any work."""
+    known = DATASETS.get(name).known_class_names
+    return list(known) if known is not None else None
 
 
 def get_data(
@@ -54,6 +70,7 @@ def get_data(
     classes: Sequence[str | int] | None = None,
     remap_labels: bool = True,
     fraction: float = 1.0,
+    num_workers: int = 0,
 ) -> DataSplits:
     """Load dataset ``name`` and split it into train / val / test.
 
@@ -65,13 +82,17 @@ def get_data(
     0..k-1 in the order given, otherwise labels and head width stay as they are and
     ``eval_classes`` lists the ids to score on. Raises ``ValueError`` for a bad argument
     and ``DatasetNotFoundError`` (a ``ValueError``) when the files are missing.
+    ``num_workers`` is handed to every loader of a file-backed split (``iterate_batches``
+    callers pass ``splits.num_workers``); in-memory splits are sliced and ignore it.
     """
     if not isinstance(name, str):
         raise ValueError(
-            f"data.name={name!r} must be a string; valid: {', '.join(list_datasets())}"
+            f"data.name must be a string naming one of {', '.join(list_datasets())}, but got {name!r}"
         )
     spec = DATASETS.get(name)
     requested = _check_args(name, root, download, val_size, seed, classes, remap_labels, fraction)
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be an integer >= 0, but got {num_workers!r}")
     if download and not spec.can_download:
         raise ValueError(
             f"data.download=true is not supported for {name}; set data.root to a local copy"
@@ -94,8 +115,11 @@ def get_data(
         label_map = torch.full((len(all_names),), -1, dtype=torch.int64)
         label_map[torch.tensor(ids)] = torch.arange(len(ids))
     remapped = label_map is not None
+    train = take(parts.train, train_idx, label_map)
     return DataSplits(
-        train=take(parts.train, train_idx, label_map),
+        train=train,
+        train_eval=train if parts.train_eval is parts.train else take(parts.train_eval, train_idx, label_map),
+        num_workers=int(num_workers),
         val=take(parts.train_eval, val_idx, label_map),
         test=take(parts.test, None, label_map),
         num_classes=len(ids) if remapped else len(all_names),
@@ -121,38 +145,38 @@ def _check_args(
 ) -> list[str | int] | None:
     """Check every argument before anything is read; return ``classes`` as a list."""
     if root is not None and not isinstance(root, (str, os.PathLike)):
-        raise ValueError(f"data.root={root!r} must be a folder path or null")
+        raise ValueError(f"data.root must be a folder path or null, but got {root!r}")
     for key, flag in (("download", download), ("remap_labels", remap_labels)):
         if not isinstance(flag, bool):
-            raise ValueError(f"data.{key}={flag!r} must be true or false")
+            raise ValueError(f"data.{key} must be true or false, but got {flag!r}")
     if download and root is None:
         raise ValueError("data.download=true needs data.root=<folder to download into>")
     if _is_int(val_size):
         if val_size < 0:
             raise ValueError(
-                f"data.val_size={val_size} must be an image count >= 0 or a share in (0, 1)"
+                f"data.val_size must be an image count >= 0 or a share in (0, 1), but got {val_size}"
             )
     elif not (isinstance(val_size, Real) and not isinstance(val_size, bool) and 0 < val_size < 1):
         raise ValueError(
-            f"data.val_size={val_size!r} must be an image count >= 0 or a share in (0, 1)"
+            f"data.val_size must be an image count >= 0 or a share in (0, 1), but got {val_size!r}"
         )
     if not _is_int(seed) or seed < 0:
-        raise ValueError(f"data.seed={seed!r} must be an integer >= 0")
+        raise ValueError(f"data.seed must be an integer >= 0, but got {seed!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, Real):
-        raise ValueError(f"data.fraction={fraction!r} must be a number in (0, 1]")
+        raise ValueError(f"data.fraction must be a number in (0, 1], but got {fraction!r}")
     if not 0 < fraction <= 1:  # also false for NaN
-        raise ValueError(f"data.fraction={fraction} is outside (0, 1]")
+        raise ValueError(f"data.fraction must be a number in (0, 1], but got {fraction}")
     if classes is None:
         return None
     if isinstance(classes, (str, bytes)) or not hasattr(classes, "__iter__"):
         raise ValueError(
-            f"data.classes={classes!r} must be a list of class names or ids for {name} "
-            "(a named subset: data.load_class_subset(<file in conf/classes>))"
+            f"data.classes must be a list of class names or ids for {name} "
+            f"(a named subset: data.load_class_subset(<file in conf/classes>)), but got {classes!r}"
         )
     listed = list(classes)
     if not listed:
         raise ValueError(
-            f"data.classes=[] is empty; list at least one class of {name}, or null for all"
+            f"data.classes must list at least one class of {name} (or be null for all), but got []"
         )
     return listed
 

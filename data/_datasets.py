@@ -93,7 +93,7 @@ def iterate_batches(
     ``seed + epoch`` for a different order each epoch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        raise ValueError(f"batch_size must be a positive integer, but got {batch_size!r}")
     if isinstance(ds, TensorDataset):
         yield from _tensor_batches(ds, batch_size, shuffle, seed, drop_last)
         return

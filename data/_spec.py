@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainables._registry import Registry
+from ._registry import Registry
 
 
 class DatasetNotFoundError(ValueError):

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["Session", "start_search", "data_args_of"]
+__all__ = ["Session", "start_search"]
 
 STATE_FILE = "launch_state.json"
 
@@ -31,12 +31,6 @@ class Session:
     full_prune: dict | None = None  # proxy search: the full-fidelity prune settings (front fine-tuning)
     artifacts: list[Path] = field(default_factory=list)  # extra files for the parent MLflow run
     owns_ray: bool = True  # this search started Ray, so it shuts Ray down at the end
-
-
-def data_args_of(cfg) -> dict:
-    from trainables.run import _data_args
-
-    return _data_args(cfg)
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:
@@ -70,7 +64,7 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
                      adapt_bn_batch_size=proxy["adapt_bn_batch_size"])
     for values in (full, trial):
         probe = {**values, "criterion": "l1"}  # the searched criterion is checked by the space
-        PruneConfig(**probe).validate()
+        PruneConfig(**probe)  # validates on construction
     return trial, full
 
 
@@ -124,10 +118,12 @@ def _init_ray(cfg, log=print) -> bool:
 
 def start_search(cfg, out: Path, log=print) -> Session:
     """Everything before ``Tuner.fit``; on resume, the saved state of the earlier start."""
-    from search.tracking import MLflowTuneCallback, SearchTracker, default_tracking_uri
+    from search.tracking import SearchTracker, default_tracking_uri
+    from search.tune_callback import MLflowTuneCallback
+    from trainables.base_model import prepare
+    from trainables.compose import configs_of, data_args
     from trainables.metrics import count_flops
     from trainables.ray_trainable import TrialContext
-    from trainables.run import configs_of, prepare
     from trainables.surgery import describe_units
 
     state_path = out / STATE_FILE
@@ -148,7 +144,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,
-        base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args_of(cfg),
+        base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args(cfg),
         prune=prune_trial, finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
         threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
         storage_path=str(storage), path=cfg.train.path,

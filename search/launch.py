@@ -23,49 +23,80 @@ from search._session import STATE_FILE as _STATE
 SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
 
 
-def load_search_config(argv: list[str]):
-    """Compose ``conf/launch.yaml`` with overrides; a resumed search reuses its saved config."""
+# Overrides that do not change what a resumed search computes, only where it runs.
+RESUME_SAFE = ("num_cpus", "ray_address")
+
+
+def _resumed_config(folder_arg: str, others: list[str]):
+    """The saved config of the search in ``folder_arg``, with only the overrides in ``RESUME_SAFE``."""
+    import yaml
     from omegaconf import OmegaConf
 
-    from trainables.run import check_config, compose
+    folder = Path(folder_arg).expanduser().resolve()
+    if not (folder / _STATE).exists():
+        raise ValueError(f"resume must be the output folder of an earlier search (holding {_STATE}), "
+                         f"but got {folder_arg}")
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in others]
+    refused = [k for k in keys if k not in RESUME_SAFE]
+    if refused:
+        raise ValueError(f"resume={folder_arg} continues the saved search as it was; these overrides would change "
+                         f"it: {', '.join(refused)} (allowed with resume: {', '.join(RESUME_SAFE)})")
+    cfg = OmegaConf.load(folder / "config.yaml")
+    for arg in others:
+        key, _, value = arg.partition("=")
+        OmegaConf.update(cfg, key.lstrip("+~"), yaml.safe_load(value) if value else None, force_add=True)
+    cfg.resume = str(folder)
+    return cfg
 
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
-    if resume:
-        folder = Path(resume).expanduser().resolve()
-        if not (folder / _STATE).exists():
-            raise ValueError(f"resume={resume}: no {_STATE} in {folder}; give the output folder of an earlier search")
-        cfg = OmegaConf.load(folder / "config.yaml")
-        cfg.resume = str(folder)
-        return cfg
-    cfg = compose("launch", argv)
-    check_config(cfg)
-    from search.space import check_space
-    from trainables.criteria import list_criteria
 
-    check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
+def _check_choices(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from trainables.config import require
+
     for key, value, allowed in (
         ("search.sampler", cfg.search.sampler, SAMPLERS),
         ("search.scheduler", cfg.search.scheduler, ("asha", "none")),
         ("search.fidelity", cfg.search.get("fidelity", "full"), ("full", "proxy")),
         ("train.path", cfg.train.path, ("auto", "fast", "torch_trainer")),
     ):
-        if value not in allowed:
-            raise ValueError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
-    if cfg.search.num_trials < 1 or cfg.search.max_concurrent_trials < 1:
-        raise ValueError(f"search.num_trials={cfg.search.num_trials} and search.max_concurrent_trials="
-                         f"{cfg.search.max_concurrent_trials} must be >= 1")
-    for key, low in (("finetune_front", 0), ("population_size", 2)):
+        require(value in allowed, key, f"one of {', '.join(allowed)}", value)
+    for key, low in (("num_trials", 1), ("max_concurrent_trials", 1), ("max_failures", 0),
+                     ("finetune_front", 0), ("population_size", 2)):
         value = cfg.search.get(key)
-        if value is not None and (not isinstance(value, int) or value < low):
-            raise ValueError(f"search.{key}={value!r} must be an integer >= {low}")
+        if key in ("finetune_front", "population_size") and value is None:
+            continue
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"search.{key}",
+                f"an integer >= {low}", value)
+    for key, low in (("train.num_workers", 1), ("trial_threads", 1)):
+        value = OmegaConf.select(cfg, key)
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
+                f"an integer >= {low}", value)
+    require(isinstance(cfg.train.use_gpu, bool), "train.use_gpu", "true or false", cfg.train.use_gpu)
     if cfg.search.sampler == "cmaes":
         import importlib.util
 
         if importlib.util.find_spec("cmaes") is None:
             raise ValueError("search.sampler='cmaes' needs the cmaes package: pip install cmaes")
-    from search._session import trial_prune
-    from trainables.run import configs_of
 
+
+def load_search_config(argv: list[str]):
+    """Compose ``conf/launch.yaml`` with overrides and check it all, before any work; a resumed
+    search reuses its saved config (see ``RESUME_SAFE`` for the overrides it still accepts)."""
+    from omegaconf import OmegaConf
+
+    from search._session import trial_prune
+    from search.space import check_space
+    from trainables.compose import check_config, compose, configs_of
+    from trainables.criteria import list_criteria
+
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resume:
+        return _resumed_config(resume, [a for a in argv if not a.startswith("resume=")])
+    cfg = compose("launch", argv)
+    check_config(cfg)
+    check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
+    _check_choices(cfg)
     trial_prune(cfg, configs_of(cfg)[0])  # prune_overrides and the proxy settings are valid
     return cfg
 
@@ -96,10 +127,12 @@ def _sampler(cfg):
 def _trainable(fn, ctx):
     from ray import tune
 
+    from trainables.ray_trainable import uses_fast_path
+
     # The trial's Tune-side driver needs almost no CPU on the TorchTrainer path (its workers
     # hold the resources); a whole CPU per driver deadlocked two trials on 2 CPUs.
-    fast = ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
-    return tune.with_resources(tune.with_parameters(fn, ctx=ctx), {"cpu": 1} if fast else {"cpu": 0.01})
+    resources = {"cpu": 1} if uses_fast_path(ctx) else {"cpu": 0.01}
+    return tune.with_resources(tune.with_parameters(fn, ctx=ctx), resources)
 
 
 def _finetune_tuner(cfg, session):
@@ -169,7 +202,7 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
 def main(argv: list[str] | None = None) -> int:
     from search._session import start_search
     from search.results import finish_search
-    from trainables.run import cli_config
+    from trainables.cli import cli_config
 
     cfg, code = cli_config(__doc__, argv, load_search_config)
     if cfg is None:

@@ -171,11 +171,16 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
 
 def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
     values = [row.get(field.name) for row in rows]
-    if field.type == pa.list_(pa.float64()):
-        values = [None if v is None else [float(x) for x in v] for v in values]
     try:
+        if field.type == pa.list_(pa.float64()):
+            values = [None if v is None else [float(x) for x in v] for v in values]
+        if pa.types.is_integer(field.type):
+            # pyarrow truncates 0.5 to 0 in an int64 column; a count with a fraction is a bug upstream.
+            fractional = [v for v in values if isinstance(v, float) and not float(v).is_integer()]
+            if fractional:
+                raise ValueError(f"{fractional[0]!r} is not a whole number")
         return pa.array(values, type=field.type)
-    except (pa.ArrowException, TypeError, ValueError) as exc:
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"trials column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
 
 

@@ -45,14 +45,16 @@ def trial_ids(results) -> list[str]:
     """The Tune trial id of every result of a ResultGrid, in order.
 
     A Result carries its trial id only in its metrics, which a trial that failed before its
-    first report does not have, and its folder name is not the id. The ResultGrid (ray 2.60)
-    builds its results from the Trial objects it keeps in ``_experiment_analysis.trials``, in
-    that order; those are read here, in one place, for want of a public accessor.
+    first report does not have. Both a Result and its Trial know the trial's folder, so the
+    public ``ExperimentAnalysis`` of the same experiment pairs each result with its trial id.
     """
-    trials = results._experiment_analysis.trials
-    if len(trials) != len(results):
-        raise RuntimeError(f"ResultGrid has {len(results)} results but {len(trials)} trials; cannot pair them")
-    return [t.trial_id for t in trials]
+    from ray.tune import ExperimentAnalysis
+
+    by_path = {t.path: t.trial_id for t in ExperimentAnalysis(results.experiment_path).trials}
+    missing = [r.path for r in results if r.path not in by_path]
+    if missing:
+        raise RuntimeError(f"no trial of {results.experiment_path} has the folder {missing[0]}; cannot pair them")
+    return [by_path[r.path] for r in results]
 
 
 def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
@@ -99,7 +101,8 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
             record_file = Path(d) / "record.json"
             if record_file.exists():
                 session.tracker.log_artifact(row["trial_id"], record_file)
-        test = evaluate(model, iterate_batches(splits.test, 1000, shuffle=False), classes=splits.eval_classes)
+        batches = iterate_batches(splits.test, 1000, shuffle=False, num_workers=splits.num_workers)
+        test = evaluate(model, batches, classes=splits.eval_classes)
         row["test_acc"] = test["top1"]
         example = torch.zeros(2, *splits.input_shape)
         session.tracker.log_pruned_model(row["trial_id"], model, example, {**record, "final_test_acc": test["top1"]})

@@ -32,9 +32,10 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
     unknown = [c for c in space["criteria"] or [] if c not in criteria]
     if unknown:
         raise ValueError(f"search.criteria: unknown criterion '{unknown[0]}'; valid: {', '.join(criteria)}")
-    bad = [s for s in space["schedules"] if s not in _SCHEDULES]
+    bad = [s for s in space["schedules"] or [] if s not in _SCHEDULES]
     if not space["schedules"] or bad:
-        raise ValueError(f"search.schedules={list(space['schedules'])} must be a non-empty subset of {', '.join(_SCHEDULES)}")
+        raise ValueError(f"search.schedules must be a non-empty subset of {', '.join(_SCHEDULES)}, "
+                         f"but got {list(space['schedules'] or [])}")
     if "blended" in (space["criteria"] or []) and not space.get("blend"):
         raise ValueError("search.criteria includes 'blended' but search.blend is missing; use search=blended")
     if not _searched(space, "ratio") and [s for s in space["schedules"] if s != "uniform"]:
@@ -48,18 +49,21 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
             check_pool(blend["candidates"], criteria, n_clusters=1, key="search.blend.candidates")
         lo, hi, _ = _bounds(blend, "factor")
         if not 0 <= lo <= hi or hi <= 0:
-            raise ValueError(f"search.blend.factor: low={lo}, high={hi} must satisfy 0 <= low <= high, high > 0 (factors are weights >= 0)")
+            raise ValueError(f"search.blend.factor must have 0 <= low <= high and high > 0 (factors are weights), "
+                             f"but got low={lo}, high={hi}")
         from trainables.criteria.blended import NORMALIZERS
 
-        if blend.get("normalize", "rank") not in NORMALIZERS:
-            raise ValueError(f"search.blend.normalize='{blend.get('normalize')}' is not one of: {', '.join(NORMALIZERS)}")
+        normalize = blend.get("normalize", "rank")
+        if normalize not in NORMALIZERS:
+            raise ValueError(f"search.blend.normalize must be one of {', '.join(NORMALIZERS)}, but got {normalize!r}")
     for key, lo_ok, hi_ok in (("ratio", 0.0, 1.0), ("p", 0.0, None), ("q", 0.0, None), ("lr", 0.0, None)):
         if not _searched(space, key):
             continue
         low, high, log = _bounds(space, key)
         if not (lo_ok <= low <= high) or (hi_ok is not None and high >= hi_ok) or (log and low <= 0):
-            allowed = f"[{lo_ok}, {hi_ok})" if hi_ok is not None else f">= {lo_ok}"
-            raise ValueError(f"search.{key}: low={low}, high={high} must satisfy low <= high, both {allowed}{', low > 0 for log' if log else ''}")
+            rule = f"{lo_ok:g} <= low <= high" + (f" < {hi_ok:g}" if hi_ok is not None else "")
+            raise ValueError(f"search.{key} must have {rule}{' and low > 0 (log scale)' if log else ''}, "
+                             f"but got low={low}, high={high}")
 
 
 class SearchSpace:

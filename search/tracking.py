@@ -1,6 +1,10 @@
 """MLflow tracking of a search: one parent run per search, one child run per trial.
 
-Every MLflow write happens in the driver process, through :class:`MLflowTuneCallback`, for three
+This module is MLflow only; it never imports ray, so a pure-MLflow command (``python -m
+search.blend``) does not load the cluster. The Ray Tune side is
+:class:`search.tune_callback.MLflowTuneCallback`, which drives a :class:`SearchTracker`.
+
+Every trial's MLflow write happens in the driver process, through that callback, for three
 reasons: Ray workers never open the SQLite store (SQLite handles concurrent writers poorly and a
 worker may not even share the driver's disk); trials that the scheduler stops early are still
 finalised (their own code never learns that it was stopped); and a resumed search finds its runs
@@ -11,7 +15,8 @@ Layout of one search in MLflow:
       summary metrics and the search's files (``trials.parquet``, ``pareto.png``) at the end.
     * child run per trial (tag ``mlflow.parentRunId``): the sampled hyperparameters as params,
       tags ``trial_id``, ``criterion``, ``stopped_early``, ``pareto``; metrics stepped by the
-      protocol's fine-tuning step; artifacts ``record.json`` and, for chosen trials, ``model/``.
+      protocol's fine-tuning step; for trials on the front, artifacts ``record.json`` and
+      ``model/``.
 
 A pruned model is stored so that a user loads it with one call and no project code::
 
@@ -26,10 +31,9 @@ import logging
 import math
 import numbers
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +48,10 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
-from ray.tune import Callback
-from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT
 
 __all__ = [
     "END_STATUSES",
     "FINAL_METRICS",
-    "MLflowTuneCallback",
     "SearchTracker",
     "default_tracking_uri",
 ]
@@ -60,16 +61,10 @@ logger = logging.getLogger(__name__)
 END_STATUSES = ("FINISHED", "KILLED", "FAILED")
 """How a trial or a search ends: it completed, it was stopped (early or interrupted), it raised."""
 
-FINAL_METRICS = ("val_acc", "flops", "params", "latency_ms", "wall_s", "test_acc")
+FINAL_METRICS = ("val_acc", "flops", "params", "latency_ms", "wall_s")
 """Metrics of a finished trial logged by :meth:`SearchTracker.end_trial` (FLOPs = 2 x MACs)."""
 
-# Keys Ray Tune adds to every result: bookkeeping, not measurements of the trial.
-_TUNE_KEYS = frozenset(AUTO_RESULT_KEYS) | frozenset(DEBUG_METRICS) | {
-    DONE,
-    SHOULD_CHECKPOINT,
-    EXPERIMENT_TAG,
-    "step",  # the x-axis of every metric, not a metric itself
-}
+_STEP = "step"  # the x-axis of every metric, not a metric itself
 _TRIAL_TAG = "trial_id"
 _PARENT_TAG = "mlflow.parentRunId"
 
@@ -90,24 +85,17 @@ def default_tracking_uri(output_root: str | Path) -> str:
 class SearchTracker:
     """A thin wrapper around :class:`mlflow.MlflowClient` for one search of one experiment.
 
-    ``artifact_root`` is where runs of a newly created experiment keep their files; by default
-    the folder ``mlartifacts`` next to an SQLite store (MLflow's own default, ``./mlruns``, is
-    relative to whatever directory the process happens to run in). ``parent_run_id`` attaches to
-    an existing search run without changing it (what the Tune callback does); ``start_search``
-    creates or re-opens one instead.
+    Runs of a newly created experiment on an SQLite store keep their files in the folder
+    ``mlartifacts`` next to the database (MLflow's own default, ``./mlruns``, is relative to
+    whatever directory the process happens to run in); a tracking server decides for itself.
+    ``parent_run_id`` attaches to an existing search run without changing it (what the Tune
+    callback does); ``start_search`` creates or re-opens one instead.
     """
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        artifact_root: str | None = None,
-        *,
-        parent_run_id: str | None = None,
-    ) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, *, parent_run_id: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.experiment_id = self._get_or_create_experiment(experiment, artifact_root)
+        self.experiment_id = self._get_or_create_experiment(experiment)
         self.parent_run_id = parent_run_id
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._fresh: set[str] = set()  # runs created here: no metric history to read back
@@ -135,7 +123,7 @@ class SearchTracker:
             return run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={"role": "search"})
         self.parent_run_id = run.info.run_id
-        self._log_params(self.parent_run_id, _flatten_params(config, expand_lists=False))
+        self._log_params(self.parent_run_id, _flatten_params(config))
         self.client.log_dict(self.parent_run_id, _plain(config), "config.yaml")
         return self.parent_run_id
 
@@ -219,9 +207,9 @@ class SearchTracker:
     ) -> str:
         """The id of the child run of ``trial_id``, created on first use and never duplicated.
 
-        A new run gets ``params`` as params: nested keys dotted, a list both as one JSON string
-        and as one param per element ``<key>.<i>`` (per-layer ratios become ``ratios.0``, ...),
-        and the tags ``trial_id``, ``criterion`` (from ``params["criterion"]``) and ``tags``. An
+        A new run gets ``params`` (a Tune trial config: flat, per-layer ratios as ``ratio_<i>``;
+        a front fine-tuning trial nests one under ``front_config``) as params, nested keys dotted,
+        and the tags ``trial_id``, ``criterion`` (from the searched config) and ``tags``. An
         existing run keeps its params and is set RUNNING again if it had been ended (a trial that
         a resumed search runs again).
         """
@@ -233,32 +221,33 @@ class SearchTracker:
             self._running.add(run_id)
             return run_id
         all_tags = {_PARENT_TAG: self._require_parent(), _TRIAL_TAG: trial_id, "role": "trial"}
-        if "criterion" in params:
-            all_tags["criterion"] = str(params["criterion"])
+        searched = params.get("front_config", params)  # a front fine-tuning trial re-runs a searched config
+        if "criterion" in searched:
+            all_tags["criterion"] = str(searched["criterion"])
         all_tags.update({_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()})
         run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial_id}", tags=all_tags)
         run_id = run.info.run_id
         self._runs[trial_id] = run_id
         self._fresh.add(run_id)
         self._running.add(run_id)
-        self._log_params(run_id, _flatten_params(params, expand_lists=True))
+        self._log_params(run_id, _flatten_params(params))
         return run_id
 
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """Log the numeric values of one trial result at ``step = int(result["step"])``.
 
-        Ray Tune's bookkeeping keys (``training_iteration``, ``time_total_s``, ...) and booleans
-        are left out; nested dicts are flattened with ``/`` as Tune does. A value whose step is
-        not after the last step logged for its key is skipped, so a trial that runs again after
-        a resume or a retry never logs a step twice (the last steps are read back from MLflow
-        once per key when this tracker did not create the run).
+        ``result`` holds the trial's own measurements (the Tune callback drops Tune's
+        bookkeeping keys first); strings and booleans (``phase``, ``unit``, ``trial_done``) are
+        left out. A value whose step is not after the last step logged for its key is skipped, so
+        a trial that runs again after a resume or a retry never logs a step twice (the last steps
+        are read back from MLflow once per key when this tracker did not create the run).
         """
-        if "step" not in result:
+        if _STEP not in result:
             raise ValueError(
                 f"result of trial {trial_id} has no 'step' (keys: {sorted(result)}); stepped metrics "
                 "need the protocol's fine-tuning step; log final values with end_trial"
             )
-        step = int(result["step"])
+        step = int(result[_STEP])
         run_id = self._require_run(trial_id)
         now = _now_ms()
         metrics = []
@@ -268,28 +257,20 @@ class SearchTracker:
                 metrics.append(Metric(key, value, now, step))
         self._log_metrics(run_id, metrics)
 
-    def end_trial(
-        self,
-        trial_id: str,
-        status: str,
-        final: Mapping[str, Any] | None = None,
-        record_path: str | Path | None = None,
-    ) -> None:
+    def end_trial(self, trial_id: str, status: str, final: Mapping[str, Any] | None = None) -> None:
         """End the trial's run with ``status`` (one of :data:`END_STATUSES`).
 
-        ``final`` values of :data:`FINAL_METRICS` become the run's latest values: MLflow shows
-        the value at the highest step, so a final value that differs from the last point of its
-        curve goes one step after it, and one equal to it is not logged again. ``record_path``
-        (the protocol's JSON record) is stored as ``record.json``. Tag ``stopped_early`` is
-        ``true`` for KILLED. The run is ended even if logging the record fails.
+        ``final`` (the trial's last result) values of :data:`FINAL_METRICS` become the run's
+        latest values: MLflow shows the value at the highest step, so a final value that differs
+        from the last point of its curve (``val_acc`` on the whole validation set after a curve
+        on a subset) goes one step after it, and one equal to it is not logged again. Tag
+        ``stopped_early`` is ``true`` for KILLED. The run is ended even if logging fails.
         """
         _check_status(status)
         run_id = self._require_run(trial_id)
         try:
             if final:
                 self._log_final(run_id, final)
-            if record_path is not None:
-                _log_file_as(self.client, run_id, Path(record_path), "record.json")
         finally:
             self.client.set_tag(run_id, "stopped_early", str(status == "KILLED").lower())
             self.client.set_terminated(run_id, status)
@@ -304,13 +285,12 @@ class SearchTracker:
         """Tag the trial's run ``pareto=true|false`` (on the search's accuracy-vs-FLOPs front)."""
         self.client.set_tag(self._require_run(trial_id), "pareto", str(bool(pareto)).lower())
 
-    def log_artifact(self, trial_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Store one file or folder of the trial (e.g. Tune's error file) in its run."""
-        run_id = self._require_run(trial_id)
-        if Path(path).is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    def log_artifact(self, trial_id: str, path: str | Path) -> None:
+        """Store one file of the trial (Tune's ``error.txt``, the protocol's ``record.json``) at
+        the top of its run's artifacts."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"cannot log {path} for trial {trial_id}: not a file")
+        self.client.log_artifact(self._require_run(trial_id), str(path))
 
     def log_pruned_model(
         self,
@@ -344,10 +324,10 @@ class SearchTracker:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _get_or_create_experiment(self, name: str, artifact_root: str | None) -> str:
+    def _get_or_create_experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = _artifact_location(self.tracking_uri, artifact_root)
+            location = _artifact_location(self.tracking_uri)
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except MlflowException:
@@ -444,144 +424,10 @@ class SearchTracker:
             self.client.log_batch(run_id, params=chunk)
 
 
-class MLflowTuneCallback(Callback):
-    """Ray Tune callback that logs every trial to MLflow from the driver through a SearchTracker.
-
-    Hooks (verified in the source of ray 2.60, ``tune/execution/tune_controller.py``):
-        * ``on_trial_start``: the run is created (or found again) with ``trial.config`` as params.
-        * ``on_trial_result``: stepped metrics; called for every reported result, including the
-          one on which a scheduler (ASHA) or a stopper decides STOP (it carries ``done=True``).
-        * ``on_trial_complete``: fires both for a trial that returned and for one that a
-          scheduler or stopper stopped (``TuneController.stop_trial``). They differ only in the
-          last result: ``trial_done`` True means the protocol finished (FINISHED, with final
-          metrics and ``record_path``); otherwise the trial was stopped early (KILLED, tag
-          ``stopped_early=true``).
-        * ``on_trial_error``: FAILED, with Tune's error file as ``error.txt``.
-        * ``on_experiment_end``: a stop of the whole experiment (a stopper's ``stop_all()``,
-          ``TuneConfig(time_budget_s=...)``) terminates trials through
-          ``TuneController._stop_experiment_if_needed`` without ``on_trial_complete``; their
-          runs are ended here the same way.
-
-    The callback is pickled into the experiment's ``tuner.pkl`` when the Tuner is built and
-    unpickled by ``Tuner.restore``; the MLflow client is therefore created lazily and dropped
-    from the pickled state. A tracking failure is logged as a warning and the search goes on,
-    unless ``strict`` is True (tests), in which case it propagates and stops the search.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        parent_run_id: str,
-        artifact_root: str | None = None,
-        *,
-        strict: bool = False,
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.parent_run_id = parent_run_id
-        self.artifact_root = artifact_root
-        self.strict = strict
-        self._tracker: SearchTracker | None = None
-        self._done: set[str] = set()  # trials that reported trial_done in this process
-        self._open_trials: set[str] = set()  # trials whose run this callback opened, not yet ended
-
-    @property
-    def tracker(self) -> SearchTracker:
-        if self._tracker is None:
-            self._tracker = SearchTracker(
-                self.tracking_uri, self.experiment, self.artifact_root, parent_run_id=self.parent_run_id
-            )
-        return self._tracker
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_tracker"] = None  # an MLflow client holds a database engine: not picklable
-        return state
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._guard("on_trial_start", trial, lambda: self._open(trial))
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
-        def log() -> None:
-            self._open(trial)
-            if result.get("trial_done"):
-                self._done.add(trial.trial_id)
-            if "step" in result:
-                self.tracker.log_result(trial.trial_id, result)
-
-        self._guard("on_trial_result", trial, log)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        def end() -> None:
-            self._open(trial)  # a trial stopped while PENDING never started
-            self._end(trial)
-
-        self._guard("on_trial_complete", trial, end)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        def fail() -> None:
-            self._open(trial)
-            error_file = getattr(trial, "error_file", None)  # Tune writes <trial dir>/error.txt
-            try:
-                if error_file and Path(error_file).is_file():
-                    self.tracker.log_artifact(trial.trial_id, error_file)
-            finally:
-                self.tracker.end_trial(trial.trial_id, "FAILED")
-                self._open_trials.discard(trial.trial_id)
-
-        self._guard("on_trial_error", trial, fail)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        # An experiment-level stop (a stopper's stop_all(), TuneConfig(time_budget_s=...)) ends
-        # trials without on_trial_complete. Trials still live here were interrupted (Ctrl-C, a
-        # lost driver): their runs stay RUNNING for Tuner.restore to continue, and
-        # SearchTracker.finalize_dangling ends them if the search is never resumed.
-        for trial in trials:
-            if trial.trial_id in self._open_trials and trial.status in ("TERMINATED", "ERROR"):
-                self._guard("on_experiment_end", trial, lambda t=trial: self._end(t))
-
-    def _open(self, trial: Any) -> str:
-        tags = {"trial_name": str(trial), "experiment_tag": str(getattr(trial, "experiment_tag", ""))}
-        run_id = self.tracker.trial_run(trial.trial_id, dict(trial.config or {}), tags)
-        self._open_trials.add(trial.trial_id)
-        return run_id
-
-    def _end(self, trial: Any) -> None:
-        """FINISHED if the protocol reported ``trial_done``, else KILLED (stopped early)."""
-        last = trial.last_result or {}
-        if trial.status == "ERROR":
-            self.tracker.end_trial(trial.trial_id, "FAILED")
-        elif last.get("trial_done") or trial.trial_id in self._done:
-            self.tracker.end_trial(
-                trial.trial_id, "FINISHED", final=last, record_path=last.get("record_path")
-            )
-        else:
-            self.tracker.end_trial(trial.trial_id, "KILLED")
-        self._open_trials.discard(trial.trial_id)
-
-    def _guard(self, hook: str, trial: Any, action: Callable[[], None]) -> None:
-        try:
-            action()
-        except Exception:
-            if self.strict:
-                raise
-            logger.warning(
-                "MLflow tracking failed in %s for trial %s (store %s); the search goes on, but "
-                "this trial's run may be incomplete. Fix the cause, then check the run or call "
-                "SearchTracker.finalize_dangling.",
-                hook, getattr(trial, "trial_id", trial), self.tracking_uri, exc_info=True,
-            )
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _artifact_location(tracking_uri: str, artifact_root: str | None) -> str | None:
-    if artifact_root is not None:
-        return Path(artifact_root).expanduser().resolve().as_uri()
+def _artifact_location(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
         db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
@@ -635,44 +481,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _flatten_params(params: Mapping[str, Any], expand_lists: bool, prefix: str = "") -> dict[str, str]:
+def _flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested keys dotted (``model.name``); any other value, lists included, as one string."""
     flat: dict[str, str] = {}
     for name, value in params.items():
         key = _key(f"{prefix}{name}")
         if isinstance(value, Mapping):
-            flat.update(_flatten_params(value, expand_lists, prefix=f"{key}."))
-        elif isinstance(value, Sequence) and not isinstance(value, str):
-            flat[key] = _value(value)
-            if expand_lists:
-                flat.update({f"{key}.{i}": _value(v) for i, v in enumerate(value)})
+            flat.update(_flatten_params(value, prefix=f"{key}."))
         else:
             flat[key] = _value(value)
     return flat
 
 
-def _numeric_items(result: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+def _numeric_items(result: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
     for name, value in result.items():
-        if not prefix and name in _TUNE_KEYS:
-            continue
-        if isinstance(value, Mapping):
-            yield from _numeric_items(value, prefix=f"{prefix}{name}/")
-        elif _is_number(value):
-            yield _key(f"{prefix}{name}"), float(value)
+        if name != _STEP and _is_number(value):
+            yield _key(name), float(value)
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
-
-def _log_file_as(client: MlflowClient, run_id: str, path: Path, name: str) -> None:
-    """Store ``path`` in the run's artifact root under the file name ``name``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot log {path} as {name}: no such file")
-    if path.name == name:
-        client.log_artifact(run_id, str(path))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp, name)
-        shutil.copyfile(path, copy)
-        client.log_artifact(run_id, str(copy))

@@ -15,6 +15,7 @@ from search.blend.clustering import (
     cluster_criteria,
     cluster_pool,
     pool_scores,
+    rank_correlations,
     write_clustering,
 )
 from search.launch import load_search_config, main
@@ -138,32 +139,72 @@ def test_pool_scores_are_cached_per_criterion_and_outputs_written(tmp_path):
     other = pool_scores(model, ["apoz"], _batches(seed=1), cache_dir=tmp_path, model_key="m", log=logged.append)
     assert logged[-1].startswith("scoring apoz")  # other batches, other key
     assert not torch.equal(other["apoz"]["features.0"], first["apoz"]["features.0"])
-    result = cluster_pool(again, ["l1", "apoz", "l2"], n_clusters=2)
+    # What the cache hands back is what the criterion computes.
+    for unit in describe_units(model):
+        assert torch.equal(again["l1"][unit.name], get_criterion("l1")(model, unit, ScoringContext(batches=batches)))
+    pool = ["l1", "apoz", "l2"]
+    result = cluster_pool(again, pool, n_clusters=2)
     files = write_clustering(result, tmp_path / "out")
     assert [f.name for f in files] == ["clustering.json", "correlation.parquet", "correlation.png"]
     assert files[2].read_bytes()[:4] == b"\x89PNG"
+    import json
+
     import pyarrow.parquet as pq
 
+    written = json.loads(files[0].read_text())
+    assert (written["pool"], written["clusters"], written["representatives"]) == (pool, result.clusters, result.representatives)
+    np.testing.assert_allclose(written["correlation"], result.correlation, atol=1e-6)
     table = pq.read_table(files[1]).to_pylist()
-    assert [r["criterion"] for r in table] == ["l1", "apoz", "l2"] and table[0]["l1"] == pytest.approx(1.0)
+    assert [r["criterion"] for r in table] == pool
+    np.testing.assert_allclose([[r[c] for c in pool] for r in table], result.correlation)
+    assert [result.clusters[r["cluster"]] for r in table] == [next(c for c in result.clusters if r["criterion"] in c) for r in table]
+    assert [r["criterion"] for r in table if r["representative"]] == [c for c in pool if c in result.representatives]
 
 
+def test_rank_correlations_by_hand_and_a_constant_criterion_counts_as_no_agreement():
+    up = torch.arange(6.0)
+    scores = {
+        "up": {"u0": up, "u1": up},
+        "down": {"u0": -up, "u1": up ** 3},  # reversed on u0, the same order on u1
+        "flat": {"u0": torch.ones(6), "u1": up},  # no ranking on u0
+    }
+    mean, per_unit = rank_correlations(scores, ["up", "down", "flat"])
+    np.testing.assert_allclose(per_unit["u0"], [[1, -1, 0], [-1, 1, 0], [0, 0, 1]])
+    np.testing.assert_allclose(per_unit["u1"], np.ones((3, 3)))
+    np.testing.assert_allclose(mean, [[1, 0, 0.5], [0, 1, 0.5], [0.5, 0.5, 1]])
+    assert np.isfinite(mean).all() and np.allclose(mean, mean.T)
+
+
+def test_cluster_representative_is_the_member_most_correlated_with_the_rest():
+    # a-b 0.9, a-c 0.5, b-c 0.8: b has the highest mean correlation (0.85) with the others.
+    corr = np.array([[1.0, 0.9, 0.5, -0.5], [0.9, 1.0, 0.8, -0.4], [0.5, 0.8, 1.0, -0.3], [-0.5, -0.4, -0.3, 1.0]])
+    clusters, reps, order = cluster_criteria(corr, ["a", "b", "c", "d"], n_clusters=2)
+    assert clusters == [["a", "b", "c"], ["d"]] and reps == ["b", "d"]
+    assert sorted(order) == ["a", "b", "c", "d"]
+    # Cutting at distance 0.15 (1 - rho) keeps only a-b together (average linkage).
+    clusters, reps, _ = cluster_criteria(corr, ["a", "b", "c", "d"], distance_threshold=0.15)
+    assert clusters == [["a", "b"], ["c"], ["d"]] and reps == ["a", "c", "d"]  # a tie goes to the earlier entry
+
+
+# Each message names the setting, the rule and the offending value (the parts listed).
 @pytest.mark.parametrize(
-    "pool, kwargs, match",
+    "pool, kwargs, parts",
     [
-        (["l1", "l3"], {"n_clusters": 1}, r"unknown criterion 'l3'"),
-        (["l1"], {"n_clusters": 1}, r"needs at least 2 criteria"),
-        (["l1", "l1"], {"n_clusters": 1}, r"lists a criterion twice"),
-        (["l1", "l2"], {"n_clusters": 3}, r"n_clusters=3 must be an integer in \[1, 2\]"),
-        (["l1", "l2"], {}, r"set exactly one of n_clusters and distance_threshold"),
-        (["l1", "l2"], {"distance_threshold": 3.0}, r"distance_threshold=3.0 must be in \[0, 2\]"),
+        (["l1", "l3"], {"n_clusters": 1}, ("search.blend.pool", "unknown criterion 'l3'", "valid: apoz")),
+        (["l1"], {"n_clusters": 1}, ("search.blend.pool", "at least 2 criteria", "['l1']")),
+        (["l1", "l1"], {"n_clusters": 1}, ("search.blend.pool", "['l1', 'l1']")),
+        (["l1", "l2"], {"n_clusters": 3}, ("search.blend.n_clusters", "[1, 2]", "3")),
+        (["l1", "l2"], {}, ("exactly one of n_clusters and distance_threshold",)),
+        (["l1", "l2"], {"distance_threshold": 3.0}, ("search.blend.distance_threshold", "[0, 2]", "3.0")),
     ],
 )
-def test_bad_pools_are_refused(pool, kwargs, match):
+def test_bad_pools_are_refused(pool, kwargs, parts):
     from trainables.criteria import list_criteria
 
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError) as err:
         check_pool(pool, list_criteria(), **kwargs)
+    assert all(part in str(err.value) for part in parts), (parts, str(err.value))
+    assert "\n" not in str(err.value)
 
 
 def test_recalibrate_bn_estimates_the_batch_statistics_without_training():
@@ -200,24 +241,25 @@ def test_blended_space_suggests_one_factor_per_candidate_and_skips_null_keys():
 
 
 @pytest.mark.parametrize(
-    "args, match",
+    "args, parts",
     [
-        (["search.blend.n_clusters=12"], "search.blend.n_clusters=12 must be an integer in [1, 9] (the pool size)"),
-        (["search.blend.candidates=[l1,l3]"], "search.blend.candidates: unknown criterion 'l3'"),
-        (["search.blend.pool=[l1,bogus]"], "search.blend.pool: unknown criterion 'bogus'"),
-        (["search.blend.factor.low=-1"], "search.blend.factor: low=-1.0, high=1.0 must satisfy 0 <= low <= high"),
-        (["search.blend.factor.high=0", "search.blend.factor.low=0"], "high > 0"),
-        (["search.fidelity=cheap"], "search.fidelity='cheap' is not one of: full, proxy"),
-        (["search.finetune_front=-1"], "search.finetune_front=-1 must be an integer >= 0"),
-        (["+search.prune_overrides.bogus=1"], "unknown key search.prune_overrides.bogus"),
-        (["search.prune_overrides.target_flops_reduction=1.5"], "prune.target_flops_reduction=1.5 is outside (0, 1)"),
-        (["search.proxy.adapt_bn_batches=-3"], "search.proxy.adapt_bn_batches=-3 must be an integer >= 0"),
+        (["search.blend.n_clusters=12"], ("search.blend.n_clusters", "[1, 9] (the pool size)", "12")),
+        (["search.blend.candidates=[l1,l3]"], ("search.blend.candidates: unknown criterion 'l3'",)),
+        (["search.blend.pool=[l1,bogus]"], ("search.blend.pool: unknown criterion 'bogus'",)),
+        (["search.blend.factor.low=-1"], ("search.blend.factor", "0 <= low <= high", "low=-1.0, high=1.0")),
+        (["search.blend.factor.high=0", "search.blend.factor.low=0"], ("search.blend.factor", "high > 0")),
+        (["search.fidelity=cheap"], ("search.fidelity", "full, proxy", "'cheap'")),
+        (["search.finetune_front=-1"], ("search.finetune_front", "integer >= 0", "-1")),
+        (["+search.prune_overrides.bogus=1"], ("unknown key search.prune_overrides.bogus",)),
+        (["search.prune_overrides.target_flops_reduction=1.5"], ("prune.target_flops_reduction", "(0, 1)", "1.5")),
+        (["search.proxy.adapt_bn_batches=-3"], ("search.proxy.adapt_bn_batches", "integer >= 0", "-3")),
     ],
 )
-def test_bad_blended_search_input_is_one_line_before_any_trial(args, match, capsys):
+def test_bad_blended_search_input_is_one_line_before_any_trial(args, parts, capsys):
     assert main(["search=blended", *args]) == 2
     err = capsys.readouterr().err
-    assert match in err and err.count("\n") == 1
+    assert all(part in err for part in parts), (parts, err)
+    assert err.count("\n") == 1
 
 
 def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_session):
@@ -268,7 +310,8 @@ def test_blend_cli_clusters_the_base_model_and_refuses_bad_input(tiny_fmnist, tm
     from search.blend.__main__ import main as blend_main
 
     assert blend_main(["search.blend.pool=[l1,apoz]", "search.blend.n_clusters=3"]) == 2
-    assert "search.blend.n_clusters=3 must be an integer in [1, 2]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert all(part in err for part in ("search.blend.n_clusters", "[1, 2]", "3")) and err.count("\n") == 1, err
     args = [f"data.root={tiny_fmnist}", "data.val_size=100", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
             f"output_root={tmp_path / 'out' / 'search'}", "name=c1", "search.blend.pool=[l1,l2,fpgm,apoz]",
             "search.blend.n_clusters=2"]
@@ -277,4 +320,13 @@ def test_blend_cli_clusters_the_base_model_and_refuses_bad_input(tiny_fmnist, tm
     out = tmp_path / "out" / "blend" / "c1"
     assert lines[-1] == str(out) and any(line.startswith("candidates (cluster representatives):") for line in lines)
     assert {p.name for p in (out / "clustering").iterdir()} == {"clustering.json", "correlation.parquet", "correlation.png"}
+    import json
+
+    clustering = json.loads((out / "clustering" / "clustering.json").read_text())
+    # Two clusters that partition the pool, each represented by one of its own members.
+    members = [c for cluster in clustering["clusters"] for c in cluster]
+    assert len(clustering["clusters"]) == 2 and sorted(members) == sorted(["l1", "l2", "fpgm", "apoz"])
+    assert all(rep in cluster for rep, cluster in zip(clustering["representatives"], clustering["clusters"], strict=True))
+    printed = next(line for line in lines if line.startswith("candidates (cluster representatives):"))
+    assert all(rep in printed for rep in clustering["representatives"])
     assert len(list((tmp_path / "cache" / "criteria_scores").rglob("*.pt"))) == 4  # one cache file per criterion

@@ -7,7 +7,8 @@ import sys
 
 CORE_MODULES = [
     "trainables", "trainables.criteria", "trainables.protocol", "trainables.run", "trainables.pretrain",
-    "trainables.metrics", "trainables.surgery", "trainables.schedules", "trainables.models", "data",
+    "trainables.metrics", "trainables.surgery", "trainables.schedules", "trainables.models", "trainables.compose",
+    "trainables.base_model", "trainables.cli", "trainables.config", "data",
 ]
 
 
@@ -22,5 +23,16 @@ def test_core_imports_without_ray_optuna_mlflow():
         "from trainables import prunable_layers, prune_layer, get_criterion, list_criteria, count_flops, measure_latency\n"
         "leaked = [m for m in sys.modules if m.split('.')[0] in ('ray', 'optuna', 'mlflow') and sys.modules[m] is not None]\n"
         "assert not leaked, leaked\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_data_loads_without_the_pruning_core():
+    # data is the bottom layer: importing it must not pull in the pruning core or torch-pruning.
+    code = (
+        "import sys\n"
+        "import data\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('trainables', 'torch_pruning', 'search')]\n"
+        "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -98,25 +98,50 @@ def make_cifar(root: Path, hundred: bool) -> tuple[Path, np.ndarray, np.ndarray]
 
 
 def make_image_folder(root: Path, test_dir: str = "val") -> Path:
+    """Class folders of 12x10 images: red is a left-to-right ramp (so a crop or a flip changes the
+    image), green is constant and encodes the file number (``folder_image_id`` reads it back
+    through any crop or resize), blue is 200."""
     from PIL import Image
 
+    ramp = np.linspace(0, 255, 12).astype(np.uint8)
+    number = 0
     for split, n in (("train", 4), (test_dir, 2)):
-        for c, cls in enumerate(("cat", "dog", "owl")):
+        for cls in ("cat", "dog", "owl"):
             (root / split / cls).mkdir(parents=True)
             for i in range(n):
-                img = Image.new("RGB", (12, 10), color=(40 * c, 10 * i, 200))
+                pixels = np.empty((10, 12, 3), dtype=np.uint8)
+                pixels[..., 0], pixels[..., 1], pixels[..., 2] = ramp, ID_STEP * number, 200
                 ext = "JPEG" if i == 0 else "png"
-                img.save(root / split / cls / f"{i}.{ext}")
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{ext}")
+                number += 1
     return root
+
+
+ID_STEP = 10  # green levels per file number: wide enough for JPEG's rounding of a flat channel
+
+
+def folder_image_id(image: torch.Tensor) -> int:
+    """The file number ``make_image_folder`` wrote into the green channel of a normalised image."""
+    from data._folder import IMAGENET_MEAN, IMAGENET_STD
+
+    green = (image[1].mean().item() * IMAGENET_STD[1] + IMAGENET_MEAN[1]) * 255
+    return round(green / ID_STEP)
 
 
 # ---------------------------------------------------------------- each format loads
 
 
-def test_list_datasets_names_every_source():
-    assert {"fashion_mnist", "cifar10", "cifar100", "imagenet", "image_folder"} <= set(
-        data.list_datasets()
-    )
+def test_listed_datasets_are_exactly_the_ones_get_data_knows(tmp_path, no_fallback):
+    names = data.list_datasets()
+    # Each listed name reaches its own loader: no files here, so the loader says where it looked.
+    for name in names:
+        with pytest.raises(DatasetNotFoundError):
+            get_data(name, tmp_path / "empty")
+    # An unknown name is refused with the same list, and every data config names a listed one.
+    with pytest.raises(ValueError, match=f"unknown dataset 'mnistt'; valid: {', '.join(names)}$"):
+        get_data("mnistt")
+    configs = {yaml.safe_load(f.read_text())["name"] for f in (CONF / "data").glob("*.yaml")}
+    assert configs and configs <= set(names)
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -180,8 +205,19 @@ def test_image_folder_loads(tmp_path, name, test_dir):
     image, label = s.test[0]
     assert image.shape == (3, 224, 224) and label == 0
     assert sorted(s.val.targets.tolist()) == [0, 1, 2]  # stratified: one per class
-    # validation images are carved from train/ but read without augmentation
-    assert torch.equal(s.val[0][0], s.val[0][0])
+    # train/ holds files 0..11 (4 per class), the test folder 12..17; val is carved from train/.
+    ids = {name: [folder_image_id(split[i][0]) for i in range(len(split))] for name, split in
+           (("train", s.train), ("val", s.val), ("test", s.test))}
+    assert sorted(ids["train"] + ids["val"]) == list(range(12)) and sorted(ids["test"]) == list(range(12, 18))
+    assert [i // 4 for i in ids["train"]] == s.train.targets.tolist()  # labels follow the files
+    # Training reads are augmented (a seeded random crop and flip of a ramp differ); validation
+    # and train_eval (the same samples as train, in order) read the plain centre crop.
+    torch.manual_seed(0)
+    reads = [s.train[0][0] for _ in range(4)]
+    assert any(not torch.equal(reads[0], r) for r in reads[1:])
+    assert torch.equal(s.val[0][0], s.val[0][0]) and torch.equal(s.train_eval[0][0], s.train_eval[0][0])
+    assert [folder_image_id(s.train_eval[i][0]) for i in range(len(s.train))] == ids["train"]
+    assert s.train_eval.targets.tolist() == s.train.targets.tolist()
     images, labels = next(iterate_batches(s.train, 4, shuffle=True, seed=0))
     assert images.shape == (4, 3, 224, 224) and labels.dtype == torch.int64
 
@@ -212,6 +248,26 @@ def test_val_and_train_are_disjoint_and_seeded(fm_root):
 def test_val_size_share(fm_root):
     s = fm(fm_root, val_size=0.1)
     assert (len(s.train), len(s.val)) == (270, 30)
+    assert torch.bincount(s.val.targets).tolist() == [3] * 10  # stratified by class
+    assert not set(image_ids(s.train)) & set(image_ids(s.val))
+
+
+def test_splits_ignore_the_global_rng(fm_root):
+    # Same seed, same split, whatever else the process has drawn (a Ray worker, a second trial).
+    torch.manual_seed(1)
+    a = fm(fm_root, seed=3, fraction=0.5)
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = fm(fm_root, seed=3, fraction=0.5)
+    assert image_ids(a.val) == image_ids(b.val) and image_ids(a.train) == image_ids(b.train)
+
+
+def test_fractions_form_a_nested_chain_that_never_touches_val(fm_root):
+    val = set(image_ids(fm(fm_root).val))
+    chain = [set(image_ids(fm(fm_root, fraction=f).train)) for f in (0.04, 0.2, 0.52, 0.8, 1.0)]
+    assert [len(t) for t in chain] == [10, 50, 130, 200, 250]
+    assert all(small < big for small, big in zip(chain, chain[1:], strict=False))
+    assert not chain[-1] & val and len(chain[-1] | val) == 300  # fraction 1: all but val
 
 
 @pytest.mark.parametrize("fraction", [0.05, 0.13, 0.5, 0.99])
@@ -263,8 +319,18 @@ def test_class_subset_keeps_labels(fm_root):
 
 def test_class_subset_file_works_with_get_data(fm_root):
     classes = data.load_class_subset("fmnist_footwear")
-    assert classes == ["Sandal", "Sneaker", "Ankle boot"]
-    assert fm(fm_root, val_size=6, classes=classes).class_names == classes
+    s = fm(fm_root, val_size=6, classes=classes)
+    assert s.class_names == classes and s.num_classes == len(classes)
+    # Label k is the k-th class of the file: image number % 10 is the original Fashion-MNIST id.
+    for split in (s.train, s.val):
+        assert [FMNIST_NAMES[i % 10] for i in image_ids(split)] == [classes[t] for t in split.targets.tolist()]
+
+
+@pytest.mark.parametrize("name", data.list_class_subsets())
+def test_every_class_subset_file_lists_distinct_classes(name):
+    classes = data.load_class_subset(name)
+    assert classes and len(set(classes)) == len(classes)
+    assert all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)
 
 
 def test_inputs_are_not_mutated(fm_root):
@@ -300,45 +366,48 @@ def test_other_missing_datasets_are_one_line(tmp_path, name):
         assert "\n" not in str(err.value)
 
 
+# Each message names the key and carries the offending value (the parts listed), on one line.
 BAD_INPUTS = [
-    ({"name": "mnistt"}, "unknown dataset 'mnistt'; valid: cifar10"),
-    ({"fraction": 1.5}, "data.fraction=1.5 is outside (0, 1]"),
-    ({"fraction": 0.0}, "data.fraction"),
-    ({"fraction": math.nan}, "data.fraction"),
-    ({"fraction": True}, "data.fraction"),
-    ({"fraction": "half"}, "data.fraction"),
-    ({"val_size": -1}, "data.val_size=-1"),
-    ({"val_size": 1.0}, "data.val_size=1.0"),
-    ({"val_size": 0.0}, "data.val_size"),
-    ({"val_size": True}, "data.val_size"),
-    ({"val_size": "5k"}, "data.val_size"),
-    ({"seed": -1}, "data.seed=-1"),
-    ({"seed": 1.5}, "data.seed"),
-    ({"classes": "Sandal"}, "data.classes='Sandal'"),
-    ({"classes": []}, "data.classes=[]"),
+    ({"name": "mnistt"}, ("unknown dataset 'mnistt'; valid: cifar10",)),
+    ({"fraction": 1.5}, ("data.fraction", "1.5", "(0, 1]")),
+    ({"fraction": 0.0}, ("data.fraction", "0.0")),
+    ({"fraction": math.nan}, ("data.fraction", "nan")),
+    ({"fraction": True}, ("data.fraction", "True")),
+    ({"fraction": "half"}, ("data.fraction", "'half'")),
+    ({"val_size": -1}, ("data.val_size", "-1")),
+    ({"val_size": 1.0}, ("data.val_size", "1.0", "(0, 1)")),
+    ({"val_size": 0.0}, ("data.val_size", "0.0")),
+    ({"val_size": True}, ("data.val_size", "True")),
+    ({"val_size": "5k"}, ("data.val_size", "'5k'")),
+    ({"seed": -1}, ("data.seed", "-1")),
+    ({"seed": 1.5}, ("data.seed", "1.5")),
+    ({"classes": "Sandal"}, ("data.classes", "'Sandal'")),
+    ({"classes": []}, ("data.classes", "[]")),
     (
         {"classes": ["sandals"]},
-        "data.classes: unknown class 'sandals' for fashion_mnist; did you mean 'Sandal'? valid: T-shirt/top, Trouser",
+        ("data.classes: unknown class 'sandals' for fashion_mnist; did you mean 'Sandal'? valid: T-shirt/top, Trouser",),
     ),
-    ({"classes": [10]}, "data.classes: class id 10"),
-    ({"classes": [True]}, "data.classes"),
-    ({"classes": ["Sandal", 5]}, "data.classes: 5 (class 5, 'Sandal') is listed twice"),
-    ({"remap_labels": "yes"}, "data.remap_labels"),
-    ({"download": "no"}, "data.download"),
-    ({"download": True, "root": None}, "data.download=true needs data.root"),
-    ({"root": 3}, "data.root=3"),
-    ({"name": "imagenet", "download": True}, "data.download=true is not supported for imagenet"),
+    ({"classes": [10]}, ("data.classes", "class id 10")),
+    ({"classes": [True]}, ("data.classes", "True")),
+    ({"classes": ["Sandal", 5]}, ("data.classes: 5 (class 5, 'Sandal') is listed twice",)),
+    ({"remap_labels": "yes"}, ("data.remap_labels", "'yes'")),
+    ({"download": "no"}, ("data.download", "'no'")),
+    ({"download": True, "root": None}, ("data.download=true needs data.root",)),
+    ({"root": 3}, ("data.root", "3")),
+    ({"name": "imagenet", "download": True}, ("data.download=true is not supported for imagenet",)),
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS)
-def test_bad_inputs_fail_before_loading(tmp_path, no_fallback, kwargs, message):
+@pytest.mark.parametrize(("kwargs", "parts"), BAD_INPUTS)
+def test_bad_inputs_fail_before_loading(tmp_path, no_fallback, kwargs, parts):
     kwargs = {"name": "fashion_mnist", "root": str(tmp_path / "nothing-here"), **kwargs}
     with pytest.raises(ValueError) as err:
         get_data(**kwargs)
     # not DatasetNotFoundError: the argument was rejected before any file was looked for
     assert type(err.value) is ValueError
-    assert message in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert all(part in message for part in parts), (parts, message)
+    assert "\n" not in message
 
 
 def test_val_size_larger_than_training_set(fm_root):
@@ -427,15 +496,18 @@ def test_unknown_class_subset_lists_the_files():
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "imagenet"])
-def test_data_configs_match_get_data(name):
+def test_data_configs_match_get_data(name, tmp_path, no_fallback):
     cfg = yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())
-    loader_keys = {"batch_size", "eval_batch_size", "num_workers"}
+    loader_keys = {"batch_size", "eval_batch_size"}
     assert cfg["name"] == name and loader_keys <= set(cfg)
-    expected = {"root": None, "download": False, "seed": 0, "classes": None, "remap_labels": True}
-    assert {k: cfg[k] for k in expected} == expected and cfg["fraction"] == 1.0
-    # every other key is a get_data argument
+    assert all(isinstance(cfg[k], int) and cfg[k] >= 1 for k in loader_keys), cfg
+    # Every other key is a get_data argument, and get_data's checks accept the values as given:
+    # with no files, it gets as far as looking for them (a bad value would stop it earlier).
     params = set(inspect.signature(get_data).parameters)
-    assert set(cfg) - loader_keys <= params
+    args = {k: v for k, v in cfg.items() if k not in loader_keys}
+    assert set(args) <= params
+    with pytest.raises(DatasetNotFoundError):
+        get_data(**{**args, "root": tmp_path / "nothing-here"})
 
 
 # ---------------------------------------------------------------- the real data set

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 
 import pytest
 import torch
@@ -107,20 +109,104 @@ def test_deployment_form_folds_batchnorm():
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "the caller's model is untouched"
 
 
-def test_measure_latency_reports_its_conditions():
-    model = build_model("small_cnn").train()
-    result = measure_latency(model, batch_size=3, threads=1, warmup=1, repeats=4)
-    assert result["median_ms"] > 0
-    assert result["batch_size"] == 3 and result["threads"] == 1 and result["device"] == "cpu"
-    assert len(result["times_ms"]) == 4 and all(t > 0 for t in result["times_ms"])
-    assert min(result["times_ms"]) <= result["median_ms"] <= max(result["times_ms"])
-    assert model.training, "measure_latency must not switch the caller's model to eval"
+class _Recorder(nn.Module):
+    """Records, at every forward pass, the conditions it ran under; sleeps ``sleeps_s[i]`` on call i."""
+
+    def __init__(self, sleeps_s: tuple[float, ...] = (), fail: bool = False):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.sleeps_s, self.fail = sleeps_s, fail
+        self.calls: list[dict] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append({
+            "threads": torch.get_num_threads(), "training": self.training, "shape": tuple(x.shape),
+            "channels_last": x.is_contiguous(memory_format=torch.channels_last), "grad": torch.is_grad_enabled(),
+        })
+        if self.fail:
+            raise RuntimeError("forward failed")
+        if len(self.calls) <= len(self.sleeps_s):
+            time.sleep(self.sleeps_s[len(self.calls) - 1])
+        return x * self.scale
+
+
+@pytest.fixture
+def two_threads():
+    """torch runs with 2 intra-op threads during the test; the caller's setting is put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_measure_latency_runs_under_the_reported_conditions_and_restores_them(two_threads):
+    rec = _Recorder().train()
+    result = measure_latency(rec, batch_size=3, input_shape=(2, 5, 4), threads=1, warmup=2, repeats=4, deploy=False)
+    assert len(rec.calls) == 2 + 4, "warmup + repeats passes, on the model given (deploy=False: not a copy)"
+    assert {c["shape"] for c in rec.calls} == {(3, 2, 5, 4)}  # batch_size images of input_shape
+    assert {c["threads"] for c in rec.calls} == {1}, "the passes ran with the requested threads"
+    assert not any(c["training"] or c["grad"] for c in rec.calls), "timed in eval mode, without autograd"
+    assert all(c["channels_last"] for c in rec.calls)
+    assert (result["batch_size"], result["threads"], result["device"]) == (3, 1, "cpu")
+    assert len(result["times_ms"]) == 4
+    assert torch.get_num_threads() == 2, "the caller's thread count is restored"
+    assert rec.training, "the caller's mode is restored"
+    # threads=None: torch's current setting is used and reported
+    rec.calls.clear()
+    result = measure_latency(rec, batch_size=1, input_shape=(2, 3, 3), warmup=0, repeats=1, channels_last=False, deploy=False)
+    assert result["threads"] == 2 and [c["threads"] for c in rec.calls] == [2]
+    assert not rec.calls[0]["channels_last"]
+
+
+def test_measure_latency_restores_threads_and_mode_when_the_model_fails(two_threads):
+    rec = _Recorder(fail=True).train()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        measure_latency(rec, input_shape=(1, 3, 3), threads=1, warmup=1, repeats=1, deploy=False)
+    assert torch.get_num_threads() == 2 and rec.training
+
+
+def test_measure_latency_times_each_timed_pass_in_milliseconds():
+    # The sleeps set a floor under each pass's time (time.sleep never returns early): the untimed
+    # warmup pass sleeps nothing, then the timed passes 100 ms, 2 ms, 100 ms. A value in seconds,
+    # a timed warmup or a reordered list breaks the floors; 2 ms reading above 50 ms would need the
+    # scheduler to be 48 ms late, so the upper bounds have a wide margin.
+    rec = _Recorder(sleeps_s=(0.0, 0.100, 0.002, 0.100))
+    result = measure_latency(rec, input_shape=(1, 2, 2), warmup=1, repeats=3, deploy=False)
+    t = result["times_ms"]
+    assert len(t) == 3 and t[0] >= 100 and t[1] >= 2 and t[2] >= 100
+    assert t[1] < 50
+    assert 100 <= result["median_ms"] < 1000
+    assert 2 <= result["min_ms"] < 50
+
+
+def test_measure_latency_grows_with_the_work_per_pass():
+    # 4x the images per pass is ~3.8x the time here; min over 9 repeats of each only rises under
+    # load, so the small model's minimum would need to be disturbed in all 9 passes to fail.
+    model = build_model("small_cnn")
+    small = measure_latency(model, batch_size=16, threads=1, warmup=2, repeats=9)
+    large = measure_latency(model, batch_size=64, threads=1, warmup=2, repeats=9)
+    assert large["min_ms"] > 1.5 * small["min_ms"], (small["times_ms"], large["times_ms"])
+    assert large["median_ms"] > small["median_ms"]
+
+
+def test_measure_latency_leaves_the_callers_model_alone():
+    model = _randomise_bn(build_model("small_cnn")).train()
+    before = copy.deepcopy(model.state_dict())
+    measure_latency(model, batch_size=2, warmup=1, repeats=1)  # deploy=True: folds BN in a copy
+    assert model.training
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "BN folded in the caller's model"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_measure_latency_times_a_deployed_model_as_given():
-    model = build_model("small_cnn").train()
-    deployed = deployment_form(model)
-    result = measure_latency(deployed.train(), batch_size=2, deploy=False, warmup=0, repeats=2)
+    model = _randomise_bn(build_model("small_cnn"))
+    deployed = deployment_form(model).train()
+    calls: list[int] = []
+    deployed.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    result = measure_latency(deployed, batch_size=2, deploy=False, warmup=1, repeats=2)
+    assert calls == [2, 2, 2], "the given module itself ran warmup + repeats times, not a rebuilt copy"
     assert len(result["times_ms"]) == 2
     assert deployed.training, "the mode of the timed model is restored"
 

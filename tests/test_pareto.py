@@ -8,7 +8,6 @@ import math
 import random
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -92,6 +91,21 @@ def test_pareto_mask_properties(points):
     assert bool(points) == bool(front)
 
 
+@settings(max_examples=200, deadline=None)
+@given(points_2d, st.integers(0, 39), st.floats(0.001, 0.5), st.floats(0, 10))
+def test_a_dominated_point_is_never_on_the_front_and_moves_nothing(points, k, d_acc, d_cost):
+    if not points:
+        return
+    acc, cost = points[k % len(points)]
+    worse = (acc - d_acc, cost + d_cost)  # strictly less accurate, at least as costly
+    mask = pareto_mask([a for a, _ in points], [f for _, f in points])
+    for at in (0, len(points)):  # first or last: its position does not matter either
+        grown = [*points[:at], worse, *points[at:]]
+        grown_mask = pareto_mask([a for a, _ in grown], [f for _, f in grown])
+        assert grown_mask[at] is False
+        assert grown_mask[:at] + grown_mask[at + 1 :] == mask
+
+
 # ---- hypervolume -------------------------------------------------------------------------------
 
 
@@ -112,7 +126,22 @@ def test_hypervolume_points_not_beating_ref_add_nothing():
     assert hypervolume([(0.8, 0.4), *worse], DEFAULT_REF) == pytest.approx(base)
     assert hypervolume(worse, DEFAULT_REF) == 0.0
     assert hypervolume([], DEFAULT_REF) == 0.0
-    assert DEFAULT_REF == (0.0, 1.0)
+    # The default reference spans the unit square: a free, perfect model owns all of it, and an
+    # unpruned model (flops_ratio 1) or one that is never right owns none.
+    assert hypervolume([(1.0, 0.0)]) == pytest.approx(1.0)
+    assert hypervolume([(0.95, 1.0), (0.0, 0.2)]) == 0.0
+
+
+def test_hypervolume_of_a_hand_computed_staircase():
+    # Front (acc, cost): (0.5, 0.1), (0.7, 0.3), (0.9, 0.6); (0.6, 0.5) is dominated by (0.7, 0.3).
+    # Sweeping the cost axis from 0.1 to the reference 1.0, the height is the best accuracy so far:
+    #   [0.1, 0.3) x 0.5 + [0.3, 0.6) x 0.7 + [0.6, 1.0) x 0.9 = 0.10 + 0.21 + 0.36
+    points = [(0.9, 0.6), (0.6, 0.5), (0.5, 0.1), (0.7, 0.3)]
+    assert hypervolume(points, (0.0, 1.0)) == pytest.approx(0.67)
+    # Against (0.4, 0.8) the same steps are 0.1, 0.3 and 0.5 high and the last one ends at 0.8.
+    assert hypervolume(points, (0.4, 0.8)) == pytest.approx(0.2 * 0.1 + 0.3 * 0.3 + 0.2 * 0.5)
+    # Each front point adds its own step: dropping the middle one loses [0.3, 0.6) x (0.7 - 0.5).
+    assert hypervolume([points[0], points[2]], (0.0, 1.0)) == pytest.approx(0.67 - 0.3 * 0.2)
 
 
 def test_hypervolume_rejects_nan():
@@ -205,20 +234,31 @@ def full_row(**overrides) -> dict:
     return {**row, **overrides}
 
 
-def test_schema_has_required_columns_and_types():
-    expected = {
-        "trial_id": pa.string(), "status": pa.string(), "criterion": pa.string(),
-        "ratios": pa.list_(pa.float64()), "p": pa.float64(), "q": pa.float64(), "lr": pa.float64(),
-        "val_acc": pa.float64(), "test_acc": pa.float64(), "flops": pa.int64(), "params": pa.int64(),
-        "latency_ms": pa.float64(), "pareto": pa.bool_(), "mlflow_run_id": pa.string(),
-        "wall_s": pa.float64(), "schedule": pa.string(), "method": pa.string(),
-        "flops_ratio": pa.float64(), "config_json": pa.string(),
-    }
-    for name, typ in expected.items():
-        assert TRIAL_COLUMNS.field(name).type == typ, name
-    for name in ("val_acc", "test_acc", "flops", "params", "latency_ms", "mlflow_run_id", "wall_s", "flops_ratio"):
-        assert TRIAL_COLUMNS.field(name).nullable, name
-    assert set(REQUIRED_COLUMNS) == {"trial_id", "status", "criterion", "pareto"}
+def test_full_row_covers_the_schema():
+    # The round trip below is only a check of every column if full_row sets every column.
+    assert list(full_row()) == TRIAL_COLUMNS.names
+
+
+@pytest.mark.parametrize("column", TRIAL_COLUMNS.names)
+def test_only_required_columns_may_not_be_left_out(tmp_path, column):
+    path = tmp_path / "trials.parquet"
+    row = {k: v for k, v in full_row().items() if k != column}
+    if column in REQUIRED_COLUMNS:
+        with pytest.raises(ValueError, match=f"missing required keys \\['{column}'\\]"):
+            write_trials([row], path)
+        assert not path.exists()
+    else:
+        write_trials([row], path)
+        assert read_trials(path) == [{**row, column: None}]
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("trial_id", 3), ("val_acc", "high"), ("flops", "many"), ("params", [1, 2]), ("pareto", "yes")],
+)
+def test_a_value_the_column_cannot_hold_is_refused(tmp_path, column, value):
+    with pytest.raises(ValueError, match=f"trials column '{column}' cannot be stored"):
+        write_trials([full_row(**{column: value})], tmp_path / "trials.parquet")
 
 
 def test_write_read_round_trip_with_nulls_and_lists(tmp_path):
@@ -230,6 +270,8 @@ def test_write_read_round_trip_with_nulls_and_lists(tmp_path):
     back = read_trials(path)
     assert pq.read_schema(path).equals(TRIAL_COLUMNS)
     assert back[0] == full_row()
+    # == alone would take 7.0 for 7: the stored types are the written ones (flops stays an int).
+    assert {k: type(v) for k, v in back[0].items()} == {k: type(v) for k, v in full_row().items()}
     assert back[1]["ratios"] == [0.3, 0.3]
     assert all(back[1][k] is None for k in TRIAL_COLUMNS.names if k not in sparse)
     assert back[2]["ratios"] == [] and back[2]["flops"] == 7 and back[2]["val_acc"] == 0.5
@@ -267,18 +309,69 @@ def search_rows(n: int = 40, seed: int = 0) -> list[dict]:
     return mark_pareto(rows)
 
 
-@pytest.mark.parametrize("rows", [search_rows(), [trial("only", 0.9, 2_000_000)], []], ids=["many", "one", "none"])
-def test_plot_front_writes_a_png(tmp_path, rows):
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures plot_front saves, kept so a test can read what was drawn, not only the pixels."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _scatter(ax, size: float) -> tuple[list[tuple[float, float]], int]:
+    """Points of the scatters drawn with marker area ``size``, and how many of them are hollow."""
+    points, hollow = [], 0
+    for c in ax.collections:
+        if list(c.get_sizes()) == [size]:
+            offsets = [tuple(map(float, o)) for o in c.get_offsets()]
+            points += offsets
+            hollow += len(offsets) if len(c.get_facecolors()) == 0 else 0
+    return sorted(points), hollow
+
+
+@pytest.mark.parametrize(
+    "rows", [search_rows(), mixed_rows(), [trial("only", 0.9, 2_000_000)], []], ids=["many", "mixed", "one", "none"]
+)
+def test_plot_front_draws_every_trial_and_the_front(tmp_path, drawn, rows):
+    import matplotlib.pyplot as plt
+
+    figures_before = plt.get_fignums()
     path = tmp_path / "pareto.png"
     plot_front(rows, path, base_flops=3.1e8, base_acc=0.94, title="small_cnn / fashion_mnist")
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 5_000
-
-
-def test_plot_front_without_base(tmp_path):
-    path = tmp_path / "pareto.png"
-    plot_front(search_rows(8, seed=3), path)
     assert path.read_bytes()[:8] == PNG_MAGIC
+    assert plt.get_fignums() == figures_before, "plot_front must not leave pyplot figures behind"
+    [ax] = drawn[0].axes
+    plotted = [r for r in rows if r["val_acc"] is not None and r["flops"] is not None and not math.isnan(r["val_acc"])]
+    # Every trial with an accuracy and a cost is a dot (MFLOPs, percent); unfinished ones hollow.
+    dots, hollow = _scatter(ax, 28)
+    assert dots == pytest.approx(sorted((r["flops"] / 1e6, 100 * r["val_acc"]) for r in plotted))
+    assert hollow == sum(r["status"] != "COMPLETED" for r in plotted)
+    # The front is ringed and joined by a post-step line, cheapest first.
+    front = [(r["flops"] / 1e6, 100 * r["val_acc"]) for r in front_rows(rows)]
+    assert _scatter(ax, 70)[0] == pytest.approx(sorted(front))
+    if front:
+        [line] = ax.lines
+        assert line.get_drawstyle() == "steps-post"
+        assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == pytest.approx(front)
+    else:
+        assert not ax.lines
+    assert _scatter(ax, 220)[0] == pytest.approx([(310.0, 94.0)])  # the unpruned base, a star
+    assert "MFLOPs" in ax.get_xlabel() and ax.get_title() == "small_cnn / fashion_mnist"
+
+
+def test_plot_front_without_base_draws_no_star_and_switches_to_gflops(tmp_path, drawn):
+    rows = mark_pareto([trial("a", 0.9, 2_000_000_000), trial("b", 0.8, 500_000_000)])
+    plot_front(rows, tmp_path / "pareto.png")
+    [ax] = drawn[0].axes
+    assert _scatter(ax, 220)[0] == []
+    assert "GFLOPs" in ax.get_xlabel()
+    assert _scatter(ax, 28)[0] == pytest.approx([(0.5, 80.0), (2.0, 90.0)])
 
 
 def test_format_front_lists_front_rows_cheapest_first():
@@ -288,4 +381,9 @@ def test_format_front_lists_front_rows_cheapest_first():
     assert text[0].split()[:2] == ["trial_id", "criterion"]
     assert [line.split()[0] for line in text[2:]] == [r["trial_id"] for r in front]
     assert all(line.split()[6] == "-" for line in text[2:])  # no test_acc yet
+    cells = [line.split() for line in text[2:]]
+    assert [c[3] for c in cells] == [f"{r['flops'] / 1e6:.2f}" for r in front]  # MFLOPs
+    assert [c[5] for c in cells] == [f"{100 * r['val_acc']:.2f}" for r in front]  # percent
+    tested = [{**r, "test_acc": 0.5} if r["trial_id"] == front[0]["trial_id"] else r for r in rows]
+    assert format_front(tested).splitlines()[2].split()[6] == "50.00"
     assert "no completed trial" in format_front([trial("x", 0.9, 1, status="FAILED")])

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from trainables.base_model import prepare
+from trainables.compose import configs_of, load_run_config
 from trainables.protocol import run_protocol
-from trainables.run import configs_of, load_run_config, prepare
 
 pytestmark = [
     pytest.mark.slow,

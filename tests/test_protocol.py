@@ -10,11 +10,22 @@ import math
 import pytest
 import torch
 
-from data import get_data
-from trainables import build_model, count_flops, describe_units, prune_layer
+import trainables.finetune as finetune_module
+import trainables.protocol as protocol
+from data import InMemoryDataset, get_data, iterate_batches
+from trainables import build_model, count_flops, describe_units, get_criterion, prune_layer
 from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
-from trainables.protocol import plan_ratios, run_protocol, select_keep
+from trainables.protocol import plan_ratios, run_protocol, scoring_batches, select_keep
+from trainables.records import ProtocolState
 
+# The record's keys in order: its JSON shape is an interface (run.py, search, bench read it).
+RECORD_KEYS = [
+    "base_val_acc", "units", "curve", "final_val_acc", "final_test_acc", "ratios", "unit_names", "flops_before",
+    "flops_after", "params_before", "params_after", "latency_ms_before", "latency_ms_after", "latency_batch_size",
+    "prune_log", "wall_s", "config",
+]
+# A checkpoint's keys: the Ray trainable torch.saves it and loads it back with weights_only=True.
+CHECKPOINT_KEYS = ["stage", "step", "before", "base_val", "rows", "prune_log", "damage", "curve", "model_state"]
 REQUIRED = {
     "base_val_acc", "units", "curve", "final_val_acc", "final_test_acc", "flops_before", "flops_after",
     "params_before", "params_after", "latency_ms_before", "latency_ms_after", "wall_s", "config",
@@ -53,7 +64,7 @@ def _run(base, splits, **prune_kwargs):
 
 def test_layer_by_layer_record_is_complete_and_consistent(base, splits):
     model, record, reports = _run(base, splits, criterion="l1", ratio=0.5)
-    assert REQUIRED <= set(record)
+    assert REQUIRED <= set(record) and list(record) == RECORD_KEYS  # no final_test_top5: only 10 classes
     json.dumps(record)  # plain data
     units = describe_units(base)
     # Pruning order: output side inward.
@@ -133,13 +144,13 @@ def test_select_keep_takes_the_top_scores_and_breaks_ties_by_index():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"ratio": 1.0}, r"prune.ratio=1.0 is outside \[0, 1\)"),
-        ({"ratio": -0.1}, r"prune.ratio=-0.1 is outside"),
-        ({"p": -1}, r"prune.p=-1 must be a number of epochs >= 0"),
-        ({"q": -0.5}, r"prune.q=-0.5"),
+        ({"ratio": 1.0}, r"prune.ratio must be in \[0, 1\), but got 1.0"),
+        ({"ratio": -0.1}, r"prune.ratio must be in \[0, 1\), but got -0.1"),
+        ({"p": -1}, r"prune.p must be a number >= 0, but got -1"),
+        ({"q": -0.5}, r"prune.q must be a number >= 0, but got -0.5"),
         ({"criterion": "l3"}, r"unknown criterion 'l3'; valid: apoz"),
-        ({"method": "greedy"}, r"prune.method='greedy' is not one of: layer_by_layer, one_shot, iterative"),
-        ({"schedule": "per_layer", "ratios": [0.1, 0.2]}, r"prune.ratios has 2 values; this model has 5 prunable units"),
+        ({"method": "greedy"}, r"prune.method must be one of layer_by_layer, one_shot, iterative, but got 'greedy'"),
+        ({"schedule": "per_layer", "ratios": [0.1, 0.2]}, r"prune.ratios must have one ratio per prunable unit \(5 .*but got 2"),
         ({"criterion": "class_specific", "target_classes": ["Sandle"]}, r"unknown class 'Sandle'; valid: T-shirt/top"),
     ],
 )
@@ -183,28 +194,22 @@ def test_evaluate_test_false_never_reads_the_test_split(base, splits):
     assert record["final_test_acc"] is None
 
 
-def test_eval_max_images_limits_intermediate_evaluations_only(base, splits):
+def test_eval_max_images_limits_intermediate_evaluations_only(base, splits, monkeypatch):
     seen = []
     ft = dataclasses.replace(FAST, eval_max_images=30)
     model = copy.deepcopy(base)
-    import trainables.protocol as protocol
-
-    original = protocol.evaluate
+    original = finetune_module.evaluate
 
     def spy(model, batches, classes=None):
         out = original(model, batches, classes)
         seen.append(out["n"])
         return out
 
-    protocol.evaluate = spy
-    try:
-        record = run_protocol(model, splits, PruneConfig(p=0.2, q=0.2, score_batches=1), ft, measure=MEASURE)
-    finally:
-        protocol.evaluate = original
+    monkeypatch.setattr(finetune_module, "evaluate", spy)  # every evaluation goes through the Finetuner
+    record = run_protocol(model, splits, PruneConfig(p=0.2, q=0.2, score_batches=1), ft, measure=MEASURE)
     n_val, n_test = len(splits.val), len(splits.test)
     assert seen[0] == n_val and seen[-1] == n_test and seen[-2] == n_val  # base, final val, test: all images
     assert set(seen[1:-2]) == {30}
-    from data import iterate_batches
     from trainables.metrics import evaluate
 
     assert record["final_val_acc"] == evaluate(model, iterate_batches(splits.val, 100, shuffle=False))["top1"]
@@ -223,3 +228,89 @@ def test_adaptive_bn_proxy_recalibrates_without_touching_weights_and_is_determin
         same = torch.equal(sd_plain[k], sd[k])
         assert same == (not k.endswith(("running_mean", "running_var", "num_batches_tracked"))), k
     assert rec["flops_after"] == rec_plain["flops_after"] and rec["curve"][-1]["step"] == 0  # no gradient step
+
+
+NO_LATENCY = MeasureConfig(latency=False)
+
+
+def _augmented(splits):
+    """Splits whose ``train`` is an "augmented" copy of ``train_eval``: every pixel +1000, far
+    from anything the evaluation transform produces, so a read of ``train`` shows at once."""
+    shifted = InMemoryDataset(splits.train.images + 1000.0, splits.train.targets)
+    return dataclasses.replace(splits, train=shifted, train_eval=splits.train)
+
+
+def test_scoring_batches_read_train_eval_not_the_augmented_train(base, splits, monkeypatch):
+    fake = _augmented(splits)
+    direct = scoring_batches(fake, PruneConfig(score_batches=3, score_batch_size=32), seed=0)
+    assert len(direct) == 3 and all(x.max() < 100 for x, _ in direct)
+    # And run_protocol hands the criterion exactly those batches.
+    seen, l1 = [], get_criterion("l1")
+
+    def spy(model, unit, ctx):
+        seen.append(max(float(x.abs().max()) for x, _ in ctx.batches))
+        return l1(model, unit, ctx)
+
+    monkeypatch.setattr(protocol, "get_criterion", lambda name: spy)
+    prune = PruneConfig(method="one_shot", p=0.0, q=0.0, score_batches=2, score_batch_size=32)
+    run_protocol(copy.deepcopy(base), fake, prune, FAST, measure=NO_LATENCY, evaluate_test=False)
+    assert len(seen) == len(describe_units(base)) and max(seen) < 100
+
+
+def test_adaptive_bn_re_estimates_on_train_eval_not_the_augmented_train(base, splits):
+    fake = _augmented(splits)
+    n = len(fake.train_eval)
+    assert n % 100 == 0  # equal batches: BN's average of batch means is the mean over all images
+    prune = PruneConfig(method="one_shot", criterion="l1", ratio=0.5, p=0.0, q=0.0,
+                        adapt_bn_batches=n // 100, adapt_bn_batch_size=100)
+    model = copy.deepcopy(base)
+    run_protocol(model, fake, prune, FAST, measure=NO_LATENCY, evaluate_test=False)
+    first_bn = model.features[1]
+
+    def bn_input_mean(images):  # per channel, over (N, H, W) of the first BN's input
+        with torch.no_grad():
+            return model.features[0](images).mean(dim=(0, 2, 3))
+
+    expected = bn_input_mean(fake.train_eval.images)
+    assert torch.allclose(first_bn.running_mean, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(first_bn.running_mean, bn_input_mean(fake.train.images), rtol=0.1, atol=1.0)
+
+
+def test_num_workers_reaches_every_loader(base, splits, monkeypatch):
+    calls = []
+
+    def spy(ds, batch_size, **kwargs):
+        calls.append((ds, kwargs.get("num_workers")))
+        return iterate_batches(ds, batch_size, **kwargs)  # in-memory data: num_workers is moot
+
+    for module in (protocol, finetune_module):
+        monkeypatch.setattr(module, "iterate_batches", spy)
+    fake = dataclasses.replace(splits, num_workers=3)
+    prune = PruneConfig(p=0.25, q=0.25, score_batches=1, score_batch_size=32, adapt_bn_batches=1, adapt_bn_batch_size=32)
+    run_protocol(copy.deepcopy(base), fake, prune, FAST, measure=NO_LATENCY)
+    read = {id(ds) for ds, _ in calls}
+    assert {id(fake.train), id(fake.val), id(fake.test)} <= read  # train_eval is train here (in memory)
+    assert [w for _, w in calls] == [3] * len(calls)
+
+
+def test_checkpoint_is_plain_data_that_survives_a_weights_only_load(base, splits, tmp_path):
+    """The Ray trainable's round trip: torch.save, torch.load(weights_only=True), add "done", resume."""
+    prune = PruneConfig(method="one_shot", criterion="l1", ratio=0.5, p=0.0, q=0.25, score_batch_size=32, score_batches=2)
+    states = []
+    full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=NO_LATENCY, checkpoint=states.append)
+    assert all(list(s) == CHECKPOINT_KEYS for s in states)
+    assert isinstance(states[0]["damage"], float)
+    for s in states:  # the typed state reads and writes the same dict
+        assert ProtocolState.from_dict(s).to_dict() == {k: v for k, v in s.items() if k != "model_state"}
+    torch.save(states[0], tmp_path / "state.pt")
+    loaded = {**torch.load(tmp_path / "state.pt", weights_only=True), "done": False}
+    resumed = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=NO_LATENCY, resume=loaded)
+    for key in ("units", "curve", "final_val_acc", "final_test_acc", "prune_log"):
+        assert resumed[key] == full[key], key
+
+
+def test_resume_from_something_else_fails_with_one_line(base, splits):
+    with pytest.raises(ValueError, match="resume: not a protocol checkpoint, missing"):
+        ProtocolState.from_dict({"stage": 1})
+    with pytest.raises(ValueError, match="resume: the checkpoint has no model_state"):
+        run_protocol(copy.deepcopy(base), splits, PruneConfig(), FAST, measure=NO_LATENCY, resume={"stage": 1})

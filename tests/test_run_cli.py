@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from trainables import list_criteria
-from trainables.run import CONF_DIR, main
+from trainables.compose import CONF_DIR
+from trainables.run import main
 
 
 def _tiny_args(root: Path, tmp_path: Path) -> list[str]:
@@ -19,35 +20,7 @@ def _tiny_args(root: Path, tmp_path: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["criterion=l3"], "unknown criterion 'l3'; valid: apoz, blended, bn_gamma, car"),
-        (["model=resnet5"], "unknown model 'resnet5'; valid: alexnet"),
-        (["data=mnistt"], "unknown data 'mnistt'; valid: cifar10, cifar100, fashion_mnist, imagenet"),
-        (["prune.ratio=1.5"], "prune.ratio=1.5 is outside [0, 1)"),
-        (["prune.p=-1"], "prune.p=-1 must be a number of epochs >= 0"),
-        (["prune.q=-2"], "prune.q=-2 must be a number of epochs >= 0"),
-        (["prune.schedule=per_layer", "prune.ratios=[0.1,0.2]"], "prune.ratios has 2 values; model small_cnn has 5 prunable units"),
-        (["prune.schedule=steep"], "prune.schedule='steep' is not one of: differential, per_layer, uniform"),
-        (["prune.method=greedy"], "prune.method='greedy' is not one of"),
-        (["prune.fo=1"], "prune.fo"),
-        (["criterion=class_specific"], "prune.target_classes is empty"),
-    ],
-)
-def test_bad_input_is_one_line_before_any_work(args, match, capsys, tmp_path):
-    code = main([*args, f"cache_dir={tmp_path}"])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("error: ") and match in err
-    assert err.count("\n") == 1
-    assert not any(tmp_path.iterdir())  # nothing trained or cached
-
-
-def test_unknown_target_class_fails_before_training(tiny_fmnist, tmp_path, capsys):
-    code = main([*_tiny_args(tiny_fmnist, tmp_path), "criterion=class_specific", "prune.target_classes=[Sandle]"])
-    err = capsys.readouterr().err
-    assert code == 2 and "unknown class 'Sandle'; valid: T-shirt/top" in err
+# Bad input for this command line is in the shared table of tests/test_bad_inputs.py.
 
 
 def test_every_criterion_has_a_config_file():
@@ -76,7 +49,7 @@ def test_checkpoint_mismatch_names_keys(tmp_path):
     import torch
 
     from trainables import build_model
-    from trainables.pretrain import load_checkpoint, save_checkpoint
+    from trainables.base_model import load_checkpoint, save_checkpoint
 
     path = tmp_path / "ck.pt"
     save_checkpoint(build_model("small_cnn", width=8), path, {})

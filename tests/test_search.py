@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import mlflow
-import pytest
 import ray
 
-from search.launch import load_search_config, main
+from search.launch import main
 from search.pareto import read_trials
 from search.tracking import SearchTracker
 from trainables import build_model, describe_units
@@ -40,25 +39,7 @@ def _child_runs(out: Path) -> list:
     )
 
 
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["search.sampler=grid"], "search.sampler='grid' is not one of: tpe, nsga2, cmaes, random"),
-        (["search.criteria=[l1,l3]"], "search.criteria: unknown criterion 'l3'; valid: apoz"),
-        (["search.ratio.high=1.2"], "search.ratio: low=0.1, high=1.2"),
-        (["search.num_trials=0"], "search.num_trials=0"),
-        (["model=resnet5"], "unknown model 'resnet5'"),
-    ],
-)
-def test_bad_search_input_is_one_line(args, match, capsys):
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert match in err and err.count("\n") == 1
-
-
-def test_resume_of_a_folder_without_state_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no launch_state.json"):
-        load_search_config([f"resume={tmp_path}"])
+# Bad input for the search (and for resume=) is in the shared table of tests/test_bad_inputs.py.
 
 
 def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_path, capsys, ray_session):

@@ -128,7 +128,7 @@ def test_training_mode_is_restored():
         ("features.0", [], r"unit 'features.0': keep_idxs is empty; keep between 1 and 16 of the filters 0..15"),
         ("features.0", [0, 16], r"unit 'features.0': keep_idxs \[16\] out of range; valid indices are 0..15"),
         ("features.0", [-1, 3], r"out of range; valid indices are 0..15"),
-        ("features.0", [1, 1], r"duplicates"),
+        ("features.0", [1, 1], r"unit 'features.0': keep_idxs has duplicates: 1$"),
         ("features.1", [0], r"unknown unit 'features.1'; valid: features.0, features.4, features.7, features.11, features.14"),
         ("classifier", [0], r"unknown unit 'classifier'"),
     ],

@@ -1,10 +1,13 @@
 """MLflow tracking: one run per trial however often it is asked for, no metric step twice after a
-resume, every run ended, and a pruned model a user loads with one call; then a real tiny Tune run."""
+resume, every run ended, and a pruned model a user loads with one call; then a real tiny Tune run
+whose trainable reports what ``trainables.ray_trainable`` reports."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -15,9 +18,12 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from search.tracking import MLflowTuneCallback, SearchTracker, default_tracking_uri
+from search.tracking import SearchTracker, default_tracking_uri
+from search.tune_callback import MLflowTuneCallback
 
 PARENT = "mlflow.parentRunId"
+# A trial config as Optuna samples it (search/space.py): flat, one ratio_<i> per unit.
+CONFIG = {"criterion": "l1", "schedule": "per_layer", "ratio_0": 0.25, "ratio_1": 0.5, "lr": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,31 @@ def children(client: MlflowClient, t: SearchTracker) -> dict[str, mlflow.entitie
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def curve_point(step: int, val_acc: float) -> dict:
+    """One evaluation during fine-tuning, keyed as the protocol's ``emit`` reports it."""
+    return {"step": step, "epoch": step / 20, "val_acc": val_acc, "phase": "recovery", "flops": 5e6,
+            "unit": "features.7"}
+
+
+def final_result(step: int, val_acc: float) -> dict:
+    """The last result of a finished trial, keyed as ``trainables.ray_trainable`` reports it: the
+    protocol's final report (``test_acc`` None, so dropped) plus ``trial_done``, ``wall_s``, ``params``."""
+    return {"step": step, "epoch": step / 20, "val_acc": val_acc, "phase": "final", "flops": 5e6,
+            "params": 1e4, "latency_ms": 1.5, "flops_before": 8e6, "trial_done": True, "wall_s": 3.0}
+
+
+def test_tracking_imports_without_ray():
+    """A pure-MLflow user (``python -m search.blend``) does not load the cluster."""
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None\n"  # any import of ray now raises ImportError
+        "import search.tracking\n"
+        "leaked = [m for m in sys.modules if m.split('.')[0] == 'ray' and sys.modules[m] is not None]\n"
+        "assert not leaked, leaked\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_default_tracking_uri_is_absolute_and_env_wins(tmp_path, monkeypatch):
@@ -70,51 +101,57 @@ def test_start_search_logs_flat_config(tracker):
 
 
 def test_trial_run_is_get_or_create(tracker):
-    params = {"criterion": "l1", "ratios": [0.25, 0.5], "lr": 0.01, "prune": {"p": 0.2}}
-    first = tracker.trial_run("t1", params)
-    assert tracker.trial_run("t1", params) == first
+    first = tracker.trial_run("t1", CONFIG)
+    assert tracker.trial_run("t1", CONFIG) == first
     fresh = SearchTracker(tracker.tracking_uri, tracker.client.get_experiment(tracker.experiment_id).name,
                           parent_run_id=tracker.parent_run_id)
-    assert fresh.trial_run("t1", params) == first  # found again by tag, not created
+    assert fresh.trial_run("t1", CONFIG) == first  # found again by tag, not created
     found = children(tracker.client, tracker)
     assert list(found) == ["t1"]
     run = found["t1"]
     assert run.data.tags["criterion"] == "l1"
-    assert json.loads(run.data.params["ratios"]) == [0.25, 0.5]
-    assert (run.data.params["ratios.0"], run.data.params["ratios.1"]) == ("0.25", "0.5")
-    assert run.data.params["prune.p"] == "0.2"
+    assert run.data.params == {"criterion": "l1", "schedule": "per_layer", "ratio_0": "0.25",
+                               "ratio_1": "0.5", "lr": "0.01"}
+
+
+def test_front_trial_config_is_flattened(tracker):
+    """A full-fidelity fine-tuning trial nests the searched config (search/launch.py)."""
+    tracker.trial_run("ft", {"front_config": CONFIG})
+    run = children(tracker.client, tracker)["ft"]
+    assert run.data.params["front_config.ratio_1"] == "0.5" and run.data.params["front_config.criterion"] == "l1"
+    assert run.data.tags["criterion"] == "l1"  # sortable in the UI like any trial
 
 
 def test_log_result_never_logs_a_step_twice(tracker):
-    tracker.trial_run("t1", {"criterion": "l1"})
+    tracker.trial_run("t1", CONFIG)
     for step in (0, 1, 2):
-        tracker.log_result("t1", {"val_acc": 0.5 + step / 10, "step": step, "epoch": step / 2,
-                                  "phase": "recovery", "training_iteration": step + 1, "trial_done": False})
+        tracker.log_result("t1", curve_point(step, 0.5 + step / 10))
     # A resumed search: a new tracker re-opens the search run and the trial runs again from step 1.
     resumed = SearchTracker(tracker.tracking_uri, tracker.client.get_experiment(tracker.experiment_id).name)
     resumed.start_search("search", {}, run_id=tracker.parent_run_id)
-    resumed.trial_run("t1", {"criterion": "l1"})
+    resumed.trial_run("t1", CONFIG)
     for step in (1, 2, 3):
-        resumed.log_result("t1", {"val_acc": 0.9, "step": step, "epoch": step / 2})
+        resumed.log_result("t1", curve_point(step, 0.9))
     run_id = resumed.trial_run("t1", {})
     history = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "val_acc")}
     assert steps(tracker.client, run_id, "val_acc") == [0, 1, 2, 3]
     assert history == pytest.approx({0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9})  # old points kept
     assert steps(tracker.client, run_id, "epoch") == [0, 1, 2, 3]
-    metrics = tracker.client.get_run(run_id).data.metrics
-    assert "training_iteration" not in metrics and "trial_done" not in metrics and "step" not in metrics
+    # Strings (phase, unit) are not metrics; step is the x-axis, not a metric.
+    assert set(tracker.client.get_run(run_id).data.metrics) == {"val_acc", "epoch", "flops"}
     with pytest.raises(ValueError, match="no 'step'"):
         resumed.log_result("t1", {"val_acc": 0.9})
 
 
-def test_end_trial_statuses_and_tags(tracker, tmp_path):
-    record = tmp_path / "record_t_done.json"
-    record.write_text(json.dumps({"final_val_acc": 0.93, "units": {}}))
+def test_end_trial_statuses_and_tags(tracker):
+    """The callback's sequence for a finished trial: the curve, then the last result (same step as
+    the curve's last point) through log_result, then the same result as end_trial's final."""
     for trial_id in ("done", "stopped", "failed"):
-        tracker.trial_run(trial_id, {"criterion": "apoz"})
-        tracker.log_result(trial_id, {"val_acc": 0.9, "flops": 5e6, "step": 10})
-    final = {"val_acc": 0.93, "flops": 5e6, "params": 1e4, "latency_ms": 1.5, "wall_s": 3.0}
-    tracker.end_trial("done", "FINISHED", final=final, record_path=record)
+        tracker.trial_run(trial_id, {**CONFIG, "criterion": "apoz"})
+        tracker.log_result(trial_id, curve_point(10, 0.9))
+    final = final_result(10, 0.93)  # val_acc on the whole validation set; the curve used a subset
+    tracker.log_result("done", final)
+    tracker.end_trial("done", "FINISHED", final=final)
     tracker.end_trial("stopped", "KILLED")
     tracker.end_trial("failed", "FAILED")
     runs = children(tracker.client, tracker)
@@ -122,16 +159,34 @@ def test_end_trial_statuses_and_tags(tracker, tmp_path):
         "done": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
     assert {k: r.data.tags["stopped_early"] for k, r in runs.items()} == {
         "done": "false", "stopped": "true", "failed": "false"}
-    done = runs["done"]
-    assert done.data.metrics == pytest.approx(final)  # final values are the latest ones
-    assert steps(tracker.client, done.info.run_id, "flops") == [10]  # equal final value: not again
-    local = mlflow.artifacts.download_artifacts(
-        run_id=done.info.run_id, artifact_path="record.json", tracking_uri=tracker.tracking_uri)
-    assert json.loads(Path(local).read_text())["final_val_acc"] == 0.93
+    done, client = runs["done"], tracker.client
+    # MLflow's latest value of each final metric is the final one.
+    assert {k: done.data.metrics[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")} == (
+        pytest.approx({k: final[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")}))
+    assert steps(client, done.info.run_id, "val_acc") == [10, 11]  # differs from the curve: one step on
+    assert steps(client, done.info.run_id, "flops") == [10]  # equal final value: not again
+    assert steps(client, done.info.run_id, "params") == [10]  # logged with the last result, not again
+    assert steps(client, runs["stopped"].info.run_id, "val_acc") == [10]
+    assert client.list_artifacts(done.info.run_id) == []  # record.json only for front trials
     tracker.set_pareto("done", True)
     assert tracker.client.get_run(done.info.run_id).data.tags["pareto"] == "true"
     with pytest.raises(ValueError, match="valid: FINISHED, KILLED, FAILED"):
         tracker.end_trial("done", "DONE")
+
+
+def test_log_artifact_stores_a_file_of_the_trial(tracker, tmp_path):
+    """How search/results.py keeps the record of a front trial."""
+    tracker.trial_run("t1", CONFIG)
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"final_val_acc": 0.93}))
+    tracker.log_artifact("t1", record)
+    run_id = tracker.find_run("t1")
+    assert [f.path for f in tracker.client.list_artifacts(run_id)] == ["record.json"]
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="record.json", tracking_uri=tracker.tracking_uri)
+    assert json.loads(Path(local).read_text())["final_val_acc"] == 0.93
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        tracker.log_artifact("t1", tmp_path)
 
 
 def test_finalize_dangling_and_finish_search(tracker, tmp_path):
@@ -155,7 +210,7 @@ def test_finalize_dangling_and_finish_search(tracker, tmp_path):
 
 def test_drop_orphans_deletes_only_runs_of_unknown_trials(tracker):
     for trial_id in ("kept", "ended", "lost"):
-        tracker.trial_run(trial_id, {"criterion": "l1"})
+        tracker.trial_run(trial_id, CONFIG)
     tracker.end_trial("ended", "FAILED")  # a failed trial Tune knows is not an orphan
     lost = tracker.find_run("lost")
     assert tracker.drop_orphans(["kept", "ended", "never-started"]) == ["lost"]
@@ -175,7 +230,7 @@ def test_pruned_model_loads_with_one_call(tracker, monkeypatch):
     )
     x = torch.randn(2, 1, 8, 8)  # (B, C, H, W)
     model(torch.randn(8, 1, 8, 8))  # non-trivial BatchNorm running statistics
-    tracker.trial_run("t1", {"criterion": "l1"})
+    tracker.trial_run("t1", CONFIG)
     uri = tracker.log_pruned_model("t1", model, x, {"units": {"0": {"kept": [0, 2]}}})
     run_id = tracker.trial_run("t1", {})
     assert uri == f"runs:/{run_id}/model/model.pt2"
@@ -204,26 +259,23 @@ def test_callback_pickles_without_its_client(tracker):
 
 
 def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, ray_session):
-    """ASHA stops the weak trial at its first rung; one trial raises; one finishes."""
-    out = str(tmp_path)
+    """ASHA stops the weak trial at its first rung; one trial raises; one finishes (ASHA's max_t
+    decides STOP on its last result, so on_trial_complete must read trial_done from it)."""
+    # Built here, captured as data: Ray workers cannot import this test module's functions.
+    script = {q: [curve_point(10 * i, q) for i in range(3)] + [final_result(20, q + 0.01)] for q in (0.9, 0.2, 0.95)}
 
     def trainable(config):
-        for i in range(3):
+        for i, result in enumerate(script[config["quality"]]):
             if config["quality"] > 0.93 and i == 2:
                 raise RuntimeError("boom")
-            tune.report({"val_acc": config["quality"], "step": 10 * i, "epoch": i / 2,
-                         "phase": "recovery", "flops": 5e6, "unit": "features.7"})
-        record = Path(out, f"record_{config['quality']}.json")
-        record.write_text(json.dumps({"final_val_acc": config["quality"]}))
-        tune.report({"trial_done": True, "val_acc": config["quality"], "flops": 4e6, "params": 1e4,
-                     "latency_ms": 1.0, "wall_s": 0.5, "record_path": str(record)})
+            tune.report(result)
 
     name = tracker.client.get_experiment(tracker.experiment_id).name
     callback = MLflowTuneCallback(tracker.tracking_uri, name, tracker.parent_run_id, strict=True)
     tuner = tune.Tuner(
         trainable,
         # Grid order + one trial at a time make ASHA's decisions deterministic.
-        param_space={"quality": tune.grid_search([0.9, 0.2, 0.95]), "criterion": "l1", "ratios": [0.25, 0.5]},
+        param_space={"quality": tune.grid_search([0.9, 0.2, 0.95]), **CONFIG},
         tune_config=tune.TuneConfig(
             metric="val_acc", mode="max", max_concurrent_trials=1,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2),
@@ -239,12 +291,15 @@ def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, ray_session):
     assert (done.data.tags["stopped_early"], stopped.data.tags["stopped_early"]) == ("false", "true")
     client = tracker.client
     assert steps(client, done.info.run_id, "epoch") == [0, 10, 20]
+    assert steps(client, done.info.run_id, "val_acc") == [0, 10, 20, 21]  # the final value one step on
+    assert done.data.metrics["val_acc"] == pytest.approx(0.91)
     assert steps(client, stopped.info.run_id, "val_acc") == [0]
     assert steps(client, failed.info.run_id, "val_acc") == [0, 10]
-    assert done.data.metrics["flops"] == 4e6 and done.data.metrics["latency_ms"] == 1.0
-    assert {"training_iteration", "time_total_s", "trial_done"}.isdisjoint(done.data.metrics)
-    assert done.data.params["ratios.1"] == "0.5" and done.data.tags["criterion"] == "l1"
-    assert [f.path for f in client.list_artifacts(done.info.run_id)] == ["record.json"]
+    assert (done.data.metrics["latency_ms"], done.data.metrics["flops_before"]) == (1.5, 8e6)
+    # Only the trial's own numbers: no Tune bookkeeping, no step, no flags or strings.
+    assert set(done.data.metrics) == {"val_acc", "epoch", "flops", "params", "latency_ms", "flops_before", "wall_s"}
+    assert done.data.params["ratio_1"] == "0.5" and done.data.tags["criterion"] == "l1"
+    assert client.list_artifacts(done.info.run_id) == []
     assert [f.path for f in client.list_artifacts(failed.info.run_id)] == ["error.txt"]
     assert tracker.finalize_dangling() == 0  # nothing left RUNNING
 
@@ -266,9 +321,11 @@ class _StopAllAfterFirstTrial(tune.Stopper):
 def test_experiment_level_stop_ends_the_runs(tracker, tmp_path, ray_session):
     """stop_all() bypasses on_trial_complete; on_experiment_end still ends the run (KILLED)."""
 
+    points = [curve_point(i, 0.5) for i in range(3)]
+
     def trainable(config):
-        for i in range(3):
-            tune.report({"val_acc": 0.5, "step": i})
+        for point in points:
+            tune.report(point)
 
     name = tracker.client.get_experiment(tracker.experiment_id).name
     callback = MLflowTuneCallback(tracker.tracking_uri, name, tracker.parent_run_id, strict=True)

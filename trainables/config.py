@@ -1,23 +1,54 @@
 """Structured configs of one prune/fine-tune run; ``conf/`` holds their YAML defaults.
 
-Every check here runs before any data is read or any model is trained, and raises a
-one-line ``ValueError`` naming the key, the value and what is allowed.
+Each config checks itself when it is constructed (``__post_init__``), so a config object
+that exists is a valid one, whether it came from Hydra, the search or the Python API. A
+bad value raises a one-line ``ValueError`` naming the key, the value and what is allowed,
+e.g. ``prune.ratio must be in [0, 1), but got 7.0``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
 
 from trainables.criteria import list_criteria
 from trainables.criteria.blended import check_blend_options
-from trainables.schedules import list_schedules
+from trainables.schedules import check_ratio, list_schedules
 
-__all__ = ["PruneConfig", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "METHODS"]
+__all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require"]
 
 METHODS = ("layer_by_layer", "one_shot", "iterative")
 
 
-@dataclass
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """Raise the house's one-line error unless ``ok``: "<key> must be <allowed>, but got <value>"."""
+    if not ok:
+        raise ValueError(f"{key} must be {allowed}, but got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _int_at_least(key: str, value: Any, low: int) -> None:
+    require(_is_int(value) and value >= low, key, f"an integer >= {low}", value)
+
+
+def _number_at_least(key: str, value: Any, low: float, strict: bool = False) -> None:
+    ok = _is_number(value) and (value > low if strict else value >= low)
+    require(ok, key, f"a number {'>' if strict else '>='} {low}", value)
+
+
+def _one_of(key: str, value: Any, allowed: list[str] | tuple[str, ...]) -> None:
+    require(value in allowed, key, f"one of {', '.join(allowed)}", value)
+
+
+@dataclass(kw_only=True)
 class PruneConfig:
     """What to prune and how (Mittal et al. 2019's protocol and its variants)."""
 
@@ -27,7 +58,7 @@ class PruneConfig:
     schedule: str = "uniform"  # uniform | differential | per_layer
     ratio: float = 0.5  # uniform: share of filters removed from every unit, in [0, 1)
     ratio_low: float = 0.25  # differential: ratio of the unit nearest the input
-    ratio_high: float = 0.75  # differential: ratio of the unit nearest the output
+    ratio_high: float = 0.75  # differential: ratio of the unit nearest the output (>= ratio_low)
     ratios: list[float] | None = None  # per_layer: one ratio per unit, input to output
     round_to: int = 1  # round kept filter counts to a multiple of this (8 helps real speed)
     target_flops_reduction: float | None = None  # e.g. 0.5: scale the schedule until FLOPs halve (+-2%)
@@ -40,36 +71,41 @@ class PruneConfig:
     adapt_bn_batch_size: int = 128
     target_classes: list | None = None  # class names or ids for the class_specific criterion
 
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"prune.method='{self.method}' is not one of: {', '.join(METHODS)}")
+    def __post_init__(self) -> None:
+        _one_of("prune.method", self.method, METHODS)
         if self.criterion not in list_criteria():
             raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(list_criteria())}")
-        if self.schedule not in list_schedules():
-            raise ValueError(f"prune.schedule='{self.schedule}' is not one of: {', '.join(list_schedules())}")
+        require(isinstance(self.criterion_options, dict), "criterion.options", "a mapping", self.criterion_options)
+        _one_of("prune.schedule", self.schedule, list_schedules())
         for key in ("ratio", "ratio_low", "ratio_high"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"prune.{key}={value!r} is outside [0, 1)")
+            check_ratio(f"prune.{key}", getattr(self, key))
+        if self.schedule == "differential":
+            # Mittal et al. prune less near the input; a ramp the other way is almost always a swap.
+            require(self.ratio_high >= self.ratio_low, "prune.ratio_high",
+                    f">= prune.ratio_low={self.ratio_low} (the differential schedule prunes more near the output)",
+                    self.ratio_high)
+        if self.ratios is not None:
+            require(isinstance(self.ratios, (list, tuple)), "prune.ratios", "a list of ratios or null", self.ratios)
+            for i, r in enumerate(self.ratios):
+                check_ratio(f"prune.ratios[{i}]", r)
+        require(self.schedule != "per_layer" or bool(self.ratios), "prune.ratios",
+                "a list with one ratio per unit when prune.schedule=per_layer", self.ratios)
         for key in ("p", "q"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"prune.{key}={value!r} must be a number of epochs >= 0")
-        if self.target_flops_reduction is not None and not 0.0 < self.target_flops_reduction < 1.0:
-            raise ValueError(f"prune.target_flops_reduction={self.target_flops_reduction!r} is outside (0, 1)")
+            _number_at_least(f"prune.{key}", getattr(self, key), 0)
+        target = self.target_flops_reduction
+        require(target is None or (_is_number(target) and 0 < target < 1), "prune.target_flops_reduction",
+                "null or in (0, 1)", target)
         for key in ("round_to", "steps", "score_batches", "score_batch_size", "adapt_bn_batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"prune.{key}={value!r} must be an integer >= 1")
-        if not isinstance(self.adapt_bn_batches, int) or self.adapt_bn_batches < 0:
-            raise ValueError(f"prune.adapt_bn_batches={self.adapt_bn_batches!r} must be an integer >= 0")
+            _int_at_least(f"prune.{key}", getattr(self, key), 1)
+        _int_at_least("prune.adapt_bn_batches", self.adapt_bn_batches, 0)
         if self.criterion == "blended":
             check_blend_options(self.criterion_options)
-        if self.criterion == "class_specific" and not self.target_classes:
-            raise ValueError("prune.target_classes is empty; the class_specific criterion needs class names or ids")
+        if self.criterion == "class_specific":
+            require(bool(self.target_classes), "prune.target_classes",
+                    "a non-empty list of class names or ids for criterion=class_specific", self.target_classes)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneConfig:
     """SGD fine-tuning after pruning."""
 
@@ -82,21 +118,19 @@ class FinetuneConfig:
     anneal_final: bool = True  # cosine-decay the learning rate to 0 over the final q epochs
     eval_max_images: int | None = None  # intermediate evaluations on the first N val images (None: all)
 
-    def validate(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"finetune.lr={self.lr!r} must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"finetune.momentum={self.momentum!r} is outside [0, 1)")
-        if self.weight_decay < 0:
-            raise ValueError(f"finetune.weight_decay={self.weight_decay!r} must be >= 0")
-        for key in ("batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"finetune.{key}={getattr(self, key)!r} must be an integer >= 1")
-        if not self.eval_every > 0:
-            raise ValueError(f"finetune.eval_every={self.eval_every!r} must be > 0 epochs")
+    def __post_init__(self) -> None:
+        _number_at_least("finetune.lr", self.lr, 0, strict=True)
+        require(_is_number(self.momentum) and 0 <= self.momentum < 1, "finetune.momentum", "in [0, 1)", self.momentum)
+        _number_at_least("finetune.weight_decay", self.weight_decay, 0)
+        _int_at_least("data.batch_size", self.batch_size, 1)
+        _int_at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        _number_at_least("finetune.eval_every", self.eval_every, 0, strict=True)
+        require(isinstance(self.anneal_final, bool), "finetune.anneal_final", "true or false", self.anneal_final)
+        if self.eval_max_images is not None:
+            _int_at_least("finetune.eval_max_images", self.eval_max_images, 1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MeasureConfig:
     """How latency is measured for the record (see ``trainables.metrics.measure_latency``)."""
 
@@ -106,8 +140,16 @@ class MeasureConfig:
     warmup: int = 2
     threads: int | None = None  # None: torch's current intra-op thread count
 
+    def __post_init__(self) -> None:
+        require(isinstance(self.latency, bool), "measure.latency", "true or false", self.latency)
+        _int_at_least("measure.batch_size", self.batch_size, 1)
+        _int_at_least("measure.repeats", self.repeats, 1)
+        _int_at_least("measure.warmup", self.warmup, 0)
+        if self.threads is not None:
+            _int_at_least("measure.threads", self.threads, 1)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class PretrainConfig:
     """Training of the base model that every run and trial starts from."""
 
@@ -117,8 +159,10 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
 
-    def validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"model.pretrain.epochs={self.epochs!r} must be an integer >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"model.pretrain.lr={self.lr!r} must be > 0")
+    def __post_init__(self) -> None:
+        _int_at_least("model.pretrain.epochs", self.epochs, 1)
+        _number_at_least("model.pretrain.lr", self.lr, 0, strict=True)
+        require(_is_number(self.momentum) and 0 <= self.momentum < 1, "model.pretrain.momentum", "in [0, 1)",
+                self.momentum)
+        _number_at_least("model.pretrain.weight_decay", self.weight_decay, 0)
+        _int_at_least("data.batch_size", self.batch_size, 1)

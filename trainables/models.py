@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainables._registry import Registry
+from data import Registry
 
 __all__ = ["MODELS", "build_model", "list_models", "register_model", "input_shape_of"]
 

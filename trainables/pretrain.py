@@ -1,144 +1,31 @@
-"""Base models: trained once, cached by what determines them, loaded by every run and trial.
+"""``python -m trainables.pretrain [key=value ...]``: train (or find) the cached base model of a
+run config and print its validation accuracy and, as the last line, its path.
 
-``python -m trainables.pretrain [overrides]`` trains (or finds) the base model of a config
-and prints its path. The cache key hashes the model, the data that trains it and the
-training settings, so changing any of them trains a new base model.
+Takes the same overrides as ``python -m trainables.run`` (model, data, ``model.pretrain.*``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from trainables.cli import cli_config
+from trainables.compose import load_run_config
 
-from data._datasets import iterate_batches
-from trainables.config import PretrainConfig
-from trainables.metrics import evaluate
-from trainables.models import build_model
-
-__all__ = ["base_model_key", "base_model_path", "train_base_model", "load_checkpoint", "get_base_model"]
-
-
-def base_model_key(model: str, model_kwargs: dict, data_key: dict, pretrain: PretrainConfig, seed: int) -> str:
-    """A short hash of everything that determines the base model's weights."""
-    blob = json.dumps(
-        {"model": model, "kwargs": model_kwargs, "data": data_key, "pretrain": asdict(pretrain), "seed": seed},
-        sort_keys=True, default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def base_model_path(cache_dir: str | Path, model: str, key: str) -> Path:
-    return Path(cache_dir).expanduser() / "base_models" / f"{model}-{key}.pt"
-
-
-def train_base_model(
-    model: nn.Module, splits: Any, pretrain: PretrainConfig, *, seed: int = 0, progress: bool = True, log=print
-) -> dict:
-    """Train ``model`` in place with SGD + one-cycle LR on ``splits.train``; returns a summary."""
-    pretrain.validate()
-    steps_per_epoch = max(1, len(splits.train) // pretrain.batch_size)
-    total = pretrain.epochs * steps_per_epoch
-    opt = torch.optim.SGD(
-        model.parameters(), lr=pretrain.lr, momentum=pretrain.momentum, weight_decay=pretrain.weight_decay, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pretrain.lr, total_steps=total)
-    device = next(model.parameters()).device
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="pretrain", unit="step", leave=False)
-    t0 = time.perf_counter()
-    history = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for epoch in range(pretrain.epochs):
-            model.train()
-            for x, y in iterate_batches(splits.train, pretrain.batch_size, shuffle=True, seed=seed * 7_919 + epoch, drop_last=True):
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"epoch {epoch + 1}/{pretrain.epochs} loss={loss.item():.3f}")
-            val = evaluate(model, iterate_batches(splits.val, 1000, shuffle=False), classes=splits.eval_classes)["top1"]
-            history.append({"epoch": epoch + 1, "val_acc": val, "elapsed_s": time.perf_counter() - t0})
-            log(f"pretrain epoch {epoch + 1}/{pretrain.epochs}: val_acc={val:.4f} ({time.perf_counter() - t0:.0f}s)")
-    if bar is not None:
-        bar.close()
-    return {"history": history, "val_acc": history[-1]["val_acc"], "train_s": time.perf_counter() - t0}
-
-
-def save_checkpoint(model: nn.Module, path: Path, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
-    """Load weights saved by ``save_checkpoint`` into ``model`` (``weights_only=True``); returns meta.
-
-    A checkpoint of another architecture raises ``ValueError`` naming the mismatched keys.
-    """
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob["state_dict"]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        parts = [f"{name}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
-        raise ValueError(f"checkpoint {path} does not match the model; " + "; ".join(parts))
-    model.load_state_dict(state)
-    return blob.get("meta", {})
-
-
-def get_base_model(
-    model_name: str, model_kwargs: dict, splits: Any, data_key: dict, pretrain: PretrainConfig,
-    cache_dir: str | Path, *, seed: int = 0, progress: bool = True, log=print,
-) -> tuple[nn.Module, Path, dict]:
-    """The cached base model for this config, training and caching it first if needed."""
-    key = base_model_key(model_name, model_kwargs, data_key, pretrain, seed)
-    path = base_model_path(cache_dir, model_name, key)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(model_name, num_classes=splits.num_classes, **model_kwargs)
-    if path.exists():
-        meta = load_checkpoint(model, path)
-        log(f"base model: {path} (cached, val_acc={meta.get('val_acc', float('nan')):.4f})")
-        return model, path, meta
-    log(f"base model: training {model_name} on {data_key.get('name')} for {pretrain.epochs} epochs -> {path}")
-    summary = train_base_model(model, splits, pretrain, seed=seed, progress=progress, log=log)
-    meta = {"model": model_name, "data": data_key, "pretrain": asdict(pretrain), "seed": seed, **summary}
-    save_checkpoint(model, path, meta)
-    log(f"base model: trained in {summary['train_s']:.0f}s, val_acc={summary['val_acc']:.4f}, saved to {path}")
-    return model, path, meta
+__all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainables.run import load_run_config, prepare
+    from trainables.base_model import prepare
 
+    cfg, code = cli_config(__doc__, argv, load_run_config)
+    if cfg is None:
+        return code
     try:
-        cfg = load_run_config(sys.argv[1:] if argv is None else argv)
-        _, _, path, meta = prepare(cfg)
+        _, _, path, meta = prepare(cfg)  # missing data files are found only here
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"base val_acc={meta.get('val_acc', math.nan):.4f}")
+    print(f"base val_acc={meta.get('val_acc', float('nan')):.4f}")
     print(path)
     return 0
 

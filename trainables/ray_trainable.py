@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -28,7 +28,10 @@ from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
 from trainables.models import build_model
 from trainables.protocol import run_protocol
 
-__all__ = ["TrialContext", "trial_fn", "train_loop_per_worker", "trial_configs", "load_trial_model"]
+__all__ = [
+    "TrialContext", "front_trial_fn", "load_trial_model", "train_loop_per_worker", "trial_configs", "trial_fn",
+    "uses_fast_path",
+]
 
 _STATE_FILE = "state.pt"
 _RECORD_FILE = "record.json"
@@ -52,7 +55,12 @@ class TrialContext:
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train run storage (TorchTrainer path)
     path: str = "auto"  # auto | fast | torch_trainer (auto: TorchTrainer only for GPUs or several workers)
-    extra: dict = field(default_factory=dict)
+
+
+def uses_fast_path(ctx: TrialContext) -> bool:
+    """Whether a trial runs the protocol in its own process (one CPU worker) rather than in a
+    Ray Train ``TorchTrainer``; the one place this is decided (resources follow from it too)."""
+    return ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
 
 
 _SEARCHED = {"criterion", "schedule", "ratio", "ratio_low", "ratio_high", "p", "q"}
@@ -198,7 +206,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     Returns nothing: Tune would take a returned dict for one more result.
     """
     payload = {"ctx": ctx, "trial": config}
-    if ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu):
+    if uses_fast_path(ctx):
         train_loop_per_worker({**payload, "path": "fast"})
         return
     import ray.tune

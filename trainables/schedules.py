@@ -10,18 +10,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from trainables._registry import Registry
+from data import Registry
 
-__all__ = ["SCHEDULES", "kept_count", "make_ratios", "list_schedules"]
+__all__ = ["SCHEDULES", "check_ratio", "check_ratio_count", "kept_count", "list_schedules", "make_ratios"]
 
 ScheduleFn = Callable[..., list[float]]
 SCHEDULES: Registry[ScheduleFn] = Registry("ratio schedule")
 
 
-def _check_ratio(key: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{key}={value!r} is outside [0, 1)")
+def check_ratio(key: str, value: float) -> float:
+    """``value`` as a float if it is a pruning ratio in [0, 1); the one place this rule lives."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{key} must be in [0, 1), but got {value!r}")
     return float(value)
+
+
+def check_ratio_count(ratios: Sequence[float] | None, n_units: int, model: str = "this model") -> None:
+    """A per-layer schedule needs exactly one ratio per prunable unit."""
+    got = 0 if ratios is None else len(ratios)
+    if got != n_units:
+        raise ValueError(f"prune.ratios must have one ratio per prunable unit ({n_units} for {model}), but got {got}")
 
 
 def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
@@ -29,9 +37,9 @@ def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
 
     Never fewer than one filter (or ``round_to`` filters when ``n`` allows), never more than ``n``.
     """
-    _check_ratio("ratio", ratio)
-    if round_to < 1:
-        raise ValueError(f"prune.round_to={round_to} must be >= 1")
+    check_ratio("ratio", ratio)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"prune.round_to must be an integer >= 1, but got {round_to!r}")
     k = max(1, math.floor(n * (1.0 - ratio) + 0.5))
     if round_to > 1 and n >= round_to:
         k = max(round_to, math.floor(k / round_to + 0.5) * round_to)
@@ -39,7 +47,7 @@ def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
 
 
 def _uniform(n_units: int, *, ratio: float, **_: object) -> list[float]:
-    return [_check_ratio("prune.ratio", ratio)] * n_units
+    return [check_ratio("prune.ratio", ratio)] * n_units
 
 
 def _differential(n_units: int, *, ratio_low: float, ratio_high: float, **_: object) -> list[float]:
@@ -47,7 +55,7 @@ def _differential(n_units: int, *, ratio_low: float, ratio_high: float, **_: obj
 
     The ratio rises linearly with depth from ``ratio_low`` (first unit) to ``ratio_high`` (last).
     """
-    lo, hi = _check_ratio("prune.ratio_low", ratio_low), _check_ratio("prune.ratio_high", ratio_high)
+    lo, hi = check_ratio("prune.ratio_low", ratio_low), check_ratio("prune.ratio_high", ratio_high)
     if n_units == 1:
         return [hi]
     return [lo + (hi - lo) * i / (n_units - 1) for i in range(n_units)]
@@ -55,9 +63,8 @@ def _differential(n_units: int, *, ratio_low: float, ratio_high: float, **_: obj
 
 def _per_layer(n_units: int, *, ratios: Sequence[float], **_: object) -> list[float]:
     ratios = list(ratios or [])
-    if len(ratios) != n_units:
-        raise ValueError(f"prune.ratios has {len(ratios)} values; this model has {n_units} prunable units")
-    return [_check_ratio(f"prune.ratios[{i}]", r) for i, r in enumerate(ratios)]
+    check_ratio_count(ratios, n_units)
+    return [check_ratio(f"prune.ratios[{i}]", r) for i, r in enumerate(ratios)]
 
 
 SCHEDULES.register("uniform", _uniform)

@@ -10,13 +10,18 @@ Pitfalls of torch-pruning 1.6.1 handled here:
 - ``build_dependency`` switches the model to eval mode; we restore the caller's mode.
 - pruning replaces Parameter objects, so optimizers must be rebuilt after ``prune_layer``.
 - indices always refer to the *current* numbering of the unit's filters.
+- it prunes grouped convs (1 < groups, not depthwise) channel by channel, breaking the
+  groups (wrong outputs or a crash on the next forward), so units touching one are refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -38,9 +43,9 @@ class Unit:
 
 
 def example_inputs_for(model: nn.Module, batch: int = 1) -> tuple[torch.Tensor]:
-    """A tuple ``(x,)`` of zeros shaped like the model's input, on the model's device."""
-    device = next(model.parameters()).device
-    return (torch.zeros(batch, *input_shape_of(model), device=device),)
+    """A tuple ``(x,)`` of zeros shaped like the model's input, on the model's device, in its dtype."""
+    p = next(model.parameters())
+    return (torch.zeros(batch, *input_shape_of(model), device=p.device, dtype=p.dtype),)
 
 
 def _build_graph(model: nn.Module, example_inputs: tuple | None) -> tp.DependencyGraph:
@@ -66,10 +71,36 @@ def _following_bn(graph: tp.DependencyGraph, conv: nn.Module) -> nn.Module | Non
     return None
 
 
-def _units_from_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Unit]:
+def _breaks_groups(module: nn.Module) -> bool:
+    """A grouped conv whose channels cannot be removed one by one.
+
+    Plain (groups=1) and depthwise (groups = in = out channels) convs can lose any channel;
+    for 1 < groups the channel counts must stay divisible by the groups and each group's
+    filters read only its own slice of the inputs, which torch-pruning does not respect.
+    """
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+        return False
+    return not module.groups == module.in_channels == module.out_channels
+
+
+def _refusal(graph: tp.DependencyGraph, group: tp.Group, unit: str, names: dict) -> str | None:
+    """Why pruning ``group`` (the unit called ``unit``) is refused, or None if it is safe."""
+    for dep, _ in group:
+        module = dep.target.module
+        if _breaks_groups(module):
+            verb = "feeds" if graph.is_in_channel_pruning_fn(dep.handler) else "contains"
+            return (
+                f"unit '{unit}' {verb} the grouped conv '{names[module]}' (groups={module.groups}); "
+                "pruning it would break the groups, so it is not prunable"
+            )
+    return None
+
+
+def _units_from_graph(model: nn.Module, graph: tp.DependencyGraph) -> tuple[list[Unit], dict[str, str]]:
+    """The prunable units in network order, and the refused ones: name -> why."""
     order = {m: i for i, (_, m) in enumerate(model.named_modules())}
     names = {m: n for n, m in model.named_modules()}
-    units = []
+    units, refused = [], {}
     for group in graph.get_all_groups(root_module_types=[nn.Conv2d], ignored_layers=_head_layers(model)):
         convs = sorted(
             {
@@ -81,6 +112,10 @@ def _units_from_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Unit]
         )
         if not convs:
             continue
+        why = _refusal(graph, group, names[convs[0]], names)
+        if why is not None:
+            refused[names[convs[0]]] = why
+            continue
         bns = [_following_bn(graph, c) for c in convs]
         units.append(
             Unit(
@@ -91,12 +126,16 @@ def _units_from_graph(model: nn.Module, graph: tp.DependencyGraph) -> list[Unit]
                 n_filters=convs[0].out_channels,
             )
         )
-    return sorted(units, key=lambda u: order[model.get_submodule(u.name)])
+    return sorted(units, key=lambda u: order[model.get_submodule(u.name)]), refused
 
 
 def describe_units(model: nn.Module, example_inputs: tuple | None = None) -> list[Unit]:
-    """The prunable units of ``model`` in network order (input to output)."""
-    return _units_from_graph(model, _build_graph(model, example_inputs))
+    """The prunable units of ``model`` in network order (input to output).
+
+    Units whose removal would change the channels of a grouped conv (1 < groups, not
+    depthwise) are left out; ``prune_layer`` says why when asked for one.
+    """
+    return _units_from_graph(model, _build_graph(model, example_inputs))[0]
 
 
 def prunable_layers(model: nn.Module, example_inputs: tuple | None = None) -> list[str]:
@@ -104,38 +143,77 @@ def prunable_layers(model: nn.Module, example_inputs: tuple | None = None) -> li
     return [u.name for u in describe_units(model, example_inputs)]
 
 
-def _find_unit(units: list[Unit], unit: str) -> Unit:
+def _find_unit(units: list[Unit], refused: dict[str, str], unit: str) -> Unit:
     for u in units:
         if u.name == unit:
             return u
+    if unit in refused:
+        raise ValueError(refused[unit])
     raise ValueError(f"unknown unit '{unit}'; valid: {', '.join(u.name for u in units)}")
 
 
-def _check_keep(unit: Unit, keep_idxs: Sequence[int]) -> list[int]:
-    keep = sorted({int(i) for i in keep_idxs})
+def _as_index(value: object) -> int:
+    # operator.index accepts exactly the int-like values (int, numpy integers, one-element
+    # integer tensors) and rejects floats; bools pass it, so they are refused first.
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"keep_idxs must be integers, but got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"keep_idxs must be integers, but got {value!r}") from None
+
+
+def _as_indices(keep_idxs: Iterable[int]) -> list[int]:
+    """``keep_idxs`` as a list of Python ints, read once (a generator is consumed here)."""
+    if isinstance(keep_idxs, (torch.Tensor, np.ndarray)):
+        dtype = keep_idxs.dtype
+        if isinstance(keep_idxs, torch.Tensor):
+            kind, is_int = "tensor", not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+        else:
+            kind, is_int = "numpy array", np.issubdtype(dtype, np.integer)
+        if not is_int:
+            raise ValueError(f"keep_idxs must be integers, but got a {kind} of dtype {dtype}")
+        if keep_idxs.ndim != 1:
+            raise ValueError(f"keep_idxs must be one-dimensional, but got a {keep_idxs.ndim}-d {kind}")
+        return [int(i) for i in keep_idxs.tolist()]
+    if isinstance(keep_idxs, (str, bytes)) or not isinstance(keep_idxs, Iterable):
+        raise ValueError(f"keep_idxs must be a sequence of integers, but got {keep_idxs!r}")
+    return [_as_index(i) for i in keep_idxs]
+
+
+def _check_keep(unit: Unit, keep_idxs: Iterable[int], allow_empty: bool = False) -> list[int]:
+    """The distinct, in-range integer indices of ``keep_idxs``, sorted; a one-line ValueError otherwise."""
     n = unit.n_filters
-    if not keep:
+    try:
+        given = _as_indices(keep_idxs)
+    except ValueError as err:
+        raise ValueError(f"unit '{unit.name}': {err}") from None
+    if not given and not allow_empty:
         raise ValueError(f"unit '{unit.name}': keep_idxs is empty; keep between 1 and {n} of the filters 0..{n - 1}")
-    bad = [i for i in keep if not 0 <= i < n]
+    bad = sorted({i for i in given if not 0 <= i < n})
     if bad:
         raise ValueError(f"unit '{unit.name}': keep_idxs {bad} out of range; valid indices are 0..{n - 1}")
-    if len(keep) != len(list(keep_idxs)):
-        raise ValueError(f"unit '{unit.name}': keep_idxs has duplicates; give distinct indices in 0..{n - 1}")
+    keep = sorted(set(given))
+    if len(keep) != len(given):
+        dups = sorted(i for i, c in Counter(given).items() if c > 1)
+        raise ValueError(f"unit '{unit.name}': keep_idxs has duplicates: {', '.join(map(str, dups))}")
     return keep
 
 
 def prune_layer(
-    model: nn.Module, unit: str, keep_idxs: Sequence[int], example_inputs: tuple | None = None
+    model: nn.Module, unit: str, keep_idxs: Iterable[int], example_inputs: tuple | None = None
 ) -> dict:
     """Physically remove every output filter of ``unit`` not in ``keep_idxs``, in place.
 
     Dependent layers follow (the next conv's inputs, BatchNorm, the flatten into a Linear,
-    residual partners). ``keep_idxs`` index the unit's filters in their current numbering.
+    residual partners). ``keep_idxs`` index the unit's filters in their current numbering:
+    distinct int-like values (Python or numpy integers, an integer tensor or array, any
+    iterable of them, read once); floats and bools are refused rather than truncated.
     Returns a plain-data record: ``{"unit", "filters_before", "filters_after", "keep_idxs"}``,
     enough to replay the pruning on a fresh copy of the base model.
     """
     graph = _build_graph(model, example_inputs)
-    u = _find_unit(_units_from_graph(model, graph), unit)
+    u = _find_unit(*_units_from_graph(model, graph), unit)
     keep = _check_keep(u, keep_idxs)
     drop = sorted(set(range(u.n_filters)) - set(keep))
     if drop:
@@ -145,13 +223,15 @@ def prune_layer(
 
 
 @torch.no_grad()
-def mask_filters(model: nn.Module, unit: Unit, keep_idxs: Sequence[int]) -> None:
+def mask_filters(model: nn.Module, unit: Unit, keep_idxs: Iterable[int]) -> None:
     """Zero the unit's filters not in ``keep_idxs`` (weights, bias, and BN gamma/beta), in place.
 
     In eval mode the masked model computes exactly what the physically pruned one does:
     a zeroed BN scale and shift make the channel output 0 whatever its running mean.
+    ``keep_idxs`` is checked as in ``prune_layer``, except that it may be empty (masking
+    every filter has no pruned counterpart, but ablating a one-filter unit needs it).
     """
-    drop = sorted(set(range(unit.n_filters)) - {int(i) for i in keep_idxs})
+    drop = sorted(set(range(unit.n_filters)) - set(_check_keep(unit, keep_idxs, allow_empty=True)))
     for name in unit.convs + unit.bns:
         module = model.get_submodule(name)
         module.weight[drop] = 0

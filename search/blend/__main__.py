@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from search.launch import load_search_config
-    from trainables.run import cli_config
+    from trainables.cli import cli_config
 
     cfg, code = cli_config(__doc__, argv, lambda args: load_search_config(["search=blended", *args]))
     if cfg is None:
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from search._session import blend_candidates, trial_prune
     from search.tracking import SearchTracker, default_tracking_uri
-    from trainables.run import configs_of, prepare
+    from trainables.base_model import prepare
+    from trainables.compose import configs_of
 
     root = Path(cfg.output_root).expanduser().resolve()
     out = root.parent / "blend" / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))

@@ -46,18 +46,22 @@ def check_pool(pool: Sequence[str], criteria: Sequence[str], *, n_clusters: int 
     """One-line errors for a bad pool or cut, before any scoring."""
     pool = list(pool or [])
     if len(pool) < 2:
-        raise ValueError(f"{key}={pool} needs at least 2 criteria; valid: {', '.join(criteria)}")
+        valid = ", ".join(c for c in criteria if c != "blended")
+        raise ValueError(f"{key} must list at least 2 criteria (valid: {valid}), but got {pool}")
     for name in pool:
         if name not in criteria or name == "blended":
             raise ValueError(f"{key}: unknown criterion '{name}'; valid: {', '.join(c for c in criteria if c != 'blended')}")
     if len(set(pool)) != len(pool):
-        raise ValueError(f"{key}={pool} lists a criterion twice")
+        raise ValueError(f"{key} must list each criterion once, but got {pool}")
     if (n_clusters is None) == (distance_threshold is None):
-        raise ValueError("search.blend: set exactly one of n_clusters and distance_threshold")
+        raise ValueError("search.blend must set exactly one of n_clusters and distance_threshold, but got "
+                         f"n_clusters={n_clusters!r}, distance_threshold={distance_threshold!r}")
     if n_clusters is not None and not (isinstance(n_clusters, int) and 1 <= n_clusters <= len(pool)):
-        raise ValueError(f"search.blend.n_clusters={n_clusters!r} must be an integer in [1, {len(pool)}] (the pool size)")
+        raise ValueError(f"search.blend.n_clusters must be an integer in [1, {len(pool)}] (the pool size), "
+                         f"but got {n_clusters!r}")
     if distance_threshold is not None and not 0 <= distance_threshold <= 2:
-        raise ValueError(f"search.blend.distance_threshold={distance_threshold!r} must be in [0, 2] (distance = 1 - rho)")
+        raise ValueError(f"search.blend.distance_threshold must be in [0, 2] (distance = 1 - rho), "
+                         f"but got {distance_threshold!r}")
 
 
 def _batches_key(batches) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables._registry import Registry
+from data import Registry
 from trainables.surgery import Unit, describe_units
 
 Batch = tuple[Tensor, Tensor]
@@ -65,7 +65,11 @@ class Criterion:
         finally:
             model.train(was_training)
         scores = scores.detach().float().cpu()
-        assert scores.shape == (unit.n_filters,), f"criterion '{self.name}' returned shape {tuple(scores.shape)}"
+        if scores.shape != (unit.n_filters,):
+            raise ValueError(
+                f"criterion '{self.name}' returned shape {tuple(scores.shape)} for unit '{unit.name}'; "
+                f"a criterion must return one score per filter, shape ({unit.n_filters},)"
+            )
         return scores
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from trainables.criteria._base import CRITERIA, ScoringContext, register_criterion
 from trainables.surgery import Unit
 
-__all__ = ["NORMALIZERS", "check_blend_options", "normalize_scores", "rank_normalize"]
+__all__ = ["NORMALIZERS", "check_blend_options", "example_options", "normalize_scores", "rank_normalize"]
 
 NORMALIZERS = ("rank", "zscore")
 
@@ -75,6 +75,15 @@ def check_blend_options(options: Mapping) -> None:
     how = options.get("normalize", "rank")
     if how not in NORMALIZERS:
         raise ValueError(f"criterion.normalize='{how}' is not one of: {', '.join(NORMALIZERS)}")
+
+
+def example_options() -> dict:
+    """A small valid set of options: one data-free and one data-driven candidate, z-scored.
+
+    The blend has no natural default (its weights are what a search tunes), so it never
+    invents one; this is what the shared criterion contract test scores it with.
+    """
+    return {"weights": {"l1": 1.0, "mean_activation": 0.5}, "normalize": "zscore"}
 
 
 @register_criterion("blended", needs_data=False)  # its data-driven candidates check for batches themselves

@@ -1,4 +1,8 @@
-"""A name -> object registry that fails loudly (duplicates and unknown names)."""
+"""A name -> object registry that fails loudly (duplicates and unknown names).
+
+It lives in ``data``, the bottom layer, so that datasets, models, criteria and schedules
+all register by name without any layer importing one above it.
+"""
 
 from __future__ import annotations
 

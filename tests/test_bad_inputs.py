@@ -1,0 +1,182 @@
+"""Bad input, the whole table: every entry point refuses it with one line naming the key, the
+value and what is allowed, before any data is read, any model trained, any folder written or
+any MLflow run created.
+
+Command lines answer with exit code 2 and ``error: <one line>`` on stderr; the Python API
+raises the exception type given in the row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import search.blend.__main__ as blend_cli
+from data import get_data
+from search import launch
+from trainables import build_model, get_criterion, prune_layer
+from trainables import run as run_cli
+from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.schedules import make_ratios
+
+# (args, every one of these substrings must be in the message)
+RUN_ROWS = [
+    (["criterion=l3"], ["unknown criterion 'l3'", "valid: apoz, blended, bn_gamma, car"]),
+    (["model=resnet5"], ["unknown model 'resnet5'", "valid: alexnet"]),
+    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, fashion_mnist, imagenet"]),
+    (["prune.ratio=1.5"], ["prune.ratio must be in [0, 1), but got 1.5"]),
+    (["prune.ratio=-0.1"], ["prune.ratio must be in [0, 1), but got -0.1"]),
+    (["prune.p=-1"], ["prune.p must be a number >= 0, but got -1"]),
+    (["prune.q=-2"], ["prune.q must be a number >= 0, but got -2"]),
+    (["prune.schedule=per_layer", "prune.ratios=[0.1,0.2]"],
+     ["prune.ratios must have one ratio per prunable unit (5 for small_cnn), but got 2"]),
+    (["prune.schedule=per_layer"], ["prune.ratios must be a list with one ratio per unit", "but got None"]),
+    (["prune.schedule=per_layer", "prune.ratios=[0.1,0.2,0.3,0.4,1.0]"], ["prune.ratios[4] must be in [0, 1), but got 1.0"]),
+    (["prune.schedule=steep"], ["prune.schedule must be one of differential, per_layer, uniform, but got 'steep'"]),
+    (["prune.schedule=differential", "prune.ratio_low=0.7", "prune.ratio_high=0.2"],
+     ["prune.ratio_high must be >= prune.ratio_low=0.7", "but got 0.2"]),
+    (["prune.method=greedy"], ["prune.method must be one of layer_by_layer, one_shot, iterative, but got 'greedy'"]),
+    (["prune.fo=1"], ["prune.fo"]),
+    (["prune.round_to=0"], ["prune.round_to must be an integer >= 1, but got 0"]),
+    (["prune.target_flops_reduction=1.5"], ["prune.target_flops_reduction must be null or in (0, 1), but got 1.5"]),
+    (["criterion=class_specific"], ["prune.target_classes must be a non-empty list", "but got None"]),
+    (["criterion=class_specific", "prune.target_classes=[Sandle]"], ["unknown class 'Sandle'", "valid: T-shirt/top"]),
+    (["finetune.lr=0"], ["finetune.lr must be a number > 0, but got 0"]),
+    (["finetune.eval_max_images=0"], ["finetune.eval_max_images must be an integer >= 1, but got 0"]),
+    (["measure.repeats=0"], ["measure.repeats must be an integer >= 1, but got 0"]),
+    (["model.pretrain.epochs=0"], ["model.pretrain.epochs must be an integer >= 1, but got 0"]),
+    (["data.num_workers=-1"], ["data.num_workers must be an integer >= 0, but got -1"]),
+    (["seed=-1"], ["seed must be an integer >= 0, but got -1"]),
+    (["threads=0"], ["threads must be null or an integer >= 1, but got 0"]),
+    (["subset=shoes"], ["unknown class subset 'shoes'", "valid: fmnist_footwear"]),
+]
+
+SEARCH_ROWS = [
+    (["search.sampler=grid"], ["search.sampler must be one of tpe, nsga2, cmaes, random, but got 'grid'"]),
+    (["search.scheduler=hyperband"], ["search.scheduler must be one of asha, none, but got 'hyperband'"]),
+    (["search.num_trials=0"], ["search.num_trials must be an integer >= 1, but got 0"]),
+    (["search.max_concurrent_trials=0"], ["search.max_concurrent_trials must be an integer >= 1, but got 0"]),
+    (["search.max_failures=-1"], ["search.max_failures must be an integer >= 0, but got -1"]),
+    (["search.criteria=[l1,l3]"], ["unknown criterion 'l3'", "valid: apoz"]),
+    (["search.schedules=[steep]"], ["search.schedules must be a non-empty subset of uniform, differential, per_layer",
+                                    "but got ['steep']"]),
+    (["search.ratio.high=1.2"], ["search.ratio must have 0 <= low <= high < 1", "but got low=0.1, high=1.2"]),
+    (["search.lr.low=0"], ["search.lr must have", "low > 0 (log scale)", "but got low=0.0"]),
+    (["train.path=slow"], ["train.path must be one of auto, fast, torch_trainer, but got 'slow'"]),
+    (["train.num_workers=0"], ["train.num_workers must be an integer >= 1, but got 0"]),
+    (["trial_threads=0"], ["trial_threads must be an integer >= 1, but got 0"]),
+    (["prune.ratio=2"], ["prune.ratio must be in [0, 1), but got 2"]),
+]
+
+BLEND_ROWS = [
+    (["search.blend.pool=[l1,l3]"], ["unknown criterion 'l3'", "valid: apoz"]),
+    (["search.blend.pool=[l1]"], ["search.blend.pool must list at least 2 criteria", "but got ['l1']"]),
+    (["search.blend.n_clusters=12"], ["search.blend.n_clusters must be an integer in [1, 9]", "but got 12"]),
+    (["search.blend.normalize=minmax"], ["search.blend.normalize must be one of rank, zscore, but got 'minmax'"]),
+]
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*"))
+
+
+def _refused(capsys, code: int, musts: list[str]) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for must in musts:
+        assert must in err, f"{must!r} not in {err!r}"
+    return err
+
+
+@pytest.mark.parametrize("args, musts", RUN_ROWS, ids=[" ".join(a) for a, _ in RUN_ROWS])
+def test_run_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
+    code = run_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_dir={tmp_path}/out"])
+    _refused(capsys, code, musts)
+    assert _files(tmp_path) == []  # no base model trained or cached, no record written
+
+
+@pytest.mark.parametrize("args, musts", SEARCH_ROWS, ids=[" ".join(a) for a, _ in SEARCH_ROWS])
+def test_search_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
+    code = launch.main([*args, f"cache_dir={tmp_path}/cache", f"output_root={tmp_path}/search"])
+    _refused(capsys, code, musts)
+    assert _files(tmp_path) == []  # no output folder, no MLflow store, no base model
+
+
+@pytest.mark.parametrize("args, musts", BLEND_ROWS, ids=[" ".join(a) for a, _ in BLEND_ROWS])
+def test_blend_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
+    code = blend_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_root={tmp_path}/search"])
+    _refused(capsys, code, musts)
+    assert _files(tmp_path) == []
+
+
+def _saved_search(tmp_path: Path) -> Path:
+    """An output folder as an earlier search leaves it: its state file and resolved config."""
+    cfg = launch.load_search_config([f"output_root={tmp_path}"])
+    folder = tmp_path / "earlier"
+    folder.mkdir()
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    (folder / "launch_state.json").write_text(json.dumps({"parent_run_id": "0" * 32}))
+    return folder
+
+
+def test_resume_refuses_overrides_that_change_the_search(tmp_path, capsys):
+    folder = _saved_search(tmp_path)
+    before = _files(tmp_path)
+    code = launch.main([f"resume={folder}", "search.num_trials=3", "seed=4", "num_cpus=1"])
+    _refused(capsys, code, [f"resume={folder}", "would change it: search.num_trials, seed",
+                            "allowed with resume: num_cpus, ray_address"])
+    assert _files(tmp_path) == before
+
+
+def test_resume_accepts_where_it_runs(tmp_path):
+    folder = _saved_search(tmp_path)
+    cfg = launch.load_search_config([f"resume={folder}", "num_cpus=1", "ray_address=127.0.0.1:6379"])
+    assert (cfg.num_cpus, cfg.ray_address, cfg.resume) == (1, "127.0.0.1:6379", str(folder))
+    assert cfg.search.num_trials == 16  # the saved search, untouched
+
+
+def test_resume_of_a_folder_without_state(tmp_path, capsys):
+    code = launch.main([f"resume={tmp_path}"])
+    _refused(capsys, code, ["resume must be the output folder of an earlier search", f"but got {tmp_path}"])
+
+
+# The Python API: (callable, exception type, substrings of the message)
+API_ROWS = [
+    (lambda: PruneConfig(ratio=7.0), ValueError, ["prune.ratio must be in [0, 1), but got 7.0"]),
+    (lambda: PruneConfig(ratio=True), ValueError, ["prune.ratio must be in [0, 1), but got True"]),
+    (lambda: PruneConfig(schedule="differential", ratio_low=0.6, ratio_high=0.1), ValueError,
+     ["prune.ratio_high must be >= prune.ratio_low=0.6"]),
+    (lambda: PruneConfig(criterion="l3"), ValueError, ["unknown criterion 'l3'"]),
+    (lambda: PruneConfig(steps=0), ValueError, ["prune.steps must be an integer >= 1, but got 0"]),
+    (lambda: PruneConfig(score_batches=2.5), ValueError, ["prune.score_batches must be an integer >= 1, but got 2.5"]),
+    (lambda: PruneConfig(0.5), TypeError, ["positional"]),  # keyword-only: no silent field mix-up
+    (lambda: FinetuneConfig(momentum=1.0), ValueError, ["finetune.momentum must be in [0, 1), but got 1.0"]),
+    (lambda: MeasureConfig(warmup=-1), ValueError, ["measure.warmup must be an integer >= 0, but got -1"]),
+    (lambda: PretrainConfig(lr=0), ValueError, ["model.pretrain.lr must be a number > 0, but got 0"]),
+    (lambda: make_ratios("per_layer", 3, ratios=[0.1]), ValueError,
+     ["prune.ratios must have one ratio per prunable unit (3 for this model), but got 1"]),
+    (lambda: get_data("fashion_mnist", fraction=0), ValueError, ["data.fraction", "0"]),
+    (lambda: get_data("fashion_mnist", num_workers=-2), ValueError, ["data.num_workers must be an integer >= 0, but got -2"]),
+    (lambda: get_criterion("l3"), ValueError, ["unknown criterion 'l3'; valid: apoz"]),
+    (lambda: build_model("resnet5"), ValueError, ["unknown model 'resnet5'; valid: alexnet"]),
+    (lambda: prune_layer(build_model("small_cnn"), "features.99", [0]), ValueError, ["unknown unit 'features.99'"]),
+    (lambda: prune_layer(build_model("small_cnn"), "features.0", [0.5, 2.7]), ValueError, ["keep_idxs", "0.5"]),
+    (lambda: prune_layer(build_model("small_cnn"), "features.0", []), ValueError, ["keep_idxs is empty"]),
+]
+
+
+@pytest.mark.parametrize("call, exc, musts", API_ROWS, ids=[f"api{i}" for i in range(len(API_ROWS))])
+def test_python_api_refuses(call, exc, musts):
+    torch.manual_seed(0)
+    with pytest.raises(exc) as info:
+        call()
+    text = str(info.value)
+    assert "\n" not in text
+    for must in musts:
+        assert must in text, f"{must!r} not in {text!r}"

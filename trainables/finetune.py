@@ -1,0 +1,200 @@
+"""Fine-tuning between pruning steps: seeded SGD (optionally data-parallel), evaluation along
+the way, and adaptive BN re-estimation after a pruning step."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from data import DataSplits, iterate_batches, take
+from trainables.config import FinetuneConfig, PruneConfig
+from trainables.metrics import count_flops, evaluate
+from trainables.records import CurvePoint
+
+__all__ = ["Finetuner", "Report", "recalibrate_bn"]
+
+Report = Callable[[dict], None]
+
+# Seed offsets that keep the fine-tuning, adaptive-BN and scoring streams independent of each other.
+_TRAIN_SEED_STRIDE = 100_003
+_ADAPT_BN_SEED_STRIDE, _ADAPT_BN_SEED_OFFSET = 100_019, 7_777
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    """Adaptive BN (Li et al. 2020, EagleEye): re-estimate every BatchNorm's running mean and
+    variance on ``batches`` with no gradient step; returns the number of images seen.
+
+    Pruning removes input channels, so the statistics the BN layers stored for the unpruned
+    network are stale; recomputing them recovers much of the damage for the price of a few
+    forward passes. Only the BN layers are put in training mode (dropout stays off), and
+    ``momentum=None`` makes the estimate a plain average over all batches.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    saved = [(m, m.momentum) for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        for x, _ in batches:
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return seen
+
+
+class Finetuner:
+    """SGD over a seeded, endless stream of training batches, with evaluation and reporting.
+
+    ``step`` counts optimizer steps over the whole run (one batch per worker each) and
+    ``curve`` holds every evaluation; both continue from ``start_step`` / ``curve`` on resume.
+    ``shard`` is (rank, world size) of data-parallel workers; ``wrap_ddp`` wraps the model in
+    DistributedDataParallel for each stage. ``total_epochs`` only sizes the progress bar.
+    """
+
+    def __init__(self, model: nn.Module, splits: DataSplits, ft: FinetuneConfig, seed: int, report: Report,
+                 progress: bool, total_epochs: float, start_step: int = 0, curve: list[CurvePoint] | None = None,
+                 shard: tuple[int, int] = (0, 1), wrap_ddp: bool = False):
+        self.model, self.splits, self.ft, self.seed, self.report = model, splits, ft, seed, report
+        self.rank, self.world = shard
+        self.wrap_ddp = wrap_ddp
+        # With several workers, one step consumes one batch per worker.
+        self.steps_per_epoch = max(1, len(splits.train) // (ft.batch_size * self.world))
+        self.step = start_step
+        self.curve: list[CurvePoint] = list(curve or [])
+        self._stream = self._batches(start_step)
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=math.ceil(total_epochs * self.steps_per_epoch), desc="fine-tune", unit="step", leave=False)
+
+    @property
+    def num_workers(self) -> int:
+        """Loader processes for every stream read from the splits (``data.num_workers``)."""
+        return self.splits.num_workers
+
+    def _batches(self, start_step: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Epoch e is shuffled with seed (seed, e); a resumed run skips to ``start_step``."""
+        first_epoch, skip = divmod(start_step, self.steps_per_epoch)
+        for epoch in itertools.count(first_epoch):
+            batches = iterate_batches(
+                self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * _TRAIN_SEED_STRIDE + epoch,
+                drop_last=True, num_workers=self.num_workers,
+            )
+            # DistributedSampler-style split: every worker shuffles alike, worker r takes batches r, r+W, ...
+            mine = itertools.islice(batches, self.rank, self.steps_per_epoch * self.world, self.world)
+            yield from itertools.islice(mine, skip if epoch == first_epoch else 0, None)
+
+    @property
+    def epoch(self) -> float:
+        """Epochs of fine-tuning so far (fractional)."""
+        return self.step / self.steps_per_epoch
+
+    def val_acc(self, full: bool = False) -> float:
+        """Validation top-1 in [0, 1]; intermediate evaluations may use only the first
+        ``eval_max_images`` validation images (a cheaper curve), ``full`` always uses all."""
+        val = self.splits.val
+        limit = self.ft.eval_max_images
+        if not full and limit is not None and limit < len(val):
+            val = take(val, torch.arange(limit), None)  # in-memory data stays in memory: fast slicing
+        return self.evaluate(val)["top1"]
+
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        """``trainables.metrics.evaluate`` on one split (top1, top5, loss, n) in eval order."""
+        batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        return evaluate(self.model, batches, classes=self.splits.eval_classes)
+
+    def adapt_bn(self, prune: PruneConfig, salt: int) -> None:
+        """Adaptive BN after a pruning step (``prune.adapt_bn_batches`` > 0).
+
+        Reads ``train_eval`` (training samples, evaluation transform): statistics of augmented
+        crops would not match what the deployed model sees. Its own seeded stream keeps the
+        fine-tuning batches the same with or without it; ``salt`` varies it per pruning step.
+        """
+        if prune.adapt_bn_batches > 0:
+            stream = iterate_batches(
+                self.splits.train_eval, prune.adapt_bn_batch_size, shuffle=True,
+                seed=self.seed * _ADAPT_BN_SEED_STRIDE + _ADAPT_BN_SEED_OFFSET + salt, num_workers=self.num_workers,
+            )
+            recalibrate_bn(self.model, itertools.islice(stream, prune.adapt_bn_batches))
+
+    def emit(self, phase: str, val_acc: float, **extra: Any) -> None:
+        """Append a point to the curve and report it (``extra`` is reported, not kept)."""
+        point: CurvePoint = {"step": self.step, "epoch": round(self.epoch, 4), "val_acc": val_acc, "phase": phase}
+        self.curve.append(point)
+        # Every report carries the current FLOPs, so a trial stopped early still has both objectives.
+        self.report({**point, "flops": count_flops(self.model), **extra})
+
+    def finetune(self, epochs: float, phase: str, anneal: bool = False, **extra: Any) -> float:
+        """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end.
+
+        Evaluates every ``eval_every`` epochs and at the end. ``anneal`` decays the learning
+        rate to 0 along a cosine over this stage (used for the final fine-tuning, so a run ends
+        at a settled optimum rather than a noisy SGD iterate).
+        """
+        n_steps = round(epochs * self.steps_per_epoch)
+        every = max(1, round(self.ft.eval_every * self.steps_per_epoch))
+        opt, sched = self._optimizer(n_steps, anneal)
+        device = next(self.model.parameters()).device
+        net = self._network(device)
+        self.model.train()
+        for i in range(1, n_steps + 1):
+            loss = self._train_step(net, opt, sched, device)
+            if self._bar is not None:
+                self._bar.update(1)
+                if i % 20 == 1:  # .item() syncs a GPU: only now and then
+                    self._bar.set_postfix_str(f"{phase} {extra.get('unit', '')} loss={loss.item():.3f}")
+            if i % every == 0 and i != n_steps:
+                self.emit(phase, self.val_acc(), **extra)
+        acc = self.val_acc()
+        self.emit(phase, acc, **extra)
+        return acc
+
+    def _optimizer(self, n_steps: int, anneal: bool) -> tuple[torch.optim.Optimizer, Any]:
+        # Pruning replaced the Parameter objects: a fresh optimizer each stage.
+        ft = self.ft
+        opt = torch.optim.SGD(self.model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_steps)) if anneal else None
+        return opt, sched
+
+    def _network(self, device: torch.device) -> nn.Module:
+        """The module to train through: the model, or a DDP wrapper of it."""
+        if not self.wrap_ddp:
+            return self.model
+        # Re-wrapped every stage: pruning changed the parameters DDP would synchronise.
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _train_step(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, device: torch.device) -> Tensor:
+        """One SGD step on the next batch of the stream; returns the (undetached) loss."""
+        x, y = next(self._stream)
+        loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        self.step += 1
+        return loss
+
+    def close(self) -> None:
+        """Close the progress bar, if any."""
+        if self._bar is not None:
+            self._bar.close()

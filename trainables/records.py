@@ -1,0 +1,160 @@
+"""Typed records of one prune / fine-tune run: the resumable protocol state and the run record.
+
+Both travel as plain dicts (``to_dict``): the state through ``torch.save`` /
+``torch.load(weights_only=True)`` in the Ray trainable, which only unpickles builtins and
+tensors, and the record as JSON. The dataclasses exist so that the protocol's code names its
+fields and types; the dict shapes are the stable interface and must not change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+__all__ = ["CurvePoint", "Measurement", "ProtocolState", "RunRecord", "UnitRow"]
+
+
+class CurvePoint(TypedDict):
+    """One evaluation on the recovery curve, as ``report`` also receives it."""
+
+    step: int  # fine-tuning steps so far (one batch per worker each)
+    epoch: float  # step / steps per epoch, rounded to 4 decimals
+    val_acc: float  # top-1 in [0, 1]
+    phase: str  # base | damage | recovery | final_finetune
+
+
+# A ``prune_layer`` record ({"unit", "filters_before", "filters_after", "keep_idxs"}, plus
+# "step" in the iterative method); surgery owns its shape, so it stays a plain dict here.
+PruneLogEntry = dict[str, Any]
+
+
+@dataclass
+class Measurement:
+    """Cost of a model: FLOPs (2 x MACs, one image), parameter count, latency."""
+
+    flops: int
+    params: int
+    latency_ms: float | None  # median per batch of ``MeasureConfig.batch_size``; None: not measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"flops": self.flops, "params": self.params, "latency_ms": self.latency_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        return cls(flops=d["flops"], params=d["params"], latency_ms=d["latency_ms"])
+
+
+@dataclass
+class UnitRow:
+    """One pruned unit in the record (``record["units"]``), in pruning order."""
+
+    name: str  # dotted module name of the unit's conv, e.g. "features.10"
+    filters_before: int
+    filters_after: int
+    damage_val_acc: float  # val top-1 right after pruning (before fine-tuning)
+    recovered_val_acc: float  # val top-1 after the fine-tuning that followed
+    keep_idxs: list[int]  # surviving filters, as indices into the unpruned unit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "filters_before": self.filters_before, "filters_after": self.filters_after,
+            "damage_val_acc": self.damage_val_acc, "recovered_val_acc": self.recovered_val_acc,
+            "keep_idxs": list(self.keep_idxs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnitRow:
+        return cls(d["name"], d["filters_before"], d["filters_after"], d["damage_val_acc"],
+                   d["recovered_val_acc"], list(d["keep_idxs"]))
+
+    @classmethod
+    def from_log(cls, rec: PruneLogEntry, damage: float, recovered: float) -> UnitRow:
+        """The row of one ``prune_layer`` record (its keep_idxs index the unpruned unit)."""
+        return cls(rec["unit"], rec["filters_before"], rec["filters_after"], damage, recovered, rec["keep_idxs"])
+
+
+_STATE_KEYS = ("stage", "step", "before", "base_val", "rows", "prune_log", "damage", "curve")
+
+
+@dataclass
+class ProtocolState:
+    """Where a run stands after a stage: enough, with the weights, to continue it exactly."""
+
+    before: Measurement  # the unpruned model's cost
+    base_val: float  # the unpruned model's val top-1 (all of val)
+    stage: int = 0  # stages done
+    step: int = 0  # fine-tuning steps done
+    rows: list[UnitRow] = field(default_factory=list)
+    prune_log: list[PruneLogEntry] = field(default_factory=list)  # replayable, in order
+    # val top-1 right after the latest pruning step (one_shot, iterative): the damage every
+    # unit row reports, set in one stage and read in the final one.
+    damage: float | None = None
+    curve: list[CurvePoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's plain-data part (add ``model_state`` for the weights); a deep copy."""
+        return copy.deepcopy({
+            "stage": self.stage, "step": self.step, "before": self.before.to_dict(), "base_val": self.base_val,
+            "rows": [r.to_dict() for r in self.rows], "prune_log": self.prune_log,
+            "damage": self.damage, "curve": self.curve,
+        })
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProtocolState:
+        """The state of a checkpoint dict; ``model_state`` and keys added by adapters
+        (the Ray trainable's ``done``) are ignored."""
+        missing = [k for k in _STATE_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"resume: not a protocol checkpoint, missing {', '.join(missing)}; pass a state from checkpoint(state)")
+        d = copy.deepcopy({k: v for k, v in d.items() if k in _STATE_KEYS})
+        return cls(
+            before=Measurement.from_dict(d["before"]), base_val=d["base_val"], stage=d["stage"], step=d["step"],
+            rows=[UnitRow.from_dict(r) for r in d["rows"]], prune_log=d["prune_log"],
+            damage=d["damage"], curve=d["curve"],
+        )
+
+
+@dataclass
+class RunRecord:
+    """What ``run_protocol`` returns, before flattening to the JSON record (see ``to_dict``)."""
+
+    base_val_acc: float
+    units: list[UnitRow]  # pruning order
+    curve: list[CurvePoint]
+    final_val_acc: float  # on all of val
+    final_test_acc: float | None  # None when the test split was not read
+    ratios: list[float]  # planned share of filters removed per unit, input to output
+    unit_names: list[str]  # input to output
+    before: Measurement
+    after: Measurement
+    latency_batch_size: int
+    prune_log: list[PruneLogEntry]
+    wall_s: float  # seconds of the whole protocol
+    config: dict[str, Any]
+    final_test_top5: float | None = None  # only recorded with more than 10 classes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record's JSON shape: keys and order as consumers (run.py, search, bench) read them."""
+        record = {
+            "base_val_acc": self.base_val_acc,
+            "units": [u.to_dict() for u in self.units],
+            "curve": self.curve,
+            "final_val_acc": self.final_val_acc,
+            "final_test_acc": self.final_test_acc,
+            "ratios": self.ratios,
+            "unit_names": self.unit_names,
+            "flops_before": self.before.flops,
+            "flops_after": self.after.flops,
+            "params_before": self.before.params,
+            "params_after": self.after.params,
+            "latency_ms_before": self.before.latency_ms,
+            "latency_ms_after": self.after.latency_ms,
+            "latency_batch_size": self.latency_batch_size,
+            "prune_log": self.prune_log,
+            "wall_s": self.wall_s,
+            "config": self.config,
+        }
+        if self.final_test_top5 is not None:
+            record["final_test_top5"] = self.final_test_top5
+        return record
