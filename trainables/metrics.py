@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.models import input_shape_of
 
-__all__ = ["count_flops", "count_params", "measure_latency", "deployment_form", "evaluate"]
+__all__ = ["count_flops", "count_flops_by_layer", "count_params", "measure_latency", "deployment_form", "evaluate"]
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> int:
@@ -34,6 +34,37 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> i
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[dict[nn.Module, int], int]:
+    """FLOPs counted inside each conv and linear layer's forward (summed over its calls), and the
+    total ``count_flops`` gives, in one pass; same convention (2 x MACs).
+
+    Works on a model whose weights live on the meta device (shapes only), which is how the
+    FLOPs-target planner (``trainables.planning.FlopsModel``) calls it.
+    """
+    shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
+    device = next(model.parameters()).device
+    counts: dict[nn.Module, int] = {}
+    layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        def before(module: nn.Module, _args: object) -> None:
+            counts[module] = counts.get(module, 0) - counter.get_total_flops()
+
+        def after(module: nn.Module, _args: object, _out: object) -> None:
+            counts[module] += counter.get_total_flops()
+
+        hooks = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *shape, device=device))
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+    return counts, int(counter.get_total_flops())
 
 
 def count_params(model: nn.Module) -> int:
