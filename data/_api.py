@@ -42,10 +42,15 @@ class DataSplits:
     # For in-memory data sets (no augmentation) it is the same object as `train`.
     train_eval: Dataset | None = None
     num_workers: int = 0  # DataLoader worker processes for file-backed splits (JPEG decoding)
+    # Training images before `fraction` was applied: a fine-tuning budget in epochs of the full
+    # set keeps the number of optimiser steps fixed while the fraction varies (data efficiency).
+    train_size_full: int | None = None
 
     def __post_init__(self) -> None:
         if self.train_eval is None:
             object.__setattr__(self, "train_eval", self.train)
+        if self.train_size_full is None:
+            object.__setattr__(self, "train_size_full", len(self.train))
 
 
 def list_datasets() -> list[str]:
@@ -108,7 +113,8 @@ def get_data(
 
     parts = spec.load(folder, ids)
     targets = targets_of(parts.train)
-    train_idx, val_idx = split_indices(targets, _val_count(val_size, len(targets)), fraction, seed)
+    n_val = _val_count(val_size, len(targets))
+    train_idx, val_idx = split_indices(targets, n_val, fraction, seed)
 
     label_map = None
     if ids is not None and remap_labels:
@@ -120,6 +126,7 @@ def get_data(
         train=train,
         train_eval=train if parts.train_eval is parts.train else take(parts.train_eval, train_idx, label_map),
         num_workers=int(num_workers),
+        train_size_full=len(targets) - n_val,
         val=take(parts.train_eval, val_idx, label_map),
         test=take(parts.test, None, label_map),
         num_classes=len(ids) if remapped else len(all_names),
