@@ -72,7 +72,7 @@ def old_bisect_scale(reduction: Callable[[float], float], target: float, cap: fl
 
 
 def _shape(units: list[Unit], prune: PruneConfig) -> list[float]:
-    ratios = make_ratios(prune.schedule, len(units), ratio=prune.ratio, ratio_low=prune.ratio_low,
+    ratios = make_ratios(prune.schedule, [u.n_filters for u in units], ratio=prune.ratio, ratio_low=prune.ratio_low,
                          ratio_high=prune.ratio_high, ratios=prune.ratios)
     return ratios if max(ratios) > 0 else [1.0] * len(units)
 

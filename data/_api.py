@@ -45,12 +45,20 @@ class DataSplits:
     # Training images before `fraction` was applied: a fine-tuning budget in epochs of the full
     # set keeps the number of optimiser steps fixed while the fraction varies (data efficiency).
     train_size_full: int | None = None
+    # Original label ids of the kept classes, in label order (label j of a remapped subset is
+    # class class_ids[j] of the whole data set); None when every class is kept. What cutting a
+    # classifier head to the subset needs (trainables.models.cut_head).
+    class_ids: list[int] | None = None
+    # Classes of the whole data set, subset or not: the head width of a model trained on all of them.
+    source_num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.train_eval is None:
             object.__setattr__(self, "train_eval", self.train)
         if self.train_size_full is None:
             object.__setattr__(self, "train_size_full", len(self.train))
+        if self.source_num_classes is None:
+            object.__setattr__(self, "source_num_classes", self.num_classes)
 
 
 def list_datasets() -> list[str]:
@@ -76,6 +84,7 @@ def get_data(
     remap_labels: bool = True,
     fraction: float = 1.0,
     num_workers: int = 0,
+    split_before_subset: bool = False,
 ) -> DataSplits:
     """Load dataset ``name`` and split it into train / val / test.
 
@@ -89,6 +98,12 @@ def get_data(
     and ``DatasetNotFoundError`` (a ``ValueError``) when the files are missing.
     ``num_workers`` is handed to every loader of a file-backed split (``iterate_batches``
     callers pass ``splits.num_workers``); in-memory splits are sliced and ignore it.
+
+    ``split_before_subset=True`` (with ``classes``) carves validation and ``fraction`` from
+    all classes, exactly as a run without ``classes`` would, then keeps the subset's share:
+    the subset's val images are the all-class val images of those classes. A base model
+    trained on all classes has never seen them, so a class-specific run on it measures
+    held-out accuracy. It reads every class (a class-folder data set scans all of train/).
     """
     if not isinstance(name, str):
         raise ValueError(
@@ -98,6 +113,8 @@ def get_data(
     requested = _check_args(name, root, download, val_size, seed, classes, remap_labels, fraction)
     if not _is_int(num_workers) or num_workers < 0:
         raise ValueError(f"data.num_workers must be an integer >= 0, but got {num_workers!r}")
+    if not isinstance(split_before_subset, bool):
+        raise ValueError(f"split_before_subset must be true or false, but got {split_before_subset!r}")
     if download and not spec.can_download:
         raise ValueError(
             f"data.download=true is not supported for {name}; set data.root to a local copy"
@@ -111,10 +128,19 @@ def get_data(
     if requested is not None and ids is None:
         ids = _class_ids(name, requested, all_names)
 
-    parts = spec.load(folder, ids)
+    carve_all = split_before_subset and ids is not None
+    parts = spec.load(folder, None if carve_all else ids)
     targets = targets_of(parts.train)
     n_val = _val_count(val_size, len(targets))
     train_idx, val_idx = split_indices(targets, n_val, fraction, seed)
+    n_pool = len(targets) - n_val
+    test_idx = None
+    if carve_all:
+        wanted = torch.tensor(ids, dtype=torch.int64)
+        in_subset = torch.isin(targets, wanted)
+        train_idx, val_idx = train_idx[in_subset[train_idx]], val_idx[in_subset[val_idx]]
+        n_pool = int(in_subset.sum()) - len(val_idx)
+        test_idx = torch.isin(targets_of(parts.test), wanted).nonzero().flatten()
 
     label_map = None
     if ids is not None and remap_labels:
@@ -126,13 +152,15 @@ def get_data(
         train=train,
         train_eval=train if parts.train_eval is parts.train else take(parts.train_eval, train_idx, label_map),
         num_workers=int(num_workers),
-        train_size_full=len(targets) - n_val,
+        train_size_full=n_pool,
         val=take(parts.train_eval, val_idx, label_map),
-        test=take(parts.test, None, label_map),
+        test=take(parts.test, test_idx, label_map),
         num_classes=len(ids) if remapped else len(all_names),
         class_names=[all_names[i] for i in ids] if remapped else all_names,
         input_shape=spec.input_shape,
         eval_classes=list(ids) if ids is not None and not remapped else None,
+        class_ids=list(ids) if ids is not None else None,
+        source_num_classes=len(all_names),
     )
 
 

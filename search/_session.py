@@ -37,10 +37,13 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
-def trial_prune(cfg, prune) -> tuple[dict, dict]:
+def trial_prune(cfg, prune, steps_per_epoch: int | None = None) -> tuple[dict, dict]:
     """``(trial_prune, full_prune)``: the run config's prune settings with the search's
-    ``prune_overrides``; with ``fidelity=proxy`` trials prune in one shot and only recalibrate
-    BN (no gradient step), while ``full_prune`` keeps the fine-tuning for the front."""
+    ``prune_overrides``; with ``fidelity=proxy`` trials prune in one shot, recalibrate BN and
+    take ``search.proxy.finetune_steps`` optimiser steps (0: none), while ``full_prune`` keeps
+    the fine-tuning for the front. ``steps_per_epoch`` (``search.blend.proxy.steps_per_epoch``
+    on the loaded data) turns those steps into the protocol's epochs; without it (checking a
+    config before the data is loaded) the proxy's ``q`` is 0."""
     from dataclasses import fields
 
     from trainables.config import PruneConfig
@@ -52,15 +55,21 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
         raise ValueError(f"unknown key search.prune_overrides.{unknown[0]}; valid: {', '.join(sorted(known))}")
     full = {**asdict(prune), **overrides}
     if cfg.search.get("blend"):
-        full["criterion_options"] = {**full.get("criterion_options", {}), "normalize": cfg.search.blend.get("normalize", "rank")}
+        # layerwise: recorded with every trial (a stage / unit search adds its groups in start_search)
+        full["criterion_options"] = {**full.get("criterion_options", {}), "normalize": cfg.search.blend.get("normalize", "rank"),
+                                     "layerwise": cfg.search.blend.get("layerwise", "global")}
     trial = dict(full)
     if cfg.search.get("fidelity", "full") == "proxy":
-        proxy = {"adapt_bn_batches": 50, "adapt_bn_batch_size": 128, **dict(cfg.search.get("proxy") or {})}
-        for key, low in (("adapt_bn_batches", 0), ("adapt_bn_batch_size", 1)):
+        from search.blend.proxy import proxy_epochs
+
+        proxy = {"adapt_bn_batches": 50, "adapt_bn_batch_size": 128, "finetune_steps": 0,
+                 **dict(cfg.search.get("proxy") or {})}
+        for key, low in (("adapt_bn_batches", 0), ("adapt_bn_batch_size", 1), ("finetune_steps", 0)):
             value = proxy[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"search.proxy.{key}={value!r} must be an integer >= {low}")
-        trial.update(method="one_shot", p=0.0, q=0.0, adapt_bn_batches=proxy["adapt_bn_batches"],
+        q = proxy_epochs(proxy["finetune_steps"], steps_per_epoch) if steps_per_epoch else 0.0
+        trial.update(method="one_shot", p=0.0, q=q, adapt_bn_batches=proxy["adapt_bn_batches"],
                      adapt_bn_batch_size=proxy["adapt_bn_batch_size"])
     for values in (full, trial):
         probe = {**values, "criterion": "l1"}  # the searched criterion is checked by the space
@@ -68,31 +77,50 @@ def trial_prune(cfg, prune) -> tuple[dict, dict]:
     return trial, full
 
 
-def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path, log=print) -> tuple[list[str], list[Path]]:
+def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path,
+                     log=print) -> tuple[list[str] | dict, list[Path]]:
     """The blended search's candidates: ``search.blend.candidates`` if given, else the
-    representatives of the criteria clustering (scores cached next to the base models)."""
+    representatives of the criteria clustering (scores cached next to the base models).
+
+    With ``search.blend.layerwise`` = stage or unit: a layout (``search.blend.layout``), one
+    clustering and set of candidates per group of units, instead of one list."""
     from search.blend.clustering import (
+        cluster_groups,
         cluster_pool,
         format_clustering,
         pool_scores,
         write_clustering,
+        write_groups,
     )
+    from search.blend.layout import make_layout, unit_groups
     from trainables.config import PruneConfig
     from trainables.protocol import resolve_classes, scoring_batches
+    from trainables.surgery import describe_units
 
     blend = cfg.search.blend
+    mode = blend.get("layerwise", "global")
+    groups = unit_groups([u.name for u in describe_units(base)], mode, blend.get("stages"))
     if blend.get("candidates"):
-        return list(blend.candidates), []
+        if mode == "global":
+            return list(blend.candidates), []
+        return make_layout(mode, groups, [list(blend.candidates)] * len(groups)), []
     p = PruneConfig(**{**prune, "criterion": "l1", "criterion_options": {}})
     scores = pool_scores(base, list(blend.pool), scoring_batches(splits, p, cfg.seed), seed=cfg.seed,
                          target_classes=resolve_classes(p.target_classes, splits.class_names),
                          cache_dir=cfg.cache_dir, model_key=Path(base_path).stem, log=log)
-    result = cluster_pool(scores, list(blend.pool), n_clusters=blend.get("n_clusters"),
-                          distance_threshold=blend.get("distance_threshold"))
-    write_clustering(result, out / "clustering", title=f"{cfg.model.name} on {cfg.data.name}: criteria clustering")
-    log(format_clustering(result))
-    log(f"candidates (cluster representatives): {', '.join(result.representatives)}")
-    return result.representatives, [out / "clustering"]  # a folder: MLflow keeps its name
+    cut = {"n_clusters": blend.get("n_clusters"), "distance_threshold": blend.get("distance_threshold")}
+    result = cluster_pool(scores, list(blend.pool), **cut)
+    title = f"{cfg.model.name} on {cfg.data.name}: criteria clustering"
+    if mode == "global":
+        write_clustering(result, out / "clustering", title=title, extra={"layerwise": "global"})
+        log(format_clustering(result))
+        log(f"candidates (cluster representatives): {', '.join(result.representatives)}")
+        return result.representatives, [out / "clustering"]  # a folder: MLflow keeps its name
+    per_group = cluster_groups(scores, list(blend.pool), groups, **cut)
+    write_groups(result, per_group, groups, mode, out / "clustering", title=title)
+    for i, (units, res) in enumerate(zip(groups, per_group, strict=True)):
+        log(f"{mode} {i} ({', '.join(units)}): candidates (cluster representatives): {', '.join(res.representatives)}")
+    return make_layout(mode, groups, [r.representatives for r in per_group]), [out / "clustering"]
 
 
 def _init_ray(cfg, log=print) -> bool:
@@ -137,10 +165,17 @@ def start_search(cfg, out: Path, log=print) -> Session:
     base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
     units = describe_units(base)
     prune, finetune, measure, _ = configs_of(cfg)
-    prune_trial, prune_full = trial_prune(cfg, prune)
+    from search.blend.proxy import steps_per_epoch
+
+    prune_trial, prune_full = trial_prune(cfg, prune, steps_per_epoch(splits, finetune, cfg.train.num_workers))
     candidates, artifacts = state.get("candidates"), []
     if cfg.search.get("blend") and candidates is None:
         candidates, artifacts = blend_candidates(cfg, base, splits, base_path, prune_full, out, log=log)
+    if isinstance(candidates, dict):  # a layerwise blend: the criterion learns which units share factors
+        from search.blend.layout import criterion_groups
+
+        prune_trial, prune_full = ({**p, "criterion_options": {**p["criterion_options"], **criterion_groups(candidates)}}
+                                   for p in (prune_trial, prune_full))
     storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,

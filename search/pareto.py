@@ -55,8 +55,8 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("trial_id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # COMPLETED | STOPPED_EARLY | FAILED | RUNNING
         pa.field("criterion", pa.string(), nullable=False),  # criterion registry name
-        pa.field("schedule", pa.string()),  # ratio schedule name: uniform | differential | per_layer
-        pa.field("method", pa.string()),  # layer_by_layer | one_shot | iterative
+        pa.field("schedule", pa.string()),  # ratio schedule name (trainables.schedules): uniform | differential | differential_depth | per_layer | ..._inverted
+        pa.field("method", pa.string()),  # prune.method (trainables.config.METHODS)
         pa.field("ratios", pa.list_(pa.float64())),  # one pruning ratio per prunable unit, network order
         pa.field("p", pa.float64()),  # fine-tuning epochs after each unit / step
         pa.field("q", pa.float64()),  # fine-tuning epochs at the end

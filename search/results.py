@@ -4,6 +4,8 @@ the pruned models of the front in MLflow, ``trials.parquet``, ``pareto.png`` and
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Hashable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,21 @@ def _ratios(result, session, config: dict) -> list[float]:
             if record.exists():
                 return [float(r) for r in json.loads(record.read_text())["ratios"]]
     prune, _, _ = trial_configs(session.ctx, config)
-    return make_ratios(prune.schedule, session.n_units, ratio=prune.ratio, ratio_low=prune.ratio_low,
-                       ratio_high=prune.ratio_high, ratios=prune.ratios)
+    ctx = session.ctx
+    return make_ratios(prune.schedule, _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs)),
+                       ratio=prune.ratio, ratio_low=prune.ratio_low, ratio_high=prune.ratio_high,
+                       ratios=prune.ratios)
+
+
+@lru_cache(maxsize=4)
+def _unit_filters(model_name: str, num_classes: int, model_kwargs: str) -> tuple[int, ...]:
+    """The base model's filter count per unit, input to output (the differential schedule reads
+    them); from the architecture alone, built once per search rather than once per trial."""
+    from trainables.models import build_model
+    from trainables.surgery import describe_units
+
+    model = build_model(model_name, num_classes=num_classes, **json.loads(model_kwargs))
+    return tuple(u.n_filters for u in describe_units(model))
 
 
 def trial_ids(results) -> list[str]:
@@ -114,12 +129,18 @@ def _run_ids(results, tracker) -> dict[str, str | None]:
     return {t: tracker.find_run(t) for t in trial_ids(results)}
 
 
-def pick_for_finetuning(rows: list[dict], n: int) -> list[dict]:
+def pick_for_finetuning(rows: list[dict], n: int, signature: Callable[[dict], Hashable] | None = None,
+                        log: Callable[[str], None] | None = None) -> list[dict]:
     """The ``n`` completed trials with the best proxy accuracy, Pareto-optimal ones first (with
-    a fixed FLOPs target the front is often a single trial)."""
+    a fixed FLOPs target the front is often a single trial), one per candidate: a trial that
+    keeps the same filters in every unit as a better one (``search.blend.dedupe``; by default
+    read from its record) is skipped for the next distinct trial, so no candidate is
+    fine-tuned twice."""
+    from search.blend.dedupe import distinct, trial_signature
+
     done = [r for r in rows if r["status"] == "COMPLETED" and r["val_acc"] is not None]
     done.sort(key=lambda r: (not r["pareto"], -r["val_acc"], r["flops"] or 0))
-    return done[:n]
+    return distinct(done, n, signature or trial_signature, log=log)
 
 
 def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> tuple[list[dict], list[Path], dict]:
@@ -128,7 +149,7 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
 
     from search.pareto import format_front
 
-    picked = pick_for_finetuning(rows, int(cfg.search.finetune_front))
+    picked = pick_for_finetuning(rows, int(cfg.search.finetune_front), log=log)
     if not picked:
         return [], [], {}
     log(f"fine-tuning the {len(picked)} best proxy trials at full fidelity: {', '.join(r['trial_id'] for r in picked)}")

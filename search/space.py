@@ -2,7 +2,7 @@
 
 ``define_space(space, n_units)`` returns the function OptunaSearch calls with an
 ``optuna.Trial``: it suggests the criterion, the ratio schedule and its ratios (one for
-uniform, low/high for differential, one per unit for per_layer), p, q and the learning
+uniform, low/high for both differential ones, one per unit for per_layer), p, q and the learning
 rate, with bounds from ``conf/search/*.yaml``; a key set to null is not searched (the run
 config's value holds). For the blended criterion it also suggests one calibration factor
 ``weight_<candidate>`` per candidate. The values it suggests become the trial's config,
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 __all__ = ["SearchSpace", "define_space", "check_space"]
 
-_SCHEDULES = ("uniform", "differential", "per_layer")
+# The inverted differential schedules are not searched: the space samples ratio_low <= ratio_high.
+_SCHEDULES = ("uniform", "differential", "differential_depth", "per_layer")
 
 
 def _bounds(space: Mapping, key: str) -> tuple[float, float, bool]:
@@ -45,6 +46,9 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
 
         blend = space["blend"]
         check_pool(blend["pool"], criteria, n_clusters=blend.get("n_clusters"), distance_threshold=blend.get("distance_threshold"))
+        from search.blend.layout import check_layerwise
+
+        check_layerwise(blend)  # stages <= the model's units is checked once the units are known
         if blend.get("candidates") is not None:
             check_pool(blend["candidates"], criteria, n_clusters=1, key="search.blend.candidates")
         lo, hi, _ = _bounds(blend, "factor")
@@ -70,10 +74,11 @@ class SearchSpace:
     """The define-by-run function for ``OptunaSearch(space=...)``; a class so that Tune can
     pickle it into the searcher's checkpoint (a closure cannot be pickled)."""
 
-    def __init__(self, space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | None = None):
+    def __init__(self, space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | Mapping | None = None):
         self.space = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(space).items()}
         self.n_units = n_units
-        self.candidates = list(candidates or [])  # the blended criterion's candidates, one factor each
+        # The blended criterion's candidates, one factor each: a list, or a layerwise layout (search.blend.layout).
+        self.candidates = dict(candidates) if isinstance(candidates, Mapping) else list(candidates or [])
         # criteria=null: every registered criterion (blended only when it has candidates)
         self.pool = list(self.space["criteria"] or [c for c in criteria if c != "blended" or self.candidates])
         self.schedules = list(self.space["schedules"])
@@ -83,15 +88,17 @@ class SearchSpace:
     def __call__(self, trial) -> dict | None:
         criterion = trial.suggest_categorical("criterion", self.pool)
         if criterion == "blended":
+            from search.blend.layout import factor_keys
+
             lo, hi, _ = _bounds(self.space["blend"], "factor")
-            for name in self.candidates:
-                trial.suggest_float(f"weight_{name}", lo, hi)
+            for key in factor_keys(self.candidates):
+                trial.suggest_float(key, lo, hi)
         if _searched(self.space, "ratio"):
             schedule = trial.suggest_categorical("schedule", self.schedules)
             low, high, _ = _bounds(self.space, "ratio")
             if schedule == "uniform":
                 trial.suggest_float("ratio", low, high)
-            elif schedule == "differential":
+            elif schedule in ("differential", "differential_depth"):
                 ratio_low = trial.suggest_float("ratio_low", low, high)
                 trial.suggest_float("ratio_high", ratio_low, high)
             else:
@@ -104,6 +111,6 @@ class SearchSpace:
         return None
 
 
-def define_space(space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | None = None) -> SearchSpace:
+def define_space(space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | Mapping | None = None) -> SearchSpace:
     """The define-by-run function for ``OptunaSearch(space=...)``."""
     return SearchSpace(space, n_units, criteria, candidates)

@@ -296,6 +296,9 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_sessi
     assert tuned["proxy_trial_id"] == best["trial_id"] and tuned["proxy_val_acc"] == pytest.approx(best["val_acc"])
     assert tuned["config_json"] == best["config_json"] and tuned["test_acc"] is not None and tuned["status"] == "COMPLETED"
     assert json.loads(tuned["config_json"])["criterion"] == "blended"
+    records = [json.loads(f.read_text()) for f in (out / "ray" / "tune_finetune").rglob("record.json")]
+    assert records and all(r["config"]["prune"]["criterion_options"]["layerwise"] == "global" for r in records)
+    assert clustering["layerwise"] == "global"
     state = json.loads((out / "launch_state.json").read_text())
     assert state["candidates"] == clustering["representatives"]
     client = mlflow.MlflowClient(state["tracking_uri"])
@@ -330,3 +333,265 @@ def test_blend_cli_clusters_the_base_model_and_refuses_bad_input(tiny_fmnist, tm
     printed = next(line for line in lines if line.startswith("candidates (cluster representatives):"))
     assert all(rep in printed for rep in clustering["representatives"])
     assert len(list((tmp_path / "cache" / "criteria_scores").rglob("*.pt"))) == 4  # one cache file per criterion
+
+
+# ---- layerwise blends (He et al. cluster and calibrate per layer) ----
+
+def test_units_are_grouped_into_consecutive_stages_units_or_one_group():
+    from search.blend.layout import unit_groups
+
+    units = [f"u{i}" for i in range(5)]
+    assert unit_groups(units, "global") == [units]
+    assert unit_groups(units, "unit") == [[u] for u in units]
+    stages = unit_groups(units, "stage", 2)
+    assert stages == [["u0", "u1", "u2"], ["u3", "u4"]]  # consecutive, sizes differ by at most one
+    assert [u for g in unit_groups(units, "stage", 3) for u in g] == units
+    with pytest.raises(ValueError, match=r"search.blend.stages must be an integer in \[1, 5\].*but got 6"):
+        unit_groups(units, "stage", 6)
+
+
+def test_layerwise_blend_scores_each_unit_with_its_own_groups_factors():
+    model, batches = _model(), _batches()
+    units = describe_units(model)
+    first, rest = [u.name for u in units[:2]], [u.name for u in units[2:]]
+    options = {"layerwise": "stage", "groups": [{"units": first, "weights": {"l1": 1.0}},
+                                                {"units": rest, "weights": {"apoz": 1.0, "l1": 0.0}}]}
+    check_blend_options(options)
+    for unit in units:
+        got = get_criterion("blended")(model, unit, ScoringContext(batches=batches, options=options))
+        alone = get_criterion("l1" if unit.name in first else "apoz")(model, unit, ScoringContext(batches=batches))
+        assert all(select_keep(got, k) == select_keep(alone, k) for k in range(1, unit.n_filters))
+    # l1 and apoz rank some unit differently, so the per-group factors did change a ranking.
+    assert any(select_keep(get_criterion("l1")(model, u), u.n_filters // 2)
+               != select_keep(get_criterion("apoz")(model, u, ScoringContext(batches=batches)), u.n_filters // 2)
+               for u in units[2:])
+    missing = {**options, "groups": options["groups"][:1]}
+    with pytest.raises(ValueError, match=f"'{rest[0]}' is in none"):
+        get_criterion("blended")(model, units[2], ScoringContext(batches=batches, options=missing))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"layerwise": "layer", "weights": {"l1": 1.0}}, r"criterion.layerwise must be one of global, stage, unit, but got 'layer'"),
+        ({"layerwise": "stage", "weights": {"l1": 1.0}, "groups": [{"units": ["a"], "weights": {"l1": 1.0}}]},
+         r"criterion.weights must be null with criterion.layerwise=stage"),
+        ({"layerwise": "unit", "groups": []}, r"criterion.groups must be a non-empty list"),
+        ({"layerwise": "unit", "groups": [{"units": ["a"], "weights": {"l1": 1.0}}, {"units": ["a"], "weights": {"l1": 1.0}}]},
+         r"criterion.groups\[1\].units must not repeat a unit of an earlier group, but got 'a'"),
+        ({"layerwise": "unit", "groups": [{"units": ["a"], "weights": {"l1": -1.0}}]},
+         r"criterion.groups\[0\].weights.l1=-1.0 must be a finite number >= 0"),
+        ({"groups": [{"units": ["a"], "weights": {"l1": 1.0}}], "weights": {"l1": 1.0}}, r"criterion.groups must be null"),
+    ],
+)
+def test_bad_layerwise_options_are_one_line_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        check_blend_options(options)
+
+
+def test_layerwise_space_suggests_factors_per_group_and_trials_carry_them_to_the_criterion():
+    from omegaconf import OmegaConf
+
+    from search.blend.layout import criterion_groups, make_layout
+    from trainables.ray_trainable import TrialContext, trial_configs
+
+    cfg = load_search_config(["search=blended", "search.blend.layerwise=stage", "search.blend.stages=2"])
+    layout = make_layout("stage", [["features.0", "features.4"], ["features.7"]], [["l1", "apoz"], ["fpgm"]])
+    space = define_space(OmegaConf.to_container(cfg.search, resolve=True), 3, ["l1", "apoz", "fpgm"], layout)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    space(trial)
+    assert set(trial.params) == {"criterion", "weight_g0_l1", "weight_g0_apoz", "weight_g1_fpgm"}
+    options = {"normalize": "rank", **criterion_groups(layout)}
+    before = copy.deepcopy(options)
+    ctx = TrialContext("small_cnn", {}, 10, {}, {}, prune={"method": "one_shot", "criterion_options": options},
+                       finetune={}, measure={})
+    prune, _, _ = trial_configs(ctx, trial.params)
+    assert options == before  # the context's options are not filled in place
+    groups = prune.criterion_options["groups"]
+    assert prune.criterion_options["layerwise"] == "stage" and prune.criterion_options["weights"] is None
+    assert groups[0] == {"units": ["features.0", "features.4"],
+                         "weights": {"l1": trial.params["weight_g0_l1"], "apoz": trial.params["weight_g0_apoz"]}}
+    assert groups[1] == {"units": ["features.7"], "weights": {"fpgm": trial.params["weight_g1_fpgm"]}}
+    with pytest.raises(ValueError, match="weight_g2_l1 must be weight_g<group>_<candidate> with group < 2"):
+        trial_configs(ctx, {**trial.params, "weight_g2_l1": 0.5})
+
+
+def test_clustering_per_group_follows_each_groups_own_agreement():
+    from search.blend.clustering import cluster_groups
+
+    gen = torch.Generator().manual_seed(0)
+    base = {u: torch.randn(40, generator=gen) for u in ("a", "b", "c", "d")}
+    other = {u: torch.randn(40, generator=gen) for u in base}
+    # On units a, b criterion y copies x; on c, d it copies z (and x, z are unrelated there).
+    scores = {"x": base, "y": {u: (base[u] if u in "ab" else other[u]) * 2 + 1 for u in base}, "z": other}
+    pool = ["x", "y", "z"]
+    first, second = cluster_groups(scores, pool, [["a", "b"], ["c", "d"]], n_clusters=2)
+    assert sorted(map(sorted, first.clusters)) == [["x", "y"], ["z"]]
+    assert sorted(map(sorted, second.clusters)) == [["x"], ["y", "z"]]
+    assert set(first.per_unit) == {"a", "b"} and set(second.per_unit) == {"c", "d"}
+
+
+def test_bad_layerwise_search_input_is_one_line_before_any_trial(capsys):
+    for args, parts in (
+        (["search.blend.layerwise=layer"], ("search.blend.layerwise", "global, stage, unit", "'layer'")),
+        (["search.blend.layerwise=stage", "search.blend.stages=0"], ("search.blend.stages", "integer >= 1", "0")),
+        (["search.proxy.finetune_steps=-5"], ("search.proxy.finetune_steps", "integer >= 0", "-5")),
+        (["search.proxy.finetune_steps=2.5"], ("search.proxy.finetune_steps", "integer >= 0", "2.5")),
+    ):
+        assert main(["search=blended", *args]) == 2
+        err = capsys.readouterr().err
+        assert all(part in err for part in parts) and err.count("\n") == 1, (parts, err)
+
+
+# ---- the short-fine-tune proxy ----
+
+@pytest.mark.parametrize("per_epoch", [1, 7, 429, 3906])
+def test_proxy_epochs_give_back_exactly_k_protocol_steps(per_epoch):
+    from types import SimpleNamespace as NS
+
+    from search.blend.proxy import proxy_epochs, steps_per_epoch
+
+    full, part = NS(train=range(5_500), train_size_full=55_000), NS(train=range(90), train_size_full=100)
+    assert steps_per_epoch(full, NS(batch_size=128, steps_follow_fraction=False)) == 429  # the full set's epoch
+    assert steps_per_epoch(full, NS(batch_size=128, steps_follow_fraction=True)) == 42  # one pass over the fraction
+    assert steps_per_epoch(part, NS(batch_size=128, steps_follow_fraction=False)) == 1
+    assert steps_per_epoch(full, NS(batch_size=10, steps_follow_fraction=False), world=4) == 1375
+    for k in (0, 1, 3, 10, 30, 100, 999, 12_345):
+        assert round(proxy_epochs(k, per_epoch) * per_epoch) == k  # the Finetuner's step count
+
+
+def test_proxy_trial_takes_adaptive_bn_and_exactly_k_optimiser_steps(tiny_fmnist):
+    from data import get_data
+    from search._session import trial_prune
+    from search.blend.proxy import steps_per_epoch
+    from trainables.compose import configs_of
+    from trainables.config import MeasureConfig, PruneConfig
+    from trainables.protocol import run_protocol
+
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+    cfg = load_search_config(["search=blended", "data.batch_size=32", "search.proxy.finetune_steps=7",
+                              "search.proxy.adapt_bn_batches=2", "search.proxy.adapt_bn_batch_size=16"])
+    prune, finetune, _, _ = configs_of(cfg)
+    per_epoch = steps_per_epoch(splits, finetune)
+    trial, full = trial_prune(cfg, prune, per_epoch)
+    assert trial["method"] == "one_shot" and trial["p"] == 0 and trial["adapt_bn_batches"] == 2
+    assert full["q"] == cfg.search.prune_overrides.q  # the front keeps its full fine-tuning
+    assert trial_prune(cfg, prune)[0]["q"] == 0  # no data yet (config check): no steps to count
+    torch.manual_seed(0)
+    rec = run_protocol(build_model("small_cnn"), splits, PruneConfig(**{**trial, "criterion": "l1"}), finetune,
+                       measure=MeasureConfig(latency=False), evaluate_test=False)
+    assert rec["curve"][-1]["step"] == 7 and rec["curve"][-1]["phase"] == "final_finetune"
+    assert [p["phase"] for p in rec["curve"]][:2] == ["base", "damage"]
+
+
+# ---- one candidate per set of pruned filters ----
+
+def _proxy_row(tmp_path, trial_id: str, val_acc: float, keep: dict[str, list[int]], weights: dict[str, float]) -> dict:
+    import json
+
+    from ray.train import Checkpoint
+
+    folder = tmp_path / trial_id
+    folder.mkdir()
+    log = [{"unit": u, "keep_idxs": k} for u, k in keep.items()]
+    (folder / "record.json").write_text(json.dumps({"prune_log": log}))
+    config = {"criterion": "blended", **{f"weight_{c}": f for c, f in weights.items()}}
+    return {"trial_id": trial_id, "status": "COMPLETED", "val_acc": val_acc, "pareto": False, "flops": 100,
+            "config_json": json.dumps(config), "_checkpoint": Checkpoint.from_directory(str(folder))}
+
+
+def test_finetuning_picks_skip_a_candidate_that_prunes_the_same_filters(tmp_path):
+    import json
+
+    from search.results import pick_for_finetuning
+
+    keep = {"features.0": [0, 2, 3], "features.4": [1, 5]}
+    rows = [
+        _proxy_row(tmp_path, "a", 0.80, keep, {"l1": 0.9, "apoz": 0.1}),
+        # Other factors, same filters kept (indices listed in another order): the same candidate.
+        _proxy_row(tmp_path, "b", 0.80, {"features.4": [5, 1], "features.0": [3, 0, 2]}, {"l1": 0.8, "apoz": 0.1}),
+        _proxy_row(tmp_path, "c", 0.75, {**keep, "features.4": [1, 6]}, {"l1": 0.1, "apoz": 0.9}),
+        _proxy_row(tmp_path, "d", 0.70, {**keep, "features.0": [0, 1, 2]}, {"l1": 0.5, "apoz": 0.5}),
+    ]
+    said = []
+    picked = pick_for_finetuning(rows, 2, log=said.append)
+    assert [r["trial_id"] for r in picked] == ["a", "c"] and said == [
+        "trial b prunes the same filters as trial a: not fine-tuned again"]
+    assert [r["trial_id"] for r in pick_for_finetuning(rows, 5)] == ["a", "c", "d"]  # fewer distinct than asked
+    # Without records, identical configs (NSGA-II proposing a vector twice) are one candidate.
+    twin = {**rows[2], "trial_id": "e", "_checkpoint": None, "val_acc": 0.9}
+    twice = [twin, {**twin, "trial_id": "f"}, {**rows[3], "_checkpoint": None}]
+    assert [r["trial_id"] for r in pick_for_finetuning(twice, 2)] == ["e", "d"]
+    assert len({json.loads(r["config_json"])["weight_l1"] for r in pick_for_finetuning(twice, 3)}) == 2
+
+
+@pytest.mark.slow  # a whole search with Ray: ~100 s on 2 busy cores
+def test_tiny_layerwise_search_with_a_short_fine_tune_proxy(tiny_fmnist, tmp_path, capsys, ray_session):
+    """Per-stage clustering and factors, k-step proxy trials, distinct candidates fine-tuned."""
+    import json
+
+    from search.blend.dedupe import keep_signature
+    from search.pareto import read_trials
+
+    out = tmp_path / "out" / "lw"
+    args = [
+        "search=blended", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", "name=lw",
+        "search.num_trials=4", "search.population_size=2", "search.max_concurrent_trials=2", "num_cpus=2",
+        "search.blend.pool=[l1,l2,apoz,taylor]", "search.blend.n_clusters=2", "search.proxy.adapt_bn_batches=2",
+        "search.blend.layerwise=stage", "search.blend.stages=2", "search.proxy.finetune_steps=3",
+        "search.finetune_front=2", "search.prune_overrides.q=0.2", "measure.batch_size=4", "measure.repeats=1",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    clustering = json.loads((out / "clustering" / "clustering.json").read_text())
+    assert clustering["layerwise"] == "stage" and len(clustering["groups"]) == 2
+    assert [u for g in clustering["groups"] for u in g["units"]] == [u.name for u in describe_units(build_model("small_cnn"))]
+    assert all((out / "clustering" / f"group{i}" / "correlation.png").exists() for i in range(2))
+    state = json.loads((out / "launch_state.json").read_text())
+    assert state["candidates"]["layerwise"] == "stage"
+    keys = {f"weight_g{i}_{c}" for i, g in enumerate(clustering["groups"]) for c in g["representatives"]}
+    rows = read_trials(out / "trials.parquet")
+    assert all({k for k in json.loads(r["config_json"]) if k.startswith("weight_")} == keys for r in rows)
+    tuned = read_trials(out / "finetuned.parquet")
+    assert 1 <= len(tuned) <= 2 and all(r["status"] == "COMPLETED" for r in tuned)
+    records = []
+    for run in (out / "ray" / "tune_finetune").rglob("record.json"):
+        records.append(json.loads(run.read_text()))
+    finals = [r for r in records if r["config"]["prune"]["q"] > 0]
+    options = finals[0]["config"]["prune"]["criterion_options"]
+    assert options["layerwise"] == "stage" and [g["units"] for g in options["groups"]] == [
+        g["units"] for g in clustering["groups"]]
+    # Never the same pruned network fine-tuned twice.
+    signatures = {keep_signature(r["prune_log"]) for r in finals}
+    assert len(signatures) == len({r["trial_id"] for r in tuned})
+    proxies = list((out / "ray" / "tune").rglob("record.json"))
+    assert proxies and all(json.loads(p.read_text())["curve"][-1]["step"] == 3 for p in proxies)  # k = 3 steps each
+
+
+def test_blend_cli_clusters_per_unit_with_layerwise_unit(tiny_fmnist, tmp_path, capsys):
+    import json
+
+    import mlflow
+
+    from search.blend.__main__ import main as blend_main
+
+    args = [f"data.root={tiny_fmnist}", "data.val_size=100", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
+            f"output_root={tmp_path / 'out' / 'search'}", "name=u1", "search.blend.pool=[l1,l2,fpgm,apoz]",
+            "search.blend.n_clusters=2", "search.blend.layerwise=unit"]
+    assert blend_main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = tmp_path / "out" / "blend" / "u1"
+    clustering = json.loads((out / "clustering" / "clustering.json").read_text())
+    units = [u.name for u in describe_units(build_model("small_cnn"))]
+    assert clustering["layerwise"] == "unit" and [g["units"] for g in clustering["groups"]] == [[u] for u in units]
+    for i, group in enumerate(clustering["groups"]):
+        own = json.loads((out / "clustering" / f"group{i}" / "clustering.json").read_text())
+        assert own["representatives"] == group["representatives"] and own["units"] == group["units"]
+        assert list(own["per_unit"]) == group["units"]  # clustered on its own unit's matrix only
+        assert all(rep in cluster for rep, cluster in zip(own["representatives"], own["clusters"], strict=True))
+    assert sum(line.startswith("unit ") for line in lines) == len(units)
+    run_line = next(line for line in lines if line.startswith("MLflow run "))
+    run_id, uri = run_line.split()[2], run_line.split("(")[1].rstrip(")")
+    tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["layerwise"] == "unit" and tags["representatives"].count(";") == len(units) - 1

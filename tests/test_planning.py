@@ -147,7 +147,7 @@ def test_flops_outside_conv_and_linear_layers_are_refused():
 def test_a_planned_target_is_met_on_the_pruned_model(name, target, round_to):
     model = _model(name)
     units = describe_units(model)
-    prune = PruneConfig(schedule="differential", ratio_low=0.1, ratio_high=0.5, round_to=round_to,
+    prune = PruneConfig(schedule="differential_depth", ratio_low=0.1, ratio_high=0.5, round_to=round_to,
                         target_flops_reduction=target)
     ratios = plan_ratios(model, units, prune)
     got = 1 - count_flops(_pruned(model, units, ratios, round_to)) / count_flops(model)
@@ -158,7 +158,7 @@ def test_a_planned_target_is_met_on_the_pruned_model(name, target, round_to):
 def test_a_target_between_two_jumps_is_refused_in_one_line():
     # small_cnn with round_to=8 and this shape reaches 0.551 or 0.633, nothing in between.
     model = build_model("small_cnn")
-    prune = PruneConfig(schedule="differential", ratio_low=0.1, ratio_high=0.5, round_to=8, target_flops_reduction=0.59)
+    prune = PruneConfig(schedule="differential_depth", ratio_low=0.1, ratio_high=0.5, round_to=8, target_flops_reduction=0.59)
     with pytest.raises(ValueError, match=r"^prune.target_flops_reduction=0.59 cannot be met within 2% with round_to=8$"):
         plan_ratios(model, describe_units(model), prune)
 
@@ -188,5 +188,5 @@ def test_an_unreachable_target_is_refused_in_one_line(prune, match):
 
 def test_without_a_target_the_schedule_is_returned_as_is():
     model = build_model("small_cnn")
-    prune = PruneConfig(schedule="differential", ratio_low=0.2, ratio_high=0.6)
+    prune = PruneConfig(schedule="differential_depth", ratio_low=0.2, ratio_high=0.6)
     assert plan_ratios(model, describe_units(model), prune) == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6])

@@ -14,7 +14,8 @@ import trainables.finetune as finetune_module
 import trainables.protocol as protocol
 from data import InMemoryDataset, get_data, iterate_batches
 from trainables import build_model, count_flops, describe_units, get_criterion, prune_layer
-from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.base_model import train_base_model
+from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
 from trainables.protocol import plan_ratios, run_protocol, scoring_batches, select_keep
 from trainables.records import ProtocolState
 
@@ -22,10 +23,15 @@ from trainables.records import ProtocolState
 RECORD_KEYS = [
     "base_val_acc", "units", "curve", "final_val_acc", "final_test_acc", "ratios", "unit_names", "flops_before",
     "flops_after", "params_before", "params_after", "latency_ms_before", "latency_ms_after", "latency_batch_size",
-    "prune_log", "wall_s", "config",
+    "prune_log", "wall_s", "config", "method", "steps", "recovery_delta", "steps_to_recover", "recovery_auc",
+    "mean_damage",
 ]
+UNIT_KEYS = ["name", "filters_before", "filters_after", "damage_val_acc", "recovered_val_acc", "keep_idxs",
+             "pre_prune_val_acc", "steps_to_recover", "recovery_auc"]
+STEP_KEYS = ["step", "units", "pre_prune_val_acc", "damage_val_acc", "recovered_val_acc", "steps_to_recover",
+             "recovery_auc"]
 # A checkpoint's keys: the Ray trainable torch.saves it and loads it back with weights_only=True.
-CHECKPOINT_KEYS = ["stage", "step", "before", "base_val", "rows", "prune_log", "damage", "curve", "model_state"]
+CHECKPOINT_KEYS = ["stage", "step", "before", "base_val", "rows", "prune_log", "steps", "curve", "model_state"]
 REQUIRED = {
     "base_val_acc", "units", "curve", "final_val_acc", "final_test_acc", "flops_before", "flops_after",
     "params_before", "params_after", "latency_ms_before", "latency_ms_after", "wall_s", "config",
@@ -73,6 +79,18 @@ def test_layer_by_layer_record_is_complete_and_consistent(base, splits):
         assert row["filters_before"] == unit.n_filters
         assert row["filters_after"] == math.floor(unit.n_filters * 0.5 + 0.5)
         assert 0.0 <= row["damage_val_acc"] <= 1.0 and 0.0 <= row["recovered_val_acc"] <= 1.0
+        assert list(row) == UNIT_KEYS and 0.0 <= row["recovery_auc"] <= 1.0
+    # One measured step per unit, the same numbers as its row; each starts where the last ended.
+    assert [list(s) for s in record["steps"]] == [STEP_KEYS] * len(units)
+    assert record["steps"][0]["pre_prune_val_acc"] == record["base_val_acc"]
+    for prev, step, row in zip([None, *record["steps"]], record["steps"], record["units"], strict=False):
+        assert step["units"] == [row["name"]]
+        assert all(step[k] == row[k] for k in STEP_KEYS[2:])
+        if prev is not None:
+            assert step["pre_prune_val_acc"] == prev["recovered_val_acc"]
+    assert record["method"] == "layer_by_layer" and record["recovery_delta"] == 0.01
+    drops = [s["pre_prune_val_acc"] - s["damage_val_acc"] for s in record["steps"]]
+    assert record["mean_damage"] == pytest.approx(sum(drops) / len(drops))
     assert record["flops_after"] < record["flops_before"]
     assert record["params_after"] < record["params_before"]
     assert record["flops_after"] == count_flops(model)
@@ -111,6 +129,18 @@ def test_other_methods(base, splits, method):
     planned = sum(math.floor(u.n_filters * 0.5 + 0.5) for u in describe_units(base))
     assert total_after == planned and total_after < total_before
     assert record["flops_after"] == count_flops(model) < record["flops_before"]
+    # Honest rows: nothing is measured per unit; the steps carry what was measured.
+    assert all(u["damage_val_acc"] is None and u["recovered_val_acc"] is None for u in record["units"])
+    assert len(record["steps"]) == {"one_shot": 1, "iterative": 2}[method]
+    damages = [p["val_acc"] for p in record["curve"] if p["phase"] == "damage"]
+    assert [s["damage_val_acc"] for s in record["steps"]] == damages
+    assert record["steps"][0]["pre_prune_val_acc"] == record["base_val_acc"]
+    pruned = [n for s in record["steps"] for n in s["units"]]
+    assert sorted(set(pruned)) == sorted(u["name"] for u in record["units"])
+    if method == "iterative":  # each step's pre-prune accuracy is the previous step's recovered one
+        assert record["steps"][1]["pre_prune_val_acc"] == record["steps"][0]["recovered_val_acc"]
+    else:  # one_shot's recovery is the final fine-tuning
+        assert record["steps"][0]["recovered_val_acc"] == record["curve"][-1]["val_acc"]
 
 
 def test_differential_prunes_more_near_the_output(base, splits):
@@ -149,7 +179,7 @@ def test_select_keep_takes_the_top_scores_and_breaks_ties_by_index():
         ({"p": -1}, r"prune.p must be a number >= 0, but got -1"),
         ({"q": -0.5}, r"prune.q must be a number >= 0, but got -0.5"),
         ({"criterion": "l3"}, r"unknown criterion 'l3'; valid: apoz"),
-        ({"method": "greedy"}, r"prune.method must be one of layer_by_layer, one_shot, iterative, but got 'greedy'"),
+        ({"method": "greedy"}, r"prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, but got 'greedy'"),
         ({"schedule": "per_layer", "ratios": [0.1, 0.2]}, r"prune.ratios must have one ratio per prunable unit \(5 .*but got 2"),
         ({"criterion": "class_specific", "target_classes": ["Sandle"]}, r"unknown class 'Sandle'; valid: T-shirt/top"),
     ],
@@ -163,18 +193,21 @@ def test_bad_input_fails_before_training(base, splits, kwargs, match):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize("method, resume_after", [("layer_by_layer", 2), ("iterative", 1), ("one_shot", 1)])
+@pytest.mark.parametrize("method, resume_after", [("layer_by_layer", 2), ("iterative", 1), ("one_shot", 1),
+                                                  ("control", 2), ("scratch", 1), ("scratch", 3)])
 def test_resume_from_a_stage_checkpoint_gives_the_same_numbers(base, splits, method, resume_after):
     prune = PruneConfig(method=method, criterion="l1", ratio=0.5, p=0.25, q=0.25, steps=2, score_batch_size=32, score_batches=2)
     states = []
-    full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE, checkpoint=states.append)
-    n_stages = {"layer_by_layer": 6, "iterative": 3, "one_shot": 2}[method]
+    scratch = {"pretrain": PretrainConfig(epochs=1, batch_size=32), "pretrainer": train_base_model}
+    full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE, checkpoint=states.append, **scratch)
+    n_stages = {"layer_by_layer": 6, "iterative": 3, "one_shot": 2, "control": 6, "scratch": 7}[method]
     assert [s["stage"] for s in states] == list(range(1, n_stages + 1))
     json.dumps({k: v for k, v in states[resume_after - 1].items() if k != "model_state"})  # plain data besides weights
     reports = []
     resumed = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE,
-                           resume=states[resume_after - 1], report=reports.append)
-    for key in ("units", "curve", "final_val_acc", "final_test_acc", "flops_after", "prune_log", "base_val_acc"):
+                           resume=states[resume_after - 1], report=reports.append, **scratch)
+    for key in ("units", "curve", "final_val_acc", "final_test_acc", "flops_after", "prune_log", "base_val_acc",
+                "steps", "steps_to_recover", "recovery_auc", "mean_damage"):
         assert resumed[key] == full[key], key
     # Only the evaluations after the checkpoint are reported again.
     assert reports[0]["step"] >= states[resume_after - 1]["step"]
@@ -299,7 +332,7 @@ def test_checkpoint_is_plain_data_that_survives_a_weights_only_load(base, splits
     states = []
     full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=NO_LATENCY, checkpoint=states.append)
     assert all(list(s) == CHECKPOINT_KEYS for s in states)
-    assert isinstance(states[0]["damage"], float)
+    assert isinstance(states[0]["steps"][0]["damage_val_acc"], float) and states[0]["steps"][0]["recovered_val_acc"] is None
     for s in states:  # the typed state reads and writes the same dict
         assert ProtocolState.from_dict(s).to_dict() == {k: v for k, v in s.items() if k != "model_state"}
     torch.save(states[0], tmp_path / "state.pt")

@@ -1,8 +1,13 @@
 """Base models: trained once, cached by what determines them, loaded by every run and trial.
 
-The cache key hashes the model, the data that trains it and the training settings, so
-changing any of them trains a new base model. ``prepare(cfg)`` is what the command lines
-and the search's driver call: the data of a run config and its (cached) base model.
+The cache key hashes the model, the data that trains it, the training settings and the
+weights it starts from (``model.weights``), so changing any of them trains a new base model.
+Given weights with ``model.pretrain.epochs=0`` are loaded as they are: no training, no cache.
+``prepare(cfg)`` is what the command lines and the search's driver call: the data of a run
+config and its (cached) base model. With a class subset (``subset=``) the base model is
+trained on all classes by default (``subset_base=all``, Mittal et al.'s class-specific
+setting): its cache key does not depend on the subset, so every subset shares one base
+model, and only the run's data (scoring, pruning, fine-tuning, evaluation) are the subset's.
 ``python -m trainables.pretrain`` is the command line in front of it.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,24 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import iterate_batches
-from trainables.compose import configs_of, data_args
+from trainables.compose import NO_WEIGHTS_FOR_EPOCHS_0, base_data_args, configs_of, data_args
 from trainables.config import PretrainConfig
 from trainables.metrics import evaluate
-from trainables.models import build_model
+from trainables.models import build_model, cut_head
 
 __all__ = [
-    "base_model_key", "base_model_path", "get_base_model", "load_checkpoint", "prepare", "save_checkpoint",
-    "train_base_model",
+    "base_model_key", "base_model_path", "file_digest", "get_base_model", "load_checkpoint", "load_weights", "prepare",
+    "save_checkpoint", "train_base_model",
 ]
 
+def base_model_key(model: str, model_kwargs: dict, data_key: dict, pretrain: PretrainConfig, seed: int,
+                   init: str | None = None) -> str:
+    """A short hash of everything that determines the base model's weights.
 
-def base_model_key(model: str, model_kwargs: dict, data_key: dict, pretrain: PretrainConfig, seed: int) -> str:
-    """A short hash of everything that determines the base model's weights."""
-    blob = json.dumps(
-        {"model": model, "kwargs": model_kwargs, "data": data_key, "pretrain": asdict(pretrain), "seed": seed},
-        sort_keys=True, default=str,
-    )
+    ``init`` identifies the weights training starts from (``file_digest`` of ``model.weights``);
+    None, a fresh initialisation, leaves the key as it was before weights could be given.
+    """
+    what = {"model": model, "kwargs": model_kwargs, "data": data_key, "pretrain": asdict(pretrain), "seed": seed}
+    if init is not None:
+        what["init"] = init
+    blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the same weights under another name or path give the same key."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def base_model_path(cache_dir: str | Path, model: str, key: str) -> Path:
@@ -48,6 +64,8 @@ def train_base_model(
     model: nn.Module, splits: Any, pretrain: PretrainConfig, *, seed: int = 0, progress: bool = True, log=print
 ) -> dict:
     """Train ``model`` in place with SGD + one-cycle LR on ``splits.train``; returns a summary."""
+    if pretrain.epochs < 1:  # epochs=0 means "use the given weights", which is get_base_model's business
+        raise ValueError(f"model.pretrain.epochs must be an integer >= 1 to train, but got {pretrain.epochs!r}")
     steps_per_epoch = max(1, len(splits.train) // pretrain.batch_size)
     total = pretrain.epochs * steps_per_epoch
     opt = torch.optim.SGD(
@@ -98,7 +116,33 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
     A checkpoint of another architecture raises ``ValueError`` naming the mismatched keys.
     """
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob["state_dict"]
+    _load_state(model, blob["state_dict"], path)
+    return blob.get("meta", {})
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict:
+    """Load a weights file into ``model``: a ``save_checkpoint`` checkpoint, a checkpoint of
+    torchvision's reference scripts (``{"model": state_dict, ...}``) or a plain ``state_dict``
+    (e.g. torchvision's ``vgg16-397923af.pth``). Read with ``weights_only=True``: a file that
+    would run code when unpickled is refused. Returns the checkpoint's meta (``{}`` if none).
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; report one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"model.weights {str(path)!r} is not a weights file torch.load can read safely ({reason})") from None
+    meta: dict = {}
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob, meta = blob["state_dict"], blob.get("meta") or {}
+    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
+        blob = blob["model"]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ValueError(f"model.weights {str(path)!r} holds no state_dict (a mapping of names to tensors)")
+    _load_state(model, blob, path)
+    return dict(meta)
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -108,49 +152,86 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> dict:
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
         raise ValueError(f"checkpoint {path} does not match the model; " + "; ".join(parts))
     model.load_state_dict(state)
-    return blob.get("meta", {})
 
 
 def get_base_model(
-    model_name: str, model_kwargs: dict, splits: Any, data_key: dict, pretrain: PretrainConfig,
-    cache_dir: str | Path, *, seed: int = 0, progress: bool = True, log=print,
+    model_name: str, model_kwargs: dict, num_classes: int, load_data: Callable[[], Any], data_key: dict,
+    pretrain: PretrainConfig, cache_dir: str | Path, *, seed: int = 0, weights: str | Path | None = None,
+    progress: bool = True, log=print,
 ) -> tuple[nn.Module, Path, dict]:
-    """The cached base model for this config, training and caching it first if needed."""
-    key = base_model_key(model_name, model_kwargs, data_key, pretrain, seed)
-    path = base_model_path(cache_dir, model_name, key)
+    """The base model for this config: ``num_classes`` wide, trained on ``load_data()``.
+
+    With ``weights`` and ``pretrain.epochs=0``: those weights, loaded as they are (the
+    returned path is the weights file; nothing is cached or trained). Otherwise the cached
+    model, trained first if needed (from ``weights`` when given, else from a seeded
+    initialisation); ``load_data`` is only called then, so a cached base model never reads
+    its training data (all of ImageNet for a class subset's all-class base model).
+    """
+    if pretrain.epochs == 0 and weights is None:
+        raise ValueError(f"model.pretrain.epochs must be {NO_WEIGHTS_FOR_EPOCHS_0}, but got 0")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_name, num_classes=splits.num_classes, **model_kwargs)
+        model = build_model(model_name, num_classes=num_classes, **model_kwargs)
+    source = Path(weights).expanduser() if weights is not None else None
+    if source is not None and pretrain.epochs == 0:
+        meta = load_weights(model, source)
+        log(f"base model: {source} (given weights, not trained)")
+        return model, source, meta
+    init = file_digest(source) if source is not None else None
+    key = base_model_key(model_name, model_kwargs, data_key, pretrain, seed, init=init)
+    path = base_model_path(cache_dir, model_name, key)
     if path.exists():
         meta = load_checkpoint(model, path)
         log(f"base model: {path} (cached, val_acc={meta.get('val_acc', float('nan')):.4f})")
         return model, path, meta
-    log(f"base model: training {model_name} on {data_key.get('name')} for {pretrain.epochs} epochs -> {path}")
-    summary = train_base_model(model, splits, pretrain, seed=seed, progress=progress, log=log)
-    meta = {"model": model_name, "data": data_key, "pretrain": asdict(pretrain), "seed": seed, **summary}
+    if source is not None:
+        load_weights(model, source)
+    start = f" from {source}" if source is not None else ""
+    log(f"base model: training {model_name}{start} on {data_key.get('name')} for {pretrain.epochs} epochs -> {path}")
+    summary = train_base_model(model, load_data(), pretrain, seed=seed, progress=progress, log=log)
+    meta = {"model": model_name, "data": data_key, "pretrain": asdict(pretrain), "seed": seed,
+            **({"init": init, "weights": str(source)} if source is not None else {}), **summary}
     save_checkpoint(model, path, meta)
     log(f"base model: trained in {summary['train_s']:.0f}s, val_acc={summary['val_acc']:.4f}, saved to {path}")
     return model, path, meta
 
 
 def prepare(cfg: Any, log=print) -> tuple[nn.Module, Any, Path, dict]:
-    """Load the data and the cached base model of a composed run config (training it first if needed).
+    """Load the data and the base model of a composed run config (training it first if needed).
 
     Returns ``(model, splits, base_path, base_meta)``; ``splits.train`` is the fine-tuning
     set (``data.fraction`` of it), while the base model is always trained on all of it.
+    With ``subset=`` and ``subset_base=all`` the base model is the all-class one (trained, or
+    loaded from the cache or ``model.weights``) and ``splits`` are the subset's; with
+    ``subset_head=cut`` the returned model's head is cut to the subset's classes (the cached
+    base model is untouched). ``base_meta["val_acc"]`` is the returned model's accuracy on
+    ``splits.val``; where that differs from the data the base model was trained on, its own
+    validation accuracy there is kept as ``base_meta["base_data_val_acc"]``.
     """
-    from data import get_data
+    from data import get_data, iterate_batches
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     _, _, _, pretrain = configs_of(cfg)
-    full_args = data_args(cfg, fraction=1.0)
-    full = get_data(**full_args)
+    run_args, base_args = data_args(cfg, fraction=1.0), base_data_args(cfg)
+    run = get_data(**run_args)
+    own_data = base_args == run_args  # False: an all-class base model for a class subset
     # What determines the weights; where the files are and how they are loaded does not.
-    data_key = {k: v for k, v in full_args.items() if k not in ("root", "download", "fraction", "num_workers")}
+    data_key = {k: v for k, v in base_args.items() if k not in ("root", "download", "fraction", "num_workers")}
     model, path, meta = get_base_model(
-        cfg.model.name, dict(cfg.model.kwargs or {}), full, data_key, pretrain, cfg.cache_dir,
-        seed=cfg.seed, progress=cfg.progress, log=log,
+        cfg.model.name, dict(cfg.model.kwargs or {}), run.num_classes if own_data else run.source_num_classes,
+        (lambda: run) if own_data else (lambda: get_data(**base_args)), data_key, pretrain, cfg.cache_dir,
+        seed=cfg.seed, weights=cfg.model.get("weights"), progress=cfg.progress, log=log,
     )
-    splits = full if cfg.data.fraction == 1.0 else get_data(**data_args(cfg))
+    if not own_data and run.num_classes != run.source_num_classes:  # subset_head=cut
+        cut_head(model, run.class_ids)
+        log(f"base model: head cut to the {run.num_classes} classes of subset {cfg.subset}")
+    splits = run if cfg.data.fraction == 1.0 else get_data(**data_args(cfg))
+    given = cfg.model.get("weights") is not None and pretrain.epochs == 0  # a checkpoint's val_acc may be anybody's
+    if not own_data or given or "val_acc" not in meta:
+        batches = iterate_batches(splits.val, int(cfg.data.eval_batch_size), shuffle=False,
+                                  num_workers=splits.num_workers)
+        val = evaluate(model, batches, classes=splits.eval_classes)["top1"] if len(splits.val) else float("nan")
+        meta = {**meta, "base_data_val_acc": meta.get("val_acc"), "val_acc": val}
+        log(f"base model: val_acc={val:.4f} on this run's validation split")
     return model, splits, path, meta

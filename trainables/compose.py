@@ -12,11 +12,22 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig, require
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-__all__ = ["CONF_DIR", "check_config", "compose", "configs_of", "data_args", "load_run_config"]
+# subset_base: what the base model of a class-specific run is trained on (all: every class, as in
+# Mittal et al.; subset: only the subset's classes). subset_head: keep the all-class head and
+# predict within the subset, or cut the head to the subset's classes.
+SUBSET_BASES = ("all", "subset")
+SUBSET_HEADS = ("keep", "cut")
+NO_WEIGHTS_FOR_EPOCHS_0 = ("an integer >= 1 when model.weights is null (give model.weights=<checkpoint or "
+                           "state_dict file> to use given weights; epochs=0 then means no training)")
+
+__all__ = [
+    "CONF_DIR", "NO_WEIGHTS_FOR_EPOCHS_0", "SUBSET_BASES", "SUBSET_HEADS", "base_data_args", "check_config", "compose",
+    "configs_of", "data_args", "load_run_config",
+]
 
 
 def _group_options(group: str) -> list[str]:
@@ -95,12 +106,45 @@ def check_config(cfg: Any) -> None:
     if cfg.get("threads") is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
                                            or cfg.threads < 1):
         raise ValueError(f"threads must be null or an integer >= 1, but got {cfg.threads!r}")
+    _check_subset(cfg)
     data_args(cfg)  # an unknown class subset fails here
-    prune, _, _, _ = configs_of(cfg)  # constructing the configs validates every field
+    prune, _, _, pretrain = configs_of(cfg)  # constructing the configs validates every field
+    _check_weights(cfg, pretrain)
+    # Scratch's budget is the base model's pretraining plus the fine-tuning: with no
+    # pretraining epochs it would be compared on the fine-tuning budget alone.
+    require(prune.method != "scratch" or pretrain.epochs >= 1, "model.pretrain.epochs",
+            "an integer >= 1 for prune.method=scratch (its budget is pretraining + fine-tuning)", pretrain.epochs)
     _check_target_classes(cfg, prune)
     if prune.schedule == "per_layer":
         model = build_model(cfg.model.name, **(cfg.model.kwargs or {}))
         check_ratio_count(prune.ratios, len(describe_units(model)), model=cfg.model.name)
+
+
+def _check_subset(cfg: Any) -> None:
+    subset, base, head = cfg.get("subset"), cfg.get("subset_base", "all"), cfg.get("subset_head", "keep")
+    require(base in SUBSET_BASES, "subset_base", f"one of {', '.join(SUBSET_BASES)}", base)
+    require(head in SUBSET_HEADS, "subset_head", f"one of {', '.join(SUBSET_HEADS)}", head)
+    require(subset is None or isinstance(subset, str), "subset", "null or the name of a file in conf/classes", subset)
+    if not subset:  # a non-default subset_* without a subset would silently do nothing
+        for key, value, default in (("subset_base", base, "all"), ("subset_head", head, "keep")):
+            require(value == default, "subset", f"a class subset from conf/classes when {key}={value}", subset)
+        return
+    # Two sources of classes would leave "all classes" ambiguous for the base model.
+    classes = cfg.data.get("classes")
+    require(classes is None, "data.classes", f"null when subset={subset} names the classes", classes)
+    named = (cfg.model.get("kwargs") or {}).get("weights")
+    # Trials rebuild the cut model from its weights, and torchvision refuses named weights for a
+    # head that is not 1000 wide.
+    require(head != "cut" or named is None, "model.kwargs.weights",
+            "null with subset_head=cut (give the weights as a file: model.weights=<path>)", named)
+
+
+def _check_weights(cfg: Any, pretrain: PretrainConfig) -> None:
+    weights = cfg.model.get("weights")
+    require(weights is None or (isinstance(weights, str) and Path(weights).expanduser().is_file()), "model.weights",
+            "null or the path of an existing checkpoint or state_dict file", weights)
+    require(pretrain.epochs >= 1 or weights is not None, "model.pretrain.epochs", NO_WEIGHTS_FOR_EPOCHS_0,
+            pretrain.epochs)
 
 
 def _check_target_classes(cfg: Any, prune: PruneConfig) -> None:
@@ -113,9 +157,13 @@ def _check_target_classes(cfg: Any, prune: PruneConfig) -> None:
     if not prune.target_classes or names is None:
         return
     args = data_args(cfg)
-    if args["classes"] is not None and args["remap_labels"]:  # labels are renumbered within the subset
-        names = [c if isinstance(c, str) else names[c] for c in args["classes"]]
-    resolve_classes(prune.target_classes, names)
+    kept = None if args["classes"] is None else [c if isinstance(c, str) else names[c] for c in args["classes"]]
+    if kept is not None and args["remap_labels"]:  # labels are renumbered within the subset
+        names = kept
+    ids = resolve_classes(prune.target_classes, names)
+    # With the all-class head a class outside the subset is a valid name, but no image of it is scored.
+    require(kept is None or all(names[i] in kept for i in ids), "prune.target_classes",
+            f"classes of the run's data ({', '.join(kept or [])})", list(prune.target_classes))
 
 
 def _select(cfg: Any, key: str) -> Any:
@@ -125,13 +173,35 @@ def _select(cfg: Any, key: str) -> Any:
 
 
 def data_args(cfg: Any, fraction: float | None = None) -> dict:
-    """Keyword arguments of ``data.get_data`` for a composed config (``fraction`` overrides ``data.fraction``)."""
+    """Keyword arguments of ``data.get_data`` for the run's data (``fraction`` overrides ``data.fraction``).
+
+    With ``subset=``: the subset's classes, labels remapped 0..k-1 only with ``subset_head=cut``
+    (``keep`` keeps the ids, and ``eval_classes`` restricts predictions to the subset), and
+    with ``subset_base=all`` validation carved from all classes (``split_before_subset``), so
+    no validation image trained the all-class base model. ``data.remap_labels`` applies to
+    ``data.classes`` only.
+    """
     from data import load_class_subset
 
     d = cfg.data
     classes = list(d.classes) if d.classes is not None else None
+    remap, extra = d.remap_labels, {}
     if cfg.get("subset"):
         classes = load_class_subset(cfg.subset)
+        remap = cfg.get("subset_head", "keep") == "cut"
+        if cfg.get("subset_base", "all") == "all":
+            extra = {"split_before_subset": True}  # only here, so the keys of every other config stay as they were
     return {"name": d.name, "root": d.root, "download": d.download, "val_size": d.val_size, "seed": d.seed,
-            "classes": classes, "remap_labels": d.remap_labels, "fraction": d.fraction if fraction is None else fraction,
-            "num_workers": d.get("num_workers", 0)}
+            "classes": classes, "remap_labels": remap, "fraction": d.fraction if fraction is None else fraction,
+            "num_workers": d.get("num_workers", 0), **extra}
+
+
+def base_data_args(cfg: Any) -> dict:
+    """Keyword arguments of ``data.get_data`` for the data the base model is trained on: the
+    run's data at ``fraction=1``, but all classes for a subset with ``subset_base=all`` (the
+    same arguments, hence the same cached base model, as the config without ``subset=``)."""
+    args = data_args(cfg, fraction=1.0)
+    if cfg.get("subset") and cfg.get("subset_base", "all") == "all":
+        args.pop("split_before_subset")
+        args.update(classes=None, remap_labels=cfg.data.remap_labels)
+    return args

@@ -14,11 +14,13 @@ from typing import Any
 
 from trainables.criteria import list_criteria
 from trainables.criteria.blended import check_blend_options
-from trainables.schedules import check_ratio, list_schedules
+from trainables.schedules import check_ramp, check_ratio, list_schedules
 
 __all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require"]
 
-METHODS = ("layer_by_layer", "one_shot", "iterative")
+# control: no pruning, the base fine-tuned with layer_by_layer's budget; scratch: the pruned
+# architecture re-initialised and trained with the whole prune + fine-tune budget.
+METHODS = ("layer_by_layer", "one_shot", "iterative", "control", "scratch")
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -52,13 +54,13 @@ def _one_of(key: str, value: Any, allowed: list[str] | tuple[str, ...]) -> None:
 class PruneConfig:
     """What to prune and how (Mittal et al. 2019's protocol and its variants)."""
 
-    method: str = "layer_by_layer"  # layer_by_layer | one_shot | iterative (global ranking)
+    method: str = "layer_by_layer"  # layer_by_layer | one_shot | iterative (global ranking) | control | scratch
     criterion: str = "l1"  # a registered criterion name
     criterion_options: dict = field(default_factory=dict)  # extra settings for the criterion
-    schedule: str = "uniform"  # uniform | differential | per_layer
+    schedule: str = "uniform"  # uniform | differential | differential_depth | *_inverted | per_layer
     ratio: float = 0.5  # uniform: share of filters removed from every unit, in [0, 1)
-    ratio_low: float = 0.25  # differential: ratio of the unit nearest the input
-    ratio_high: float = 0.75  # differential: ratio of the unit nearest the output (>= ratio_low)
+    ratio_low: float = 0.25  # differential: ratio of the units with fewest filters (_depth: the first unit)
+    ratio_high: float = 0.75  # ... with most filters (_depth: the last); >= ratio_low unless *_inverted
     ratios: list[float] | None = None  # per_layer: one ratio per unit, input to output
     round_to: int = 1  # round kept filter counts to a multiple of this (8 helps real speed)
     target_flops_reduction: float | None = None  # e.g. 0.5: scale the schedule until FLOPs halve (+-2%)
@@ -79,11 +81,9 @@ class PruneConfig:
         _one_of("prune.schedule", self.schedule, list_schedules())
         for key in ("ratio", "ratio_low", "ratio_high"):
             check_ratio(f"prune.{key}", getattr(self, key))
-        if self.schedule == "differential":
-            # Mittal et al. prune less near the input; a ramp the other way is almost always a swap.
-            require(self.ratio_high >= self.ratio_low, "prune.ratio_high",
-                    f">= prune.ratio_low={self.ratio_low} (the differential schedule prunes more near the output)",
-                    self.ratio_high)
+        # Mittal et al. prune more where there are more filters; a ramp the other way is almost
+        # always a swapped pair, so it needs the *_inverted schedule's name (rule in schedules).
+        check_ramp(self.schedule, self.ratio_low, self.ratio_high)
         if self.ratios is not None:
             require(isinstance(self.ratios, (list, tuple)), "prune.ratios", "a list of ratios or null", self.ratios)
             for i, r in enumerate(self.ratios):
@@ -114,7 +114,12 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     eval_batch_size: int = 1000
-    eval_every: float = 0.5  # epochs between points of the recovery curve (also at every stage end)
+    eval_every: float | None = None  # extra curve points every this many epochs (None: only evals_per_stage)
+    evals_per_stage: int = 4  # evaluations in every fine-tuning stage of n steps: at round(n*i/k), i=1..k
+    recovery_delta: float = 0.01  # "recovered" = within this (accuracy units) of the pre-prune accuracy
+    # False: an epoch is train_size_full // batch steps whatever data.fraction is (fixed budget);
+    # True: an epoch is one pass over the (fraction of the) training set, as before
+    steps_follow_fraction: bool = False
     anneal_final: bool = True  # cosine-decay the learning rate to 0 over the final q epochs
     eval_max_images: int | None = None  # intermediate evaluations on the first N val images (None: all)
 
@@ -124,7 +129,13 @@ class FinetuneConfig:
         _number_at_least("finetune.weight_decay", self.weight_decay, 0)
         _int_at_least("data.batch_size", self.batch_size, 1)
         _int_at_least("data.eval_batch_size", self.eval_batch_size, 1)
-        _number_at_least("finetune.eval_every", self.eval_every, 0, strict=True)
+        if self.eval_every is not None:
+            _number_at_least("finetune.eval_every", self.eval_every, 0, strict=True)
+        _int_at_least("finetune.evals_per_stage", self.evals_per_stage, 1)
+        require(_is_number(self.recovery_delta) and 0 < self.recovery_delta < 1, "finetune.recovery_delta",
+                "in (0, 1)", self.recovery_delta)
+        require(isinstance(self.steps_follow_fraction, bool), "finetune.steps_follow_fraction", "true or false",
+                self.steps_follow_fraction)
         require(isinstance(self.anneal_final, bool), "finetune.anneal_final", "true or false", self.anneal_final)
         if self.eval_max_images is not None:
             _int_at_least("finetune.eval_max_images", self.eval_max_images, 1)
@@ -153,14 +164,14 @@ class MeasureConfig:
 class PretrainConfig:
     """Training of the base model that every run and trial starts from."""
 
-    epochs: int = 5
+    epochs: int = 5  # 0: no training, the given model.weights as they are (compose checks they are given)
     lr: float = 0.1  # peak of a one-cycle schedule
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        _int_at_least("model.pretrain.epochs", self.epochs, 1)
+        _int_at_least("model.pretrain.epochs", self.epochs, 0)
         _number_at_least("model.pretrain.lr", self.lr, 0, strict=True)
         require(_is_number(self.momentum) and 0 <= self.momentum < 1, "model.pretrain.momentum", "in [0, 1)",
                 self.momentum)

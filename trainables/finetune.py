@@ -18,13 +18,29 @@ from trainables.config import FinetuneConfig, PruneConfig
 from trainables.metrics import count_flops, evaluate
 from trainables.records import CurvePoint
 
-__all__ = ["Finetuner", "Report", "recalibrate_bn"]
+__all__ = ["Finetuner", "Report", "recalibrate_bn", "stage_eval_steps"]
 
 Report = Callable[[dict], None]
 
 # Seed offsets that keep the fine-tuning, adaptive-BN and scoring streams independent of each other.
 _TRAIN_SEED_STRIDE = 100_003
 _ADAPT_BN_SEED_STRIDE, _ADAPT_BN_SEED_OFFSET = 100_019, 7_777
+
+
+def stage_eval_steps(n_steps: int, evals_per_stage: int, every: int | None = None) -> list[int]:
+    """Steps (1..n, counted within a stage of ``n_steps``) after which the stage evaluates.
+
+    ``evals_per_stage`` points at round(n x i / k), i = 1..k, so every stage, however short,
+    is sampled along its length (duplicates merge when n < k); plus every ``every`` steps
+    when given; always the last step. A stage of 0 steps evaluates once, at its start (0).
+    """
+    if n_steps <= 0:
+        return [0]
+    points = {round(n_steps * i / evals_per_stage) for i in range(1, evals_per_stage + 1)}
+    if every is not None:
+        points.update(range(every, n_steps + 1, every))
+    points.add(n_steps)
+    return sorted(p for p in points if 1 <= p <= n_steps)
 
 
 @torch.no_grad()
@@ -67,6 +83,11 @@ class Finetuner:
     ``curve`` holds every evaluation; both continue from ``start_step`` / ``curve`` on resume.
     ``shard`` is (rank, world size) of data-parallel workers; ``wrap_ddp`` wraps the model in
     DistributedDataParallel for each stage. ``total_epochs`` only sizes the progress bar.
+
+    An epoch is ``splits.train_size_full // batch`` steps (the training set before
+    ``data.fraction``), so a budget in epochs is the same number of optimiser steps whatever
+    the fraction; the stream cycles through the smaller set (pass j shuffled with its own seed).
+    ``finetune.steps_follow_fraction`` makes an epoch one pass over ``splits.train`` instead.
     """
 
     def __init__(self, model: nn.Module, splits: DataSplits, ft: FinetuneConfig, seed: int, report: Report,
@@ -76,7 +97,15 @@ class Finetuner:
         self.rank, self.world = shard
         self.wrap_ddp = wrap_ddp
         # With several workers, one step consumes one batch per worker.
-        self.steps_per_epoch = max(1, len(splits.train) // (ft.batch_size * self.world))
+        epoch_images = len(splits.train) if ft.steps_follow_fraction else splits.train_size_full
+        self.steps_per_epoch = max(1, epoch_images // (ft.batch_size * self.world))
+        # Steps of one pass over the training set (equal to steps_per_epoch when all of it is used);
+        # a set smaller than one global batch yields one short batch per pass.
+        self._drop_last = len(splits.train) >= ft.batch_size * self.world
+        self._steps_per_pass = max(1, len(splits.train) // (ft.batch_size * self.world))
+        if math.ceil(len(splits.train) / ft.batch_size) < self.world:
+            raise ValueError(f"data.fraction must leave at least one batch per worker ({self.world}), "
+                             f"but got {len(splits.train)} training images")
         self.step = start_step
         self.curve: list[CurvePoint] = list(curve or [])
         self._stream = self._batches(start_step)
@@ -92,16 +121,23 @@ class Finetuner:
         return self.splits.num_workers
 
     def _batches(self, start_step: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Epoch e is shuffled with seed (seed, e); a resumed run skips to ``start_step``."""
-        first_epoch, skip = divmod(start_step, self.steps_per_epoch)
-        for epoch in itertools.count(first_epoch):
+        """Pass j over the training set is shuffled with seed (seed, j); a resumed run skips to
+        ``start_step``. Passes, not epochs: with a fraction of the data an epoch spans several."""
+        first_pass, skip = divmod(start_step, self._steps_per_pass)
+        for j in itertools.count(first_pass):
             batches = iterate_batches(
-                self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * _TRAIN_SEED_STRIDE + epoch,
-                drop_last=True, num_workers=self.num_workers,
+                self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * _TRAIN_SEED_STRIDE + j,
+                drop_last=self._drop_last, num_workers=self.num_workers,
             )
             # DistributedSampler-style split: every worker shuffles alike, worker r takes batches r, r+W, ...
-            mine = itertools.islice(batches, self.rank, self.steps_per_epoch * self.world, self.world)
-            yield from itertools.islice(mine, skip if epoch == first_epoch else 0, None)
+            mine = itertools.islice(batches, self.rank, self._steps_per_pass * self.world, self.world)
+            yield from itertools.islice(mine, skip if j == first_pass else 0, None)
+
+    def skip_to(self, step: int) -> None:
+        """Move the step counter (and the batch stream with it) to ``step``: steps taken
+        elsewhere (scratch's pretraining) count in the budget and the curve."""
+        self.step = step
+        self._stream = self._batches(step)
 
     @property
     def epoch(self) -> float:
@@ -146,12 +182,14 @@ class Finetuner:
     def finetune(self, epochs: float, phase: str, anneal: bool = False, **extra: Any) -> float:
         """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end.
 
-        Evaluates every ``eval_every`` epochs and at the end. ``anneal`` decays the learning
-        rate to 0 along a cosine over this stage (used for the final fine-tuning, so a run ends
-        at a settled optimum rather than a noisy SGD iterate).
+        Evaluates at ``stage_eval_steps`` (``evals_per_stage`` points, plus every
+        ``eval_every`` epochs if set; always at the end). ``anneal`` decays the learning rate to
+        0 along a cosine over this stage (used for the final fine-tuning, so a run ends at a
+        settled optimum rather than a noisy SGD iterate).
         """
         n_steps = round(epochs * self.steps_per_epoch)
-        every = max(1, round(self.ft.eval_every * self.steps_per_epoch))
+        every = None if self.ft.eval_every is None else max(1, round(self.ft.eval_every * self.steps_per_epoch))
+        evals = set(stage_eval_steps(n_steps, self.ft.evals_per_stage, every))
         opt, sched = self._optimizer(n_steps, anneal)
         device = next(self.model.parameters()).device
         net = self._network(device)
@@ -162,7 +200,7 @@ class Finetuner:
                 self._bar.update(1)
                 if i % 20 == 1:  # .item() syncs a GPU: only now and then
                     self._bar.set_postfix_str(f"{phase} {extra.get('unit', '')} loss={loss.item():.3f}")
-            if i % every == 0 and i != n_steps:
+            if i in evals and i != n_steps:
                 self.emit(phase, self.val_acc(), **extra)
         acc = self.val_acc()
         self.emit(phase, acc, **extra)

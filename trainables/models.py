@@ -2,7 +2,8 @@
 
 Every builder returns an ``nn.Module`` with an ``input_shape`` attribute ``(C, H, W)``
 so that graph tracing (torch-pruning), FLOP counting and latency measurement know the
-input size without being told. ``num_classes`` sets the width of the classifier head.
+input size without being told, and a ``head_name`` attribute naming its output ``nn.Linear``
+(what ``cut_head`` cuts). ``num_classes`` sets the width of the classifier head.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from torch import nn
 
 from data import Registry
 
-__all__ = ["MODELS", "build_model", "list_models", "register_model", "input_shape_of"]
+__all__ = ["MODELS", "build_model", "cut_head", "head_of", "list_models", "register_model", "input_shape_of"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-def register_model(name: str, input_shape: tuple[int, int, int]):
-    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape``."""
+def register_model(name: str, input_shape: tuple[int, int, int], head: str = "classifier"):
+    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape`` and
+    ``head_name`` (the dotted name of the output ``nn.Linear``, ``num_classes`` wide)."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         def build(num_classes: int = 10, **kwargs) -> nn.Module:
             model = builder(num_classes=num_classes, **kwargs)
             model.input_shape = tuple(input_shape)
+            model.head_name = head
             return model
 
         build.__doc__ = builder.__doc__
@@ -58,6 +61,47 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     if first is None:
         raise ValueError("model has no Conv2d and no `input_shape` attribute; set model.input_shape = (C, H, W)")
     return (first.in_channels, 224, 224)
+
+
+def head_of(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The output layer of ``model``: its ``head_name`` stamp, else its last ``nn.Linear``."""
+    name = getattr(model, "head_name", None)
+    if name is None:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("model has no nn.Linear head and no `head_name` attribute; set model.head_name")
+        name = linears[-1]
+    head = model.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the head {name!r} of the model is a {type(head).__name__}, not an nn.Linear")
+    return name, head
+
+
+@torch.no_grad()
+def cut_head(model: nn.Module, class_ids: list[int]) -> nn.Module:
+    """Cut the output layer of ``model`` in place to the rows ``class_ids``; returns ``model``.
+
+    Output ``j`` of the cut model is output ``class_ids[j]`` of the original one, bit for bit
+    (the same rows of weight and bias), so labels remapped 0..k-1 in the order of
+    ``class_ids`` (``data.get_data(classes=..., remap_labels=True)``) match it. The head
+    becomes a new, smaller ``nn.Linear``: FLOPs and params count only the kept rows. The
+    caller's weights are copied, never shared, so a cached base model stays as it was.
+    """
+    name, head = head_of(model)
+    ids = list(class_ids)
+    if not ids or len(set(ids)) != len(ids) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < head.out_features for i in ids):
+        raise ValueError(f"class_ids must be distinct ids in [0, {head.out_features}) of the head {name!r}, "
+                         f"but got {ids!r}")
+    rows = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
+    cut = nn.Linear(head.in_features, len(ids), bias=head.bias is not None,
+                    device=head.weight.device, dtype=head.weight.dtype)
+    cut.weight.copy_(head.weight[rows])  # (k, in_features)
+    if head.bias is not None:
+        cut.bias.copy_(head.bias[rows])
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, cut)
+    return model
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -180,13 +224,13 @@ class ResNetCifar(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@register_model("resnet56_cifar", input_shape=(3, 32, 32))
+@register_model("resnet56_cifar", input_shape=(3, 32, 32), head="fc")
 def _resnet56_cifar(num_classes: int = 10) -> nn.Module:
     """ResNet-56 for CIFAR-size images (option-B shortcuts)."""
     return ResNetCifar(56, num_classes)
 
 
-@register_model("resnet20_cifar", input_shape=(3, 32, 32))
+@register_model("resnet20_cifar", input_shape=(3, 32, 32), head="fc")
 def _resnet20_cifar(num_classes: int = 10) -> nn.Module:
     """ResNet-20 for CIFAR-size images (a quick residual model for tests)."""
     return ResNetCifar(20, num_classes)
@@ -204,5 +248,8 @@ def _torchvision(name: str):
     return builder
 
 
-for _name in ("vgg16", "vgg16_bn", "resnet18", "resnet50", "alexnet"):
-    register_model(_name, input_shape=(3, 224, 224))(_torchvision(_name))
+# The output layers of torchvision's classifiers (VGG/AlexNet: the last of `classifier`).
+_TORCHVISION_HEADS = {"vgg16": "classifier.6", "vgg16_bn": "classifier.6", "resnet18": "fc", "resnet50": "fc",
+                      "alexnet": "classifier.6"}
+for _name, _head in _TORCHVISION_HEADS.items():
+    register_model(_name, input_shape=(3, 224, 224), head=_head)(_torchvision(_name))

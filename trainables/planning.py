@@ -194,7 +194,7 @@ def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig) -> list
     a ``FlopsModel`` (exact, microseconds) instead of pruning a copy.
     """
     ratios = make_ratios(
-        prune.schedule, len(units), ratio=prune.ratio, ratio_low=prune.ratio_low,
+        prune.schedule, [u.n_filters for u in units], ratio=prune.ratio, ratio_low=prune.ratio_low,
         ratio_high=prune.ratio_high, ratios=prune.ratios,
     )
     if prune.target_flops_reduction is None:

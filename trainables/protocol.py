@@ -6,6 +6,16 @@
 - ``one_shot``: score every unit on the unpruned network, prune all, fine-tune ``q``.
 - ``iterative``: ``steps`` rounds of removing a share of filters across all units by one
   global ranking (scores normalised per unit), each followed by ``p`` epochs; then ``q``.
+- ``control``: no pruning; the base model fine-tuned with layer_by_layer's budget and
+  evaluations (one ``p`` stage per unit, then ``q``): is the pruned model better than its base
+  only because the base was still improving?
+- ``scratch``: the pruned architecture (the schedule's kept counts, first filters kept),
+  re-initialised with the run's seed and trained with the budget of pretraining + prune +
+  fine-tune: the base model's pretraining recipe for ``model.pretrain.epochs`` epochs, then
+  the same ``p`` stages and ``q`` as layer_by_layer. The criterion is ignored.
+
+Every fine-tuning stage evaluates at ``finetune.evals_per_stage`` points, and the record
+measures recovery speed (``trainables.recovery``); its schema is in ``trainables.records``.
 
 The protocol talks to the outside only through ``report(metrics: dict)``, called at
 every evaluation; the Ray trainable and MLflow plug in there. It returns the run record,
@@ -19,19 +29,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from data import DataSplits, iterate_batches
-from trainables.config import METHODS, FinetuneConfig, MeasureConfig, PruneConfig
+from data import DataSplits, iterate_batches, take
+from trainables.config import METHODS, FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
 from trainables.criteria import Criterion, ScoringContext, get_criterion
 from trainables.finetune import Finetuner, Report, recalibrate_bn
 from trainables.metrics import count_flops, count_params, measure_latency
 from trainables.planning import plan_ratios, select_keep
-from trainables.records import Measurement, ProtocolState, RunRecord, UnitRow
+from trainables.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
+from trainables.recovery import run_recovery, stage_recovery
 from trainables.schedules import kept_count
 from trainables.surgery import Unit, describe_units, prune_layer
 
@@ -39,6 +50,11 @@ __all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "rec
 
 _SCORING_SEED_OFFSET = 7919  # keeps the scoring batches apart from every other seeded stream
 _ITERATIVE_MIN_KEPT = 0.1  # iterative: no unit loses more than 90% of its filters
+_SCRATCH_SEED_OFFSET = 104_729  # the scratch model's initialisation and data cycling
+
+# ``trainables.base_model.train_base_model``'s signature: the scratch baseline trains with the
+# base model's own recipe. Passed in rather than imported: base_model sits above the protocol.
+Pretrainer = Callable[..., dict]
 
 
 def resolve_classes(classes: Sequence[str | int] | None, class_names: Sequence[str]) -> list[int] | None:
@@ -83,6 +99,8 @@ def run_protocol(
     config: dict | None = None,
     shard: tuple[int, int] = (0, 1),
     wrap_ddp: bool = False,
+    pretrain: PretrainConfig | None = None,
+    pretrainer: Pretrainer | None = None,
 ) -> dict:
     """Prune ``model`` in place following ``prune.method`` and return the run record.
 
@@ -103,14 +121,22 @@ def run_protocol(
     (rank, world size) splits the fine-tuning batches between data-parallel workers, and
     ``wrap_ddp`` wraps the model in DistributedDataParallel for each fine-tuning stage.
     The configs are validated when they are built, so nothing is re-checked here.
+
+    ``prune.method=scratch`` needs ``pretrain`` (the base model's ``PretrainConfig``) and
+    ``pretrainer`` (``trainables.base_model.train_base_model``).
     """
     t0 = time.perf_counter()
     finetune = finetune or FinetuneConfig()
     measure = measure or MeasureConfig()
     report = report or (lambda _m: None)
+    if prune.method == "scratch" and (pretrain is None or pretrainer is None):
+        raise ValueError("pretrain and pretrainer must be the base model's PretrainConfig and "
+                         "trainables.base_model.train_base_model for prune.method=scratch, but got None")
     units = describe_units(model)
-    ratios = plan_ratios(model, units, prune)
-    stages = _stages(units, ratios, splits, prune, seed)
+    # control removes nothing: its planned ratios are all 0 (and a FLOPs target is not searched)
+    ratios = [0.0] * len(units) if prune.method == "control" else plan_ratios(model, units, prune)
+    plan = _Plan(units, ratios, prune, finetune.recovery_delta, pretrain, pretrainer)
+    stages = _stages(plan, splits, seed)
     state = _restore(model, resume) if resume else None
     tuner = Finetuner(model, splits, finetune, seed, report, progress, _total_epochs(prune, len(units)),
                       start_step=state.step if state else 0, curve=state.curve if state else None,
@@ -122,6 +148,9 @@ def run_protocol(
     if finetune.eval_max_images is not None and finetune.eval_max_images < len(splits.val):
         final_val = tuner.val_acc(full=True)  # the curve used a subset; the result uses all of val
     test = tuner.evaluate(splits.test) if evaluate_test else None
+    curve_base = next(p["val_acc"] for p in tuner.curve if p["phase"] == "base")  # same images as the curve
+    run_rec = run_recovery(tuner.curve, curve_base, finetune.recovery_delta)
+    drops = [s.pre_prune_val_acc - s.damage_val_acc for s in state.steps]
     record = RunRecord(
         base_val_acc=state.base_val, units=state.rows, curve=tuner.curve, final_val_acc=final_val,
         final_test_acc=test["top1"] if test else None, ratios=ratios, unit_names=[u.name for u in units],
@@ -129,28 +158,36 @@ def run_protocol(
         prune_log=state.prune_log, wall_s=time.perf_counter() - t0,
         config=config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed},
         final_test_top5=test["top5"] if test and len(splits.class_names) > 10 else None,
+        method=prune.method, steps=state.steps, recovery_delta=finetune.recovery_delta,
+        steps_to_recover=run_rec["steps_to_recover"], recovery_auc=run_rec["recovery_auc"],
+        mean_damage=sum(drops) / len(drops) if drops else None,
     )
     report(_final_report(tuner, record))
     return record.to_dict()
 
 
-def _stages(units: list[Unit], ratios: list[float], splits: DataSplits, prune: PruneConfig, seed: int) -> list[Stage]:
-    """The stages of ``prune.method``, with the criterion and its scoring batches bound in."""
+def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
+    """The stages of ``prune.method``, with the criterion and its scoring batches bound in
+    (control and scratch ignore the criterion: nothing is scored)."""
+    prune = plan.prune
     build = _METHODS.get(prune.method)
     if build is None:  # only a config mutated after construction gets here; same words as its own check
         raise ValueError(f"prune.method must be one of {', '.join(METHODS)}, but got {prune.method!r}")
-    criterion = get_criterion(prune.criterion)
+    if prune.method in _UNSCORED:
+        return build(plan)
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
-    ctx = ScoringContext(
+    plan.criterion = get_criterion(prune.criterion)
+    plan.ctx = ScoringContext(
         batches=scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
         options=dict(prune.criterion_options),
     )
-    return build(units, ratios, criterion, ctx, prune)
+    return build(plan)
 
 
 def _total_epochs(prune: PruneConfig, n_units: int) -> float:
     """Fine-tuning epochs of the whole run (sizes the progress bar)."""
-    n_stage_p = {"layer_by_layer": n_units, "iterative": prune.steps}.get(prune.method, 0)
+    n_stage_p = {"layer_by_layer": n_units, "iterative": prune.steps, "control": n_units,
+                 "scratch": n_units}.get(prune.method, 0)
     return prune.q + prune.p * n_stage_p
 
 
@@ -158,7 +195,12 @@ def _start(model: nn.Module, tuner: Finetuner, measure: MeasureConfig) -> Protoc
     """A fresh run's state: the unpruned model's cost and val accuracy (reported as "base")."""
     before = _measure(model, measure)
     base_val = tuner.val_acc(full=True)
-    tuner.emit("base", base_val)
+    # Every later curve point is measured on the evaluation subset (eval_max_images), so the
+    # curve's base point is too: recovery compares like with like. The record's base_val_acc
+    # stays the accuracy on all of val, like final_val_acc.
+    limit = tuner.ft.eval_max_images
+    subset = limit is not None and limit < len(tuner.splits.val)
+    tuner.emit("base", tuner.val_acc() if subset else base_val)
     return ProtocolState(before=before, base_val=base_val)
 
 
@@ -204,10 +246,32 @@ def _final_report(tuner: Finetuner, record: RunRecord) -> dict[str, Any]:
             "latency_ms": record.after.latency_ms, "flops_before": record.before.flops}
 
 
-# ---- the methods: each turns (units, ratios, criterion, ctx, prune) into a list of stages ----
+# ---- the methods: each turns a plan (units, ratios, criterion, ctx, prune) into a list of stages ----
 
 Stage = Callable[[nn.Module, Finetuner, ProtocolState], None]
-MethodBuilder = Callable[[list[Unit], list[float], Criterion, ScoringContext, PruneConfig], list[Stage]]
+
+
+@dataclass
+class _Plan:
+    """What a method builds its stages from; ``criterion`` and ``ctx`` are bound only for
+    the methods that score filters."""
+
+    units: list[Unit]
+    ratios: list[float]
+    prune: PruneConfig
+    delta: float  # finetune.recovery_delta
+    pretrain: PretrainConfig | None = None  # scratch only
+    pretrainer: Pretrainer | None = None  # scratch only
+    criterion: Criterion | None = None
+    ctx: ScoringContext | None = None
+
+    def score(self, model: nn.Module, unit: Unit) -> Tensor:
+        if self.criterion is None or self.ctx is None:
+            raise RuntimeError(f"prune.method={self.prune.method} has no criterion bound")
+        return self.criterion(model, unit, self.ctx)
+
+
+MethodBuilder = Callable[[_Plan], list[Stage]]
 
 
 def _damage(tuner: Finetuner, prune: PruneConfig, salt: int, unit: str) -> float:
@@ -218,6 +282,25 @@ def _damage(tuner: Finetuner, prune: PruneConfig, salt: int, unit: str) -> float
     return damage
 
 
+def _open_step(tuner: Finetuner, state: ProtocolState, plan: _Plan, pre: float, names: list[str],
+               salt: int, label: str) -> PruningStep:
+    """Measure the damage of the pruning just done and log the step (``pre``: the last
+    evaluation before it)."""
+    damage = _damage(tuner, plan.prune, salt, label)
+    step = PruningStep(step=len(state.steps) + 1, units=names, pre_prune_val_acc=pre, damage_val_acc=damage)
+    state.steps.append(step)
+    return step
+
+
+def _close_step(tuner: Finetuner, step: PruningStep, delta: float) -> None:
+    """Fill in the recovery of ``step`` from the curve since its damage point (the latest one)."""
+    first = max(i for i, p in enumerate(tuner.curve) if p["phase"] == "damage")
+    points = tuner.curve[first:]
+    step.recovered_val_acc = points[-1]["val_acc"]  # the damage itself when nothing was fine-tuned
+    rec = stage_recovery(points, step.pre_prune_val_acc, delta)
+    step.steps_to_recover, step.recovery_auc = rec["steps_to_recover"], rec["recovery_auc"]
+
+
 def _final_finetune(tuner: Finetuner, prune: PruneConfig) -> float | None:
     """The last ``q`` epochs; val top-1 at their end, None when ``q`` is 0."""
     if prune.q > 0:
@@ -225,86 +308,158 @@ def _final_finetune(tuner: Finetuner, prune: PruneConfig) -> float | None:
     return None
 
 
-def _last_damage(state: ProtocolState) -> float:
-    if state.damage is None:
-        raise RuntimeError("protocol state has no damage: the final stage ran before a pruning stage")
-    return state.damage
-
-
-def _layer_by_layer(units: list[Unit], ratios: list[float], criterion: Criterion, ctx: ScoringContext,
-                    prune: PruneConfig) -> list[Stage]:
-    def unit_stage(unit: Unit, ratio: float) -> Stage:
-        def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
-            scores = criterion(model, unit, ctx)  # on the current, partly pruned network
-            rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
-            state.prune_log.append(rec)
-            damage = _damage(tuner, prune, len(state.prune_log), unit.name)
-            recovered = tuner.finetune(prune.p, "recovery", unit=unit.name) if prune.p > 0 else damage
-            state.rows.append(UnitRow.from_log(rec, damage, recovered))
-        return stage
-
+def _final_stage(prune: PruneConfig) -> Stage:
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
         _final_finetune(tuner, prune)
-
-    pairs = reversed(list(zip(units, ratios, strict=True)))  # output side inward
-    return [unit_stage(u, r) for u, r in pairs] + [final]
+    return final
 
 
-def _one_shot(units: list[Unit], ratios: list[float], criterion: Criterion, ctx: ScoringContext,
-              prune: PruneConfig) -> list[Stage]:
+def _layer_by_layer(plan: _Plan) -> list[Stage]:
+    prune = plan.prune
+
+    def unit_stage(unit: Unit, ratio: float) -> Stage:
+        def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
+            pre = tuner.curve[-1]["val_acc"]  # base, or the previous stage's last evaluation
+            scores = plan.score(model, unit)  # on the current, partly pruned network
+            rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
+            state.prune_log.append(rec)
+            step = _open_step(tuner, state, plan, pre, [unit.name], len(state.prune_log), unit.name)
+            if prune.p > 0:
+                tuner.finetune(prune.p, "recovery", unit=unit.name)
+            _close_step(tuner, step, plan.delta)
+            state.rows.append(UnitRow.from_log(rec, step))
+        return stage
+
+    pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
+    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+
+
+def _one_shot(plan: _Plan) -> list[Stage]:
+    units, prune = plan.units, plan.prune
+
     def prune_all(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
-        all_scores = {u.name: criterion(model, u, ctx) for u in units}  # all scored on the unpruned net
-        for u, r in reversed(list(zip(units, ratios, strict=True))):
+        pre = tuner.curve[-1]["val_acc"]
+        all_scores = {u.name: plan.score(model, u) for u in units}  # all scored on the unpruned net
+        for u, r in reversed(list(zip(units, plan.ratios, strict=True))):
             keep = select_keep(all_scores[u.name], kept_count(u.n_filters, r, prune.round_to))
             state.prune_log.append(prune_layer(model, u.name, keep))
-        state.damage = _damage(tuner, prune, 0, "all")
+        _open_step(tuner, state, plan, pre, [rec["unit"] for rec in state.prune_log], 0, "all")
 
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
-        damage = _last_damage(state)
-        recovered = _final_finetune(tuner, prune)
-        state.rows = [UnitRow.from_log(rec, damage, damage if recovered is None else recovered) for rec in state.prune_log]
+        if not state.steps:
+            raise RuntimeError("protocol state has no pruning step: the final stage ran before the pruning stage")
+        _final_finetune(tuner, prune)
+        _close_step(tuner, state.steps[-1], plan.delta)  # one_shot's recovery is the final fine-tuning
+        state.rows = [UnitRow.from_log(rec) for rec in state.prune_log]  # not measured per unit
 
     return [prune_all, final]
 
 
-def _iterative(units: list[Unit], ratios: list[float], criterion: Criterion, ctx: ScoringContext,
-               prune: PruneConfig) -> list[Stage]:
+def _iterative(plan: _Plan) -> list[Stage]:
     """Global ranking: after step s, s/steps of the schedule's total filter budget is removed.
 
     Only the total follows the schedule; which filters go, and so how much each unit loses,
     is decided by one ranking over all units of scores divided by their unit's mean |score|.
     No unit loses more than 90% of its filters.
     """
+    units, prune = plan.units, plan.prune
     first = {u.name: u.n_filters for u in units}
     total_before = sum(first.values())
-    total_target = sum(kept_count(u.n_filters, r, prune.round_to) for u, r in zip(units, ratios, strict=True))
+    total_target = sum(kept_count(u.n_filters, r, prune.round_to) for u, r in zip(units, plan.ratios, strict=True))
     floor = {name: max(1, round(_ITERATIVE_MIN_KEPT * n)) for name, n in first.items()}
 
     def step_stage(step: int) -> Stage:
         def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
+            pre = tuner.curve[-1]["val_acc"]
             current = _current_counts(first, state)
             keep_total = round(total_before - (total_before - total_target) * step / prune.steps)
-            scores = {u.name: _unit_normalised(criterion(model, _resized(u, current[u.name]), ctx)) for u in units}
+            scores = {u.name: _unit_normalised(plan.score(model, _resized(u, current[u.name]))) for u in units}
             dropped = _global_drop(scores, current, floor, sum(current.values()) - keep_total)
+            names = []
             for u in reversed(units):
                 if dropped[u.name]:
                     keep = [i for i in range(current[u.name]) if i not in dropped[u.name]]
                     state.prune_log.append({**prune_layer(model, u.name, keep), "step": step})
-            state.damage = _damage(tuner, prune, step, f"step{step}")
+                    names.append(u.name)
+            measured = _open_step(tuner, state, plan, pre, names, step, f"step{step}")
             if prune.p > 0:
                 tuner.finetune(prune.p, "recovery", unit=f"step{step}")
+            _close_step(tuner, measured, plan.delta)
         return stage
 
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
         _final_finetune(tuner, prune)
-        current, damage = _current_counts(first, state), _last_damage(state)
-        alive = _surviving_filters(first, state)
-        state.rows = [
-            UnitRow(u.name, first[u.name], current[u.name], damage, tuner.curve[-1]["val_acc"], alive[u.name])
-            for u in reversed(units)
-        ]
+        current, alive = _current_counts(first, state), _surviving_filters(first, state)
+        # Not measured per unit: the steps carry the measurements.
+        state.rows = [UnitRow(u.name, first[u.name], current[u.name], None, None, alive[u.name]) for u in reversed(units)]
 
     return [step_stage(s) for s in range(1, prune.steps + 1)] + [final]
+
+
+def _control(plan: _Plan, phase: str = "control") -> list[Stage]:
+    """No pruning: layer_by_layer's fine-tuning stages (one of ``p`` per unit) and ``q``."""
+    def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
+        if plan.prune.p > 0:
+            tuner.finetune(plan.prune.p, phase)
+    return [stage for _ in plan.units] + [_final_stage(plan.prune)]
+
+
+def _scratch(plan: _Plan) -> list[Stage]:
+    """The pruned architecture from scratch: pretraining recipe, then control's stages."""
+    prune = plan.prune
+
+    def build_and_pretrain(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
+        for u, r in reversed(list(zip(plan.units, plan.ratios, strict=True))):  # as plan_ratios counts them
+            state.prune_log.append(prune_layer(model, u.name, list(range(kept_count(u.n_filters, r, prune.round_to)))))
+            state.rows.append(UnitRow.from_log(state.prune_log[-1]))
+        _reinitialise(model, tuner.seed + _SCRATCH_SEED_OFFSET)
+        tuner.emit("init", tuner.val_acc())
+        _pretrain(model, tuner, plan)
+
+    return [build_and_pretrain] + _control(plan, phase="scratch")
+
+
+def _reinitialise(model: nn.Module, seed: int) -> None:
+    """Every layer's own ``reset_parameters`` (PyTorch's default initialisation, and fresh BN
+    statistics) under ``seed``; a parameter no layer can reset is refused."""
+    resettable = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
+    covered = {id(p) for m in resettable for p in m.parameters(recurse=False)}
+    stuck = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if stuck:
+        raise ValueError(f"prune.method=scratch must re-initialise every parameter, but {stuck[0]} has no "
+                         "layer with reset_parameters")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in resettable:
+            m.reset_parameters()
+
+
+def _pretrain(model: nn.Module, tuner: Finetuner, plan: _Plan) -> None:
+    """The base model's pretraining (its recipe, ``pretrain.epochs`` epochs of the full
+    training set) on the pruned architecture; the steps count in the run's budget and the
+    per-epoch evaluations join the curve (phase "scratch_pretrain", all of val)."""
+    pretrain, splits = plan.pretrain, tuner.splits
+    if pretrain is None or plan.pretrainer is None:
+        raise RuntimeError("prune.method=scratch without pretrain / pretrainer")
+    if pretrain.epochs == 0:
+        return
+    # The base saw epochs of all train_size_full images: a fraction of them is cycled up to that.
+    train = _cycled(splits.train, splits.train_size_full, tuner.seed + _SCRATCH_SEED_OFFSET)
+    summary = plan.pretrainer(model, replace(splits, train=train, train_eval=train), pretrain, seed=tuner.seed,
+                              progress=False, log=lambda *_: None)
+    per_epoch, start = max(1, len(train) // pretrain.batch_size), tuner.step
+    for h in summary["history"]:
+        tuner.skip_to(start + h["epoch"] * per_epoch)
+        tuner.emit("scratch_pretrain", h["val_acc"])
+
+
+def _cycled(train: Any, n: int, seed: int) -> Any:
+    """``n`` samples of ``train``: all of it when it has n, else seeded passes over it cut at n."""
+    if len(train) >= n:
+        return train
+    g = torch.Generator().manual_seed(seed)
+    passes = [torch.randperm(len(train), generator=g) for _ in range(-(-n // len(train)))]
+    return take(train, torch.cat(passes)[:n], None)
 
 
 def _current_counts(first: dict[str, int], state: ProtocolState) -> dict[str, int]:
@@ -349,4 +504,6 @@ def _resized(unit: Unit, n: int) -> Unit:
     return Unit(unit.name, unit.convs, unit.act_points, unit.bns, n)
 
 
-_METHODS: dict[str, MethodBuilder] = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative}
+_METHODS: dict[str, MethodBuilder] = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative,
+                                      "control": _control, "scratch": _scratch}
+_UNSCORED = ("control", "scratch")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.criteria.blended import with_factors
 from trainables.models import build_model
 from trainables.protocol import run_protocol
 
@@ -55,6 +56,8 @@ class TrialContext:
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train run storage (TorchTrainer path)
     path: str = "auto"  # auto | fast | torch_trainer (auto: TorchTrainer only for GPUs or several workers)
+    evaluate_test: bool = False  # read the test split at the end of each trial: a study, never a search
+    pretrain: dict | None = None  # the base model's PretrainConfig fields: prune.method=scratch trains with them
 
 
 def uses_fast_path(ctx: TrialContext) -> bool:
@@ -63,7 +66,9 @@ def uses_fast_path(ctx: TrialContext) -> bool:
     return ctx.path == "fast" or (ctx.path == "auto" and ctx.num_workers == 1 and not ctx.use_gpu)
 
 
-_SEARCHED = {"criterion", "schedule", "ratio", "ratio_low", "ratio_high", "p", "q"}
+# PruneConfig fields a trial config may set; a study cell also sets method and target_flops_reduction
+# (its `seed` and `fraction` are read by train_loop_per_worker).
+_SEARCHED = {"criterion", "schedule", "ratio", "ratio_low", "ratio_high", "p", "q", "method", "target_flops_reduction"}
 
 
 def trial_configs(ctx: TrialContext, config: dict) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig]:
@@ -74,8 +79,8 @@ def trial_configs(ctx: TrialContext, config: dict) -> tuple[PruneConfig, Finetun
     if ratios:
         prune.update(schedule="per_layer", ratios=ratios)
     weights = {k[len("weight_"):]: float(v) for k, v in config.items() if k.startswith("weight_")}
-    if weights:  # the blended criterion's calibration factors
-        prune["criterion_options"] = {**prune.get("criterion_options", {}), "weights": weights}
+    if weights:  # the blended criterion's calibration factors (weight_g<i>_<c>: group i of a layerwise blend)
+        prune["criterion_options"] = with_factors(prune.get("criterion_options", {}), weights)
     finetune = {**ctx.finetune, **({"lr": config["lr"]} if "lr" in config else {})}
     known = {f.name for f in fields(PruneConfig)}
     return PruneConfig(**{k: v for k, v in prune.items() if k in known}), FinetuneConfig(**finetune), MeasureConfig(**ctx.measure)
@@ -158,7 +163,9 @@ def train_loop_per_worker(config: dict) -> dict:
         checkpoint_cls = api.Checkpoint
     from data import get_data
 
-    splits = get_data(**ctx.data_args)
+    # A study cell may set its own fine-tuning data fraction and seed (scoring, fine-tuning, `random`).
+    splits = get_data(**{**ctx.data_args, **({"fraction": trial["fraction"]} if "fraction" in trial else {})})
+    seed = int(trial.get("seed", ctx.seed))
     prune, finetune, measure = trial_configs(ctx, trial)
     model = _base_model(ctx)
     device = torch.device("cuda", torch.cuda.current_device()) if ctx.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -176,10 +183,10 @@ def train_loop_per_worker(config: dict) -> dict:
                 return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
     reporter = _Reporter(api.report, checkpoint_cls, write_checkpoints=rank == 0)
     record = run_protocol(
-        model, splits, prune, finetune, measure=measure, seed=ctx.seed, report=reporter.report,
-        checkpoint=reporter.checkpoint, resume=resume, evaluate_test=False,
+        model, splits, prune, finetune, measure=measure, seed=seed, report=reporter.report,
+        checkpoint=reporter.checkpoint, resume=resume, evaluate_test=ctx.evaluate_test,
         config={"trial": trial, "prune": asdict(prune), "finetune": asdict(finetune)},
-        shard=(rank, world), wrap_ddp=world > 1,
+        shard=(rank, world), wrap_ddp=world > 1, **_scratch_args(ctx),
     )
     final = dict(reporter.pending or {})
     reporter.pending = None
@@ -191,6 +198,16 @@ def train_loop_per_worker(config: dict) -> dict:
     reporter.pending = final
     reporter.checkpoint(state, record={**record, "curve": record["curve"]})
     return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
+
+
+def _scratch_args(ctx: TrialContext) -> dict:
+    """``run_protocol``'s pretraining recipe for ``prune.method=scratch`` (when the context has one)."""
+    if ctx.pretrain is None:
+        return {}
+    from trainables.base_model import train_base_model
+    from trainables.config import PretrainConfig
+
+    return {"pretrain": PretrainConfig(**ctx.pretrain), "pretrainer": train_base_model}
 
 
 def _final_metrics(record: dict) -> dict:

@@ -3,7 +3,33 @@
 Both travel as plain dicts (``to_dict``): the state through ``torch.save`` /
 ``torch.load(weights_only=True)`` in the Ray trainable, which only unpickles builtins and
 tensors, and the record as JSON. The dataclasses exist so that the protocol's code names its
-fields and types; the dict shapes are the stable interface and must not change.
+fields and types; the dict shapes are the stable interface (``search.study`` reads them).
+
+Record schema: what is measured where
+-------------------------------------
+Accuracies are val top-1 in [0, 1]; "steps" are optimiser steps (one batch per worker).
+
+``steps``: one entry per *measured pruning step*, in order (``PruningStep``): one per unit for
+``layer_by_layer``, one per global step for ``iterative``, a single one for ``one_shot``, none
+for ``control`` and ``scratch``. Each entry: ``step`` (1-based), ``units`` (names pruned in
+it), ``pre_prune_val_acc`` (the last evaluation before it: the base model's for the first
+step, else the previous stage's last), ``damage_val_acc`` (right after pruning, after adaptive
+BN if configured), ``recovered_val_acc`` (end of the fine-tuning that followed: ``p`` epochs,
+or the final ``q`` for ``one_shot``; the damage itself when that fine-tuning is empty),
+``steps_to_recover`` and ``recovery_auc`` of that fine-tuning (``trainables.recovery``).
+
+``units``: one row per pruned unit in pruning order (``UnitRow``): ``filters_before``,
+``filters_after`` and ``keep_idxs`` always. Only ``layer_by_layer`` measures a unit on its own,
+so only its rows carry ``pre_prune_val_acc``, ``damage_val_acc``, ``recovered_val_acc``,
+``steps_to_recover`` and ``recovery_auc`` (equal to its ``steps`` entry); ``one_shot`` and
+``iterative`` rows have None there (not measured per unit: read ``steps``). ``scratch`` rows
+give the architecture (first filters kept) with None measurements; ``control`` has no rows.
+
+Run level: ``method``; ``recovery_delta``; ``steps_to_recover`` (steps after the last pruning
+step, or after the re-initialisation for ``scratch``, until val acc >= ``base_val_acc`` -
+delta, counting through the final fine-tuning; None = never; 0 for ``control``);
+``recovery_auc`` (``trainables.recovery.run_recovery``); ``mean_damage`` (mean over ``steps``
+of pre_prune - damage; None without pruning steps).
 """
 
 from __future__ import annotations
@@ -12,7 +38,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-__all__ = ["CurvePoint", "Measurement", "ProtocolState", "RunRecord", "UnitRow"]
+__all__ = ["CurvePoint", "Measurement", "ProtocolState", "PruningStep", "RunRecord", "UnitRow"]
 
 
 class CurvePoint(TypedDict):
@@ -21,7 +47,9 @@ class CurvePoint(TypedDict):
     step: int  # fine-tuning steps so far (one batch per worker each)
     epoch: float  # step / steps per epoch, rounded to 4 decimals
     val_acc: float  # top-1 in [0, 1]
-    phase: str  # base | damage | recovery | final_finetune
+    # base | damage | recovery | final_finetune; control (control's p stages); scratch: init
+    # (the re-initialised model), scratch_pretrain (per pretraining epoch, all of val), scratch
+    phase: str
 
 
 # A ``prune_layer`` record ({"unit", "filters_before", "filters_after", "keep_idxs"}, plus
@@ -47,34 +75,72 @@ class Measurement:
 
 @dataclass
 class UnitRow:
-    """One pruned unit in the record (``record["units"]``), in pruning order."""
+    """One pruned unit in the record (``record["units"]``), in pruning order.
+
+    The measurements are None where the method does not measure a unit on its own (see the
+    module docstring); ``layer_by_layer`` fills them all.
+    """
 
     name: str  # dotted module name of the unit's conv, e.g. "features.10"
     filters_before: int
     filters_after: int
-    damage_val_acc: float  # val top-1 right after pruning (before fine-tuning)
-    recovered_val_acc: float  # val top-1 after the fine-tuning that followed
+    damage_val_acc: float | None  # val top-1 right after pruning (before fine-tuning)
+    recovered_val_acc: float | None  # val top-1 after the fine-tuning that followed
     keep_idxs: list[int]  # surviving filters, as indices into the unpruned unit
+    pre_prune_val_acc: float | None = None  # val top-1 just before this unit was pruned
+    steps_to_recover: int | None = None  # steps after pruning until >= pre - delta; None: not within the stage
+    recovery_auc: float | None = None  # normalised area under the stage's recovery curve, in [0, 1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "filters_before": self.filters_before, "filters_after": self.filters_after,
             "damage_val_acc": self.damage_val_acc, "recovered_val_acc": self.recovered_val_acc,
-            "keep_idxs": list(self.keep_idxs),
+            "keep_idxs": list(self.keep_idxs), "pre_prune_val_acc": self.pre_prune_val_acc,
+            "steps_to_recover": self.steps_to_recover, "recovery_auc": self.recovery_auc,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnitRow:
         return cls(d["name"], d["filters_before"], d["filters_after"], d["damage_val_acc"],
-                   d["recovered_val_acc"], list(d["keep_idxs"]))
+                   d["recovered_val_acc"], list(d["keep_idxs"]), d["pre_prune_val_acc"], d["steps_to_recover"],
+                   d["recovery_auc"])
 
     @classmethod
-    def from_log(cls, rec: PruneLogEntry, damage: float, recovered: float) -> UnitRow:
-        """The row of one ``prune_layer`` record (its keep_idxs index the unpruned unit)."""
-        return cls(rec["unit"], rec["filters_before"], rec["filters_after"], damage, recovered, rec["keep_idxs"])
+    def from_log(cls, rec: PruneLogEntry, step: PruningStep | None = None) -> UnitRow:
+        """The row of one ``prune_layer`` record (its keep_idxs index the unpruned unit), with
+        the measurements of ``step`` when the unit was measured on its own."""
+        row = cls(rec["unit"], rec["filters_before"], rec["filters_after"], None, None, rec["keep_idxs"])
+        if step is not None:
+            row.pre_prune_val_acc, row.damage_val_acc = step.pre_prune_val_acc, step.damage_val_acc
+            row.recovered_val_acc, row.steps_to_recover = step.recovered_val_acc, step.steps_to_recover
+            row.recovery_auc = step.recovery_auc
+        return row
 
 
-_STATE_KEYS = ("stage", "step", "before", "base_val", "rows", "prune_log", "damage", "curve")
+@dataclass
+class PruningStep:
+    """One measured pruning step (``record["steps"]``); see the module docstring."""
+
+    step: int  # 1-based
+    units: list[str]  # units pruned in this step, in pruning order
+    pre_prune_val_acc: float
+    damage_val_acc: float
+    recovered_val_acc: float | None = None  # None until the fine-tuning after it has run
+    steps_to_recover: int | None = None
+    recovery_auc: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "units": list(self.units), "pre_prune_val_acc": self.pre_prune_val_acc,
+                "damage_val_acc": self.damage_val_acc, "recovered_val_acc": self.recovered_val_acc,
+                "steps_to_recover": self.steps_to_recover, "recovery_auc": self.recovery_auc}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruningStep:
+        return cls(**{k: d[k] for k in ("step", "units", "pre_prune_val_acc", "damage_val_acc",
+                                         "recovered_val_acc", "steps_to_recover", "recovery_auc")})
+
+
+_STATE_KEYS = ("stage", "step", "before", "base_val", "rows", "prune_log", "steps", "curve")
 
 
 @dataclass
@@ -87,9 +153,8 @@ class ProtocolState:
     step: int = 0  # fine-tuning steps done
     rows: list[UnitRow] = field(default_factory=list)
     prune_log: list[PruneLogEntry] = field(default_factory=list)  # replayable, in order
-    # val top-1 right after the latest pruning step (one_shot, iterative): the damage every
-    # unit row reports, set in one stage and read in the final one.
-    damage: float | None = None
+    # the measured pruning steps; one_shot's is opened in one stage and completed in the next
+    steps: list[PruningStep] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +162,7 @@ class ProtocolState:
         return copy.deepcopy({
             "stage": self.stage, "step": self.step, "before": self.before.to_dict(), "base_val": self.base_val,
             "rows": [r.to_dict() for r in self.rows], "prune_log": self.prune_log,
-            "damage": self.damage, "curve": self.curve,
+            "steps": [s.to_dict() for s in self.steps], "curve": self.curve,
         })
 
     @classmethod
@@ -111,7 +176,7 @@ class ProtocolState:
         return cls(
             before=Measurement.from_dict(d["before"]), base_val=d["base_val"], stage=d["stage"], step=d["step"],
             rows=[UnitRow.from_dict(r) for r in d["rows"]], prune_log=d["prune_log"],
-            damage=d["damage"], curve=d["curve"],
+            steps=[PruningStep.from_dict(s) for s in d["steps"]], curve=d["curve"],
         )
 
 
@@ -132,6 +197,12 @@ class RunRecord:
     prune_log: list[PruneLogEntry]
     wall_s: float  # seconds of the whole protocol
     config: dict[str, Any]
+    method: str = "layer_by_layer"
+    steps: list[PruningStep] = field(default_factory=list)
+    recovery_delta: float = 0.01
+    steps_to_recover: int | None = None
+    recovery_auc: float | None = None
+    mean_damage: float | None = None
     final_test_top5: float | None = None  # only recorded with more than 10 classes
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +225,12 @@ class RunRecord:
             "prune_log": self.prune_log,
             "wall_s": self.wall_s,
             "config": self.config,
+            "method": self.method,
+            "steps": [s.to_dict() for s in self.steps],
+            "recovery_delta": self.recovery_delta,
+            "steps_to_recover": self.steps_to_recover,
+            "recovery_auc": self.recovery_auc,
+            "mean_damage": self.mean_damage,
         }
         if self.final_test_top5 is not None:
             record["final_test_top5"] = self.final_test_top5

@@ -28,12 +28,17 @@ __all__ = ["format_summary", "main", "run"]
 def format_summary(record: dict) -> str:
     """A plain-text table of a run record."""
     pct = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"  # noqa: E731
-    lines = [f"{'unit':<22} {'filters':>11} {'damage':>7} {'recovered':>9}"]
+    steps = lambda v: "never" if v is None else str(v)  # noqa: E731
+    lines = [f"{'unit':<22} {'filters':>11} {'pre':>7} {'damage':>7} {'recovered':>9} {'steps_to_recover':>16}"]
     for u in record["units"]:
-        lines.append(f"{u['name']:<22} {u['filters_before']:>4} -> {u['filters_after']:<4} "
-                     f"{pct(u['damage_val_acc']):>7} {pct(u['recovered_val_acc']):>9}")
+        lines.append(f"{u['name']:<22} {u['filters_before']:>4} -> {u['filters_after']:<4} {pct(u.get('pre_prune_val_acc')):>7} "
+                     f"{pct(u['damage_val_acc']):>7} {pct(u['recovered_val_acc']):>9} "
+                     f"{steps(u.get('steps_to_recover')) if u.get('damage_val_acc') is not None else '-':>16}")
     fr = record["flops_after"] / record["flops_before"]
+    auc = record.get("recovery_auc")
     lines += [
+        f"method {record.get('method', '?')}: back within {100 * record.get('recovery_delta', 0):.1f} points of base after "
+        f"{steps(record.get('steps_to_recover'))} steps, recovery AUC {'-' if auc is None else f'{auc:.3f}'}",
         f"base val acc    {pct(record['base_val_acc'])}%",
         f"final val acc   {pct(record['final_val_acc'])}%   test acc {pct(record['final_test_acc'])}%",
         f"FLOPs           {record['flops_before'] / 1e6:.2f}M -> {record['flops_after'] / 1e6:.2f}M  (x{fr:.3f})",
@@ -50,15 +55,17 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     """Run one composed config end to end; returns the record and the path it was written to."""
     from omegaconf import OmegaConf
 
-    from trainables.base_model import prepare
+    from trainables.base_model import prepare, train_base_model
     from trainables.protocol import resolve_classes, run_protocol
 
-    prune, finetune, measure, _ = configs_of(cfg)
+    prune, finetune, measure, pretrain = configs_of(cfg)
     model, splits, base_path, _ = prepare(cfg, log=log)
     resolve_classes(prune.target_classes, splits.class_names)  # fail before any training
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    # The scratch baseline trains with the base model's recipe; the protocol is handed it
+    # rather than importing base_model (which would close a circle through compose).
     record = run_protocol(model, splits, prune, finetune, measure=measure, seed=cfg.seed, report=report,
-                          progress=cfg.progress, config=resolved)
+                          progress=cfg.progress, config=resolved, pretrain=pretrain, pretrainer=train_base_model)
     record["base_model"] = str(base_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.output_dir).expanduser().resolve() / f"{stamp}-{cfg.model.name}-{prune.criterion}-{prune.method}"

@@ -1,21 +1,47 @@
 """Ratio schedules: how much of each unit to prune.
 
-A schedule maps the list of units (network order, input to output) to one pruning ratio
-per unit, each in [0, 1). Kept counts are ``round(n x (1 - ratio))`` (half up), at least one
-filter, optionally rounded to a multiple of ``round_to`` (8 suits SIMD and tensor cores).
+A schedule maps the units' filter counts (network order, input to output) to one pruning
+ratio per unit, each in [0, 1). Kept counts are ``round(n x (1 - ratio))`` (half up), at least
+one filter, optionally rounded to a multiple of ``round_to`` (8 suits SIMD and tensor cores).
+
+Schedules, by registry name:
+
+- ``uniform``: ``ratio`` for every unit.
+- ``differential``: Mittal et al. (2019)'s differential pruning: a unit loses a larger share the
+  more filters it has, from ``ratio_low`` (the units with the fewest filters) to ``ratio_high``
+  (the most), linear in log2 of the filter count.
+- ``differential_depth``: a linear ramp by position, ``ratio_low`` at the first unit to
+  ``ratio_high`` at the last (this project's earlier ``differential``).
+- ``differential_inverted``, ``differential_depth_inverted``: the same two rules with
+  ``ratio_low >= ratio_high`` (prune less where there are more filters, or near the output).
+  The plain names refuse such an inverted ramp: it is almost always a swapped pair.
+- ``per_layer``: ``ratios``, one per unit.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from data import Registry
 
-__all__ = ["SCHEDULES", "check_ratio", "check_ratio_count", "kept_count", "list_schedules", "make_ratios"]
+__all__ = [
+    "SCHEDULES", "check_n_filters", "check_ramp", "check_ratio", "check_ratio_count", "kept_count",
+    "list_schedules", "make_ratios",
+]
 
 ScheduleFn = Callable[..., list[float]]
 SCHEDULES: Registry[ScheduleFn] = Registry("ratio schedule")
+
+# Differential schedules: name -> (what the ramp follows, whether it is inverted).
+_RAMPS = {
+    "differential": ("filters", False),
+    "differential_inverted": ("filters", True),
+    "differential_depth": ("depth", False),
+    "differential_depth_inverted": ("depth", True),
+}
+_FOLLOWS = {"filters": "layers with more filters", "depth": "units nearer the output"}
 
 
 def check_ratio(key: str, value: float) -> float:
@@ -32,6 +58,33 @@ def check_ratio_count(ratios: Sequence[float] | None, n_units: int, model: str =
         raise ValueError(f"prune.ratios must have one ratio per prunable unit ({n_units} for {model}), but got {got}")
 
 
+def check_n_filters(n_filters: Sequence[int]) -> list[int]:
+    """The units' filter counts as a list, if it is a non-empty sequence of integers >= 1."""
+    ok = isinstance(n_filters, Sequence) and not isinstance(n_filters, str) and len(n_filters) > 0 and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in n_filters)
+    if not ok:
+        raise ValueError(f"n_filters must be a non-empty list of filter counts >= 1 (one per unit, input to output), "
+                         f"but got {n_filters!r}")
+    return list(n_filters)
+
+
+def check_ramp(schedule: str, ratio_low: float, ratio_high: float) -> None:
+    """A differential ramp must rise (or, for an ``*_inverted`` schedule, fall) from
+    ``ratio_low`` to ``ratio_high``; other schedules ignore the two keys."""
+    if schedule not in _RAMPS:
+        return
+    follows, inverted = _RAMPS[schedule]
+    if not inverted and ratio_high < ratio_low:
+        raise ValueError(f"prune.ratio_high must be >= prune.ratio_low={ratio_low} (prune.schedule={schedule} prunes "
+                         f"{_FOLLOWS[follows]} more; for the inverted ramp name prune.schedule={schedule}_inverted), "
+                         f"but got {ratio_high}")
+    if inverted and ratio_high > ratio_low:
+        plain = schedule.removesuffix("_inverted")
+        raise ValueError(f"prune.ratio_high must be <= prune.ratio_low={ratio_low} (prune.schedule={schedule} prunes "
+                         f"{_FOLLOWS[follows]} less; for a rising ramp use prune.schedule={plain}), "
+                         f"but got {ratio_high}")
+
+
 def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
     """Filters kept when pruning ``ratio`` of ``n``: half-up rounding, then to a multiple of ``round_to``.
 
@@ -46,29 +99,43 @@ def kept_count(n: int, ratio: float, round_to: int = 1) -> int:
     return min(k, n)
 
 
-def _uniform(n_units: int, *, ratio: float, **_: object) -> list[float]:
-    return [check_ratio("prune.ratio", ratio)] * n_units
+def _uniform(n_filters: list[int], *, ratio: float, **_: object) -> list[float]:
+    return [check_ratio("prune.ratio", ratio)] * len(n_filters)
 
 
-def _differential(n_units: int, *, ratio_low: float, ratio_high: float, **_: object) -> list[float]:
-    """Mittal et al.'s differential rule: prune less near the input, more near the output.
+def _ramp(positions: list[float], lo: float, hi: float, flat: float) -> list[float]:
+    """``lo`` at the smallest position, ``hi`` at the largest, linear in between; ``flat`` for all
+    units when every position is the same."""
+    first, last = min(positions), max(positions)
+    if first == last:
+        return [flat] * len(positions)
+    # The last unit gets ``hi`` itself: lo + (hi - lo) can miss it by a rounding error.
+    return [hi if x == last else lo + (hi - lo) * (x - first) / (last - first) for x in positions]
 
-    The ratio rises linearly with depth from ``ratio_low`` (first unit) to ``ratio_high`` (last).
-    """
+
+def _differential(n_filters: list[int], *, schedule: str, ratio_low: float, ratio_high: float,
+                  **_: object) -> list[float]:
     lo, hi = check_ratio("prune.ratio_low", ratio_low), check_ratio("prune.ratio_high", ratio_high)
-    if n_units == 1:
-        return [hi]
-    return [lo + (hi - lo) * i / (n_units - 1) for i in range(n_units)]
+    check_ramp(schedule, lo, hi)
+    if _RAMPS[schedule][0] == "depth":
+        # One unit is both the first and the last: it gets the output end of the ramp, as before.
+        return _ramp(list(range(len(n_filters))), lo, hi, flat=hi)
+    # log2: widths double stage by stage (VGG-16: 64, 128, 256, 512), so each doubling steps the
+    # ratio up by the same share; linear in the count would leave the 64- and 128-filter stages
+    # near ratio_low and put most of the rise before the 512 stage. Equal counts get equal ratios.
+    # When every unit has the same count the rule has no direction: the midpoint favours neither end.
+    return _ramp([math.log2(n) for n in n_filters], lo, hi, flat=(lo + hi) / 2)
 
 
-def _per_layer(n_units: int, *, ratios: Sequence[float], **_: object) -> list[float]:
+def _per_layer(n_filters: list[int], *, ratios: Sequence[float], **_: object) -> list[float]:
     ratios = list(ratios or [])
-    check_ratio_count(ratios, n_units)
+    check_ratio_count(ratios, len(n_filters))
     return [check_ratio(f"prune.ratios[{i}]", r) for i, r in enumerate(ratios)]
 
 
 SCHEDULES.register("uniform", _uniform)
-SCHEDULES.register("differential", _differential)
+for _name in _RAMPS:
+    SCHEDULES.register(_name, partial(_differential, schedule=_name))
 SCHEDULES.register("per_layer", _per_layer)
 
 
@@ -78,12 +145,17 @@ def list_schedules() -> list[str]:
 
 def make_ratios(
     schedule: str,
-    n_units: int,
+    n_filters: Sequence[int],
     *,
     ratio: float = 0.5,
     ratio_low: float = 0.25,
     ratio_high: float = 0.75,
     ratios: Sequence[float] | None = None,
 ) -> list[float]:
-    """One pruning ratio per unit, in network order (input to output)."""
-    return SCHEDULES.get(schedule)(n_units, ratio=ratio, ratio_low=ratio_low, ratio_high=ratio_high, ratios=ratios)
+    """One pruning ratio per unit, in network order (input to output).
+
+    ``n_filters`` holds each unit's filter count (``Unit.n_filters``), input to output; only
+    ``differential`` reads the counts, the other schedules only their number.
+    """
+    fn = SCHEDULES.get(schedule)
+    return fn(check_n_filters(n_filters), ratio=ratio, ratio_low=ratio_low, ratio_high=ratio_high, ratios=ratios)

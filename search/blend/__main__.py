@@ -9,6 +9,7 @@ is the output folder. Overrides are those of ``python -m search.launch search=bl
     python -m search.blend
     python -m search.blend 'search.blend.pool=[l1,l2,apoz,taylor,random]' search.blend.n_clusters=3
     python -m search.blend search.blend.n_clusters=null search.blend.distance_threshold=0.3
+    python -m search.blend search.blend.layerwise=stage search.blend.stages=2   # a clustering per stage too
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     run_id = tracker.start_search(f"clustering-{out.name}", {"model": cfg.model.name, "data": cfg.data.name,
                                                              "blend": OmegaConf.to_container(cfg.search.blend, resolve=True)})
     tracker.client.set_tag(run_id, "role", "criteria_clustering")
-    tracker.client.set_tag(run_id, "representatives", ",".join(reps))
-    tracker.finish_search({"n_clusters": len(reps), "wall_s": time.perf_counter() - t0}, files)
+    # A layerwise layout has representatives per group: "g0:a,b;g1:c,d".
+    groups = [g["candidates"] for g in reps["groups"]] if isinstance(reps, dict) else [reps]
+    tracker.client.set_tag(run_id, "layerwise", reps["layerwise"] if isinstance(reps, dict) else "global")
+    tracker.client.set_tag(run_id, "representatives", ";".join(
+        ",".join(g) if len(groups) == 1 else f"g{i}:{','.join(g)}" for i, g in enumerate(groups)))
+    tracker.finish_search({"n_clusters": max(len(g) for g in groups), "n_groups": len(groups),
+                           "wall_s": time.perf_counter() - t0}, files)
     print(f"MLflow run {run_id} ({tracking_uri})")
     print(out)
     return 0

@@ -6,7 +6,9 @@ by the scoring batches). Per unit, Spearman's rank correlation between every pai
 criteria says how alike they rank the filters; the per-unit matrices are averaged over units,
 ``1 - rho`` is the distance of an average-linkage hierarchical clustering (scipy), cut at a
 number of clusters or a distance threshold, and each cluster is represented by the member
-most correlated, on average, with the rest of its cluster.
+most correlated, on average, with the rest of its cluster. ``cluster_groups`` does the same
+per group of units (a stage, or one unit as in He et al.): the mean is taken over the group's
+units only, so each group gets its own clusters and representatives.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["Clustering", "check_pool", "pool_scores", "rank_correlations", "cluster_criteria", "cluster_pool",
-           "plot_heatmap", "write_clustering", "format_clustering"]
+           "cluster_groups", "plot_heatmap", "write_clustering", "write_groups", "format_clustering"]
 
 
 @dataclass
@@ -165,6 +167,13 @@ def cluster_pool(scores: dict[str, dict[str, torch.Tensor]], pool: Sequence[str]
     return Clustering(list(pool), corr, per_unit, clusters, reps, order)
 
 
+def cluster_groups(scores: dict[str, dict[str, torch.Tensor]], pool: Sequence[str], groups: Sequence[Sequence[str]], *,
+                   n_clusters: int | None = None, distance_threshold: float | None = None) -> list[Clustering]:
+    """One clustering per group of units, on the Spearman matrices averaged over that group."""
+    return [cluster_pool({c: {u: scores[c][u] for u in units} for c in pool}, pool, n_clusters=n_clusters,
+                         distance_threshold=distance_threshold) for units in groups]
+
+
 def plot_heatmap(result: Clustering, path: str | Path, title: str = "") -> Path:
     """The mean Spearman matrix in dendrogram order, clusters outlined, representatives starred."""
     import matplotlib
@@ -200,15 +209,16 @@ def plot_heatmap(result: Clustering, path: str | Path, title: str = "") -> Path:
     return path
 
 
-def write_clustering(result: Clustering, folder: str | Path, title: str = "") -> list[Path]:
-    """``clustering.json``, ``correlation.parquet`` (one row per criterion) and ``correlation.png``."""
+def write_clustering(result: Clustering, folder: str | Path, title: str = "", extra: dict | None = None) -> list[Path]:
+    """``clustering.json`` (with ``extra`` keys), ``correlation.parquet`` (one row per criterion)
+    and ``correlation.png``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     js = folder / "clustering.json"
-    js.write_text(json.dumps(result.to_json(), indent=1))
+    js.write_text(json.dumps({**result.to_json(), **(extra or {})}, indent=1))
     cols = {"criterion": result.pool, **{c: result.correlation[:, i].tolist() for i, c in enumerate(result.pool)}}
     cols["cluster"] = [next(k for k, m in enumerate(result.clusters) if c in m) for c in result.pool]
     cols["representative"] = [c in result.representatives for c in result.pool]
@@ -216,6 +226,23 @@ def write_clustering(result: Clustering, folder: str | Path, title: str = "") ->
     pq.write_table(pa.table(cols), table)
     png = plot_heatmap(result, folder / "correlation.png", title)
     return [js, table, png]
+
+
+def write_groups(overall: Clustering, per_group: Sequence[Clustering], groups: Sequence[Sequence[str]], mode: str,
+                 folder: str | Path, title: str = "") -> list[Path]:
+    """A layerwise clustering: the overall one (``clustering.json`` says ``layerwise`` and lists
+    every group's units, clusters and representatives) plus ``group<i>/`` with each group's files."""
+    folder = Path(folder)
+    summary = {"layerwise": mode, "groups": [
+        {"units": list(units), "clusters": c.clusters, "representatives": c.representatives}
+        for units, c in zip(groups, per_group, strict=True)]}
+    files = write_clustering(overall, folder, title, extra=summary)
+    for i, (units, result) in enumerate(zip(groups, per_group, strict=True)):
+        first, last = units[0], units[-1]
+        label = first if first == last else f"{first} .. {last}"
+        files += write_clustering(result, folder / f"group{i}", f"{title} [{mode} {i}: {label}]",
+                                  extra={"layerwise": mode, "units": list(units)})
+    return files
 
 
 def format_clustering(result: Clustering) -> str:

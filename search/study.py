@@ -1,0 +1,357 @@
+"""``python -m search.study [key=value ...]``: the plasticity study, a Ray Tune grid.
+
+Reads ``conf/study.yaml`` (everything of ``conf/config.yaml`` plus ``study.*``), trains or
+loads the base model once, and runs one protocol per grid cell through the search's own
+trainable (``trainables.ray_trainable.trial_fn``: fast path or TorchTrainer, checkpoints,
+MLflow parent + child runs). The grid is criteria x ratios (or FLOPs targets) x seeds x data
+fractions x methods, plus the unpruned control (and the scratch baseline) per seed and
+fraction. Writes ``runs.parquet`` (one row per run), ``report.md`` and the figures into the
+output folder, whose path is the last line printed.
+
+    python -m search.study                                    # the embedded default (2 CPUs, < 15 min)
+    python -m search.study study.fractions=[0.01,0.05,0.2,1.0]   # data efficiency
+    python -m search.study study.ratios=null study.flops_targets=[0.3,0.6]
+    python -m search.study resume=outputs/study/20261130-101500   # finish an interrupted study
+
+Unlike a search, a study reads the test split: at the end of every run (the statistics are on
+test accuracy by default, ``study.metric``), since nothing is selected on it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CellValue", "grid_cells", "load_study_config", "main", "run_row"]
+
+_PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative")  # the methods a criterion arm can use
+_BASELINES = ("control", "scratch")  # arms without a criterion (prune.method of the same name)
+_SWITCH = ("auto", True, False)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _list(study, key: str) -> list:
+    from omegaconf import OmegaConf
+
+    from trainables.config import require
+
+    value = study.get(key)
+    value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    require(isinstance(value, list) and len(value) > 0, f"study.{key}", "a non-empty list", value)
+    require(len(set(map(str, value))) == len(value), f"study.{key}", "a list without repeats", value)
+    return value
+
+
+def check_study(cfg) -> None:
+    """One-line errors for every ``study.*`` key and the run settings the grid relies on."""
+    from omegaconf import OmegaConf
+
+    from search.study_report import METRICS
+    from trainables.config import METHODS, require
+    from trainables.criteria import list_criteria
+    from trainables.schedules import check_ratio
+
+    study = cfg.study
+    criteria = _list(study, "criteria")
+    unknown = [c for c in criteria if c not in list_criteria()]
+    if unknown:
+        raise ValueError(f"study.criteria: unknown criterion '{unknown[0]}'; valid: {', '.join(list_criteria())}")
+    ratios, targets = study.get("ratios"), study.get("flops_targets")
+    require((ratios is None) != (targets is None), "study.ratios / study.flops_targets", "exactly one of them set",
+            f"ratios={ratios}, flops_targets={targets}")
+    if ratios is not None:
+        for i, r in enumerate(_list(study, "ratios")):
+            check_ratio(f"study.ratios[{i}]", r)
+        require(cfg.prune.schedule == "uniform", "prune.schedule",
+                "uniform with study.ratios (use study.flops_targets to scale another schedule)", cfg.prune.schedule)
+        require(cfg.prune.target_flops_reduction is None, "prune.target_flops_reduction",
+                "null with study.ratios (a FLOPs target would rescale every ratio; use study.flops_targets)",
+                cfg.prune.target_flops_reduction)
+    else:
+        for i, t in enumerate(_list(study, "flops_targets")):
+            require(_is_number(t) and 0 < t < 1, f"study.flops_targets[{i}]", "in (0, 1)", t)
+    for i, s in enumerate(_list(study, "seeds")):
+        require(_is_int(s) and s >= 0, f"study.seeds[{i}]", "an integer >= 0", s)
+    for i, f in enumerate(_list(study, "fractions")):
+        require(_is_number(f) and 0 < f <= 1, f"study.fractions[{i}]", "in (0, 1]", f)
+    for m in _list(study, "methods"):
+        require(m in _PRUNING_METHODS, "study.methods", f"a list of {', '.join(_PRUNING_METHODS)}", m)
+    for name in _BASELINES:
+        value = study.get(name)
+        require(value in _SWITCH, f"study.{name}", "auto, true or false", value)
+        require(value is not True or name in METHODS, f"study.{name}",
+                f"auto or false: prune.method={name} does not exist in this version", value)
+    for key, low in (("max_concurrent_trials", 1), ("max_failures", 0)):
+        require(_is_int(study.get(key)) and study.get(key) >= low, f"study.{key}", f"an integer >= {low}", study.get(key))
+    require(_is_number(study.margin) and 0 < study.margin < 1, "study.margin", "in (0, 1) (accuracy units)", study.margin)
+    require(_is_number(study.confidence) and 0.5 <= study.confidence < 1, "study.confidence", "in [0.5, 1)",
+            study.confidence)
+    require(study.metric in METRICS, "study.metric", f"one of {', '.join(METRICS)}", study.metric)
+    require(cfg.train.path in ("auto", "fast", "torch_trainer"), "train.path", "one of auto, fast, torch_trainer",
+            cfg.train.path)
+    for key in ("train.num_workers", "trial_threads"):
+        value = OmegaConf.select(cfg, key)
+        require(_is_int(value) and value >= 1, key, "an integer >= 1", value)
+    require(isinstance(cfg.train.use_gpu, bool), "train.use_gpu", "true or false", cfg.train.use_gpu)
+
+
+def _baseline_on(study, name: str) -> bool:
+    from trainables.config import METHODS
+
+    return study.get(name) is True or (study.get(name) == "auto" and name in METHODS)
+
+
+def grid_cells(cfg) -> list[dict]:
+    """Every run of the study as a flat trial config, in a fixed order (the ``cell`` index).
+
+    Keys: ``arm`` (a criterion, ``control`` or ``scratch``), ``criterion`` (the one the protocol
+    is given; control and scratch ignore it and get the config's), ``method``, the level
+    (``ratio`` or ``target_flops_reduction``), ``seed`` and ``fraction``. Seed-major, so a
+    study stopped half-way has whole seeds of every arm rather than all seeds of a few.
+    """
+    study = cfg.study
+    level = "ratio" if study.get("ratios") is not None else "target_flops_reduction"
+    levels = list(study.ratios if level == "ratio" else study.flops_targets)
+    cells = []
+    for seed in study.seeds:
+        for fraction in study.fractions:
+            common = {"seed": int(seed), "fraction": float(fraction)}
+            if _baseline_on(study, "control"):  # nothing is pruned: level 0 (no FLOPs target)
+                cells.append({"arm": "control", "criterion": cfg.criterion.name, "method": "control",
+                              level: 0.0 if level == "ratio" else None, **common})
+            for value in levels:
+                for method in study.methods:
+                    for criterion in study.criteria:
+                        cells.append({"arm": criterion, "criterion": criterion, "method": method, level: float(value),
+                                      **common})
+                if _baseline_on(study, "scratch"):
+                    cells.append({"arm": "scratch", "criterion": cfg.criterion.name, "method": "scratch",
+                                  level: float(value), **common})
+    return cells
+
+
+def _check_cells(cfg, cells: list[dict]) -> None:
+    """Every cell's prune settings are valid (e.g. class_specific has target classes)."""
+    from trainables.compose import configs_of
+    from trainables.config import PruneConfig
+
+    prune = asdict(configs_of(cfg)[0])
+    seen = set()
+    for cell in cells:
+        key = (cell["criterion"], cell["method"], cell.get("ratio"), cell.get("target_flops_reduction"))
+        if key not in seen:
+            seen.add(key)
+            PruneConfig(**{**prune, **{k: v for k, v in cell.items() if k in prune}})
+
+
+def load_study_config(argv: list[str]):
+    """Compose ``conf/study.yaml`` with overrides and check it all, before any work; a resumed
+    study reuses its saved config (only ``num_cpus`` and ``ray_address`` may change)."""
+    from search.launch import _resumed_config
+    from trainables.compose import check_config, compose
+
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resume:
+        return _resumed_config(resume, [a for a in argv if not a.startswith("resume=")])
+    cfg = compose("study", argv)
+    check_config(cfg)
+    check_study(cfg)
+    _check_cells(cfg, grid_cells(cfg))
+    return cfg
+
+
+class CellValue:
+    """``tune.sample_from`` of one key: the value of that key in the trial's grid cell.
+
+    Tune's grid is a product; the study's is not (the control has no ratio or criterion to
+    cross), so Tune grids over the cell index and each key follows from it, which keeps the
+    trial config flat, exactly as a search's (MLflow params and tags, ``trial_configs``).
+    A class, not a closure: Tune pickles it into the experiment for ``resume=``.
+    """
+
+    def __init__(self, cells: list[dict], key: str):
+        self.cells, self.key = cells, key
+
+    def __call__(self, config: dict) -> Any:
+        return self.cells[config["cell"]][self.key]
+
+
+def _tuner(cfg, session, cells: list[dict]):
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig
+
+    from search.launch import _trainable
+    from trainables.ray_trainable import trial_fn
+
+    trainable = _trainable(trial_fn, session.ctx)
+    space = {"cell": tune.grid_search(list(range(len(cells))))}
+    space.update({key: tune.sample_from(CellValue(cells, key)) for key in cells[0]})
+    if session.restore_path:
+        # Tune saves sample_from functions as placeholders: cells not started before the kill
+        # would get ('__fn_ph', hash) as values unless the same space is handed back here.
+        return tune.Tuner.restore(session.restore_path, trainable=trainable, param_space=space,
+                                  resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials, reuse_actors=True),
+        run_config=RunConfig(name="tune", storage_path=str(session.storage), callbacks=[session.callback],
+                             failure_config=FailureConfig(max_failures=cfg.study.max_failures), verbose=0),
+    )
+
+
+def _plasticity(record: dict, delta: float) -> dict:
+    """The record's run-level recovery metrics, or (a record from before the protocol measured
+    them) the same quantities computed from its curve by ``trainables.recovery``."""
+    if "mean_damage" in record:
+        steps = record.get("steps") or []
+        return {"mean_damage": record.get("mean_damage"), "steps_to_recover": record.get("steps_to_recover"),
+                "recovery_auc": record.get("recovery_auc"), "recovery_delta": record.get("recovery_delta"),
+                "n_steps": len(steps), "steps_json": json.dumps(steps), "metrics_source": "record"}
+    from trainables.recovery import run_recovery, stage_recovery
+
+    curve = record["curve"]
+    damage_at = [i for i, p in enumerate(curve) if p["phase"] == "damage"]
+    steps = []
+    for k, i in enumerate(damage_at):
+        points = curve[i:damage_at[k + 1] if k + 1 < len(damage_at) else len(curve)]
+        pre = curve[i - 1]["val_acc"]  # the last evaluation before this pruning step
+        steps.append({"step": k + 1, "pre_prune_val_acc": pre, "damage_val_acc": points[0]["val_acc"],
+                      "recovered_val_acc": points[-1]["val_acc"], **stage_recovery(points, pre, delta)})
+    run = run_recovery(curve, record["base_val_acc"], delta)
+    drops = [s["pre_prune_val_acc"] - s["damage_val_acc"] for s in steps]
+    return {"mean_damage": sum(drops) / len(drops) if drops else None, **run, "recovery_delta": delta,
+            "n_steps": len(steps), "steps_json": json.dumps(steps), "metrics_source": "curve"}
+
+
+def run_row(run_id: str, status: str, cell: dict, record: dict | None, mlflow_run_id: str | None,
+            delta: float) -> dict:
+    """One ``runs.parquet`` row (``search.study_report.RUN_COLUMNS``) from a cell and its final record."""
+    baseline = cell["arm"] in _BASELINES
+    row = {"run_id": run_id, "status": status, "cell": cell["cell"], "arm": cell["arm"],
+           "criterion": None if baseline else cell["criterion"], "method": cell["method"], "ratio": cell.get("ratio"),
+           "target_flops_reduction": cell.get("target_flops_reduction"), "seed": cell["seed"],
+           "fraction": cell["fraction"], "mlflow_run_id": mlflow_run_id, "config_json": json.dumps(cell)}
+    if record is None:
+        return row
+    prune, finetune = record["config"].get("prune", {}), record["config"].get("finetune", {})
+    curve = record["curve"]
+    row.update(
+        schedule=prune.get("schedule"), p=prune.get("p"), q=prune.get("q"), lr=finetune.get("lr"),
+        ratios=[float(r) for r in record["ratios"]], base_val_acc=record["base_val_acc"],
+        final_val_acc=record["final_val_acc"], final_test_acc=record.get("final_test_acc"),
+        flops_before=record["flops_before"], flops_after=record["flops_after"],
+        flops_ratio=record["flops_after"] / record["flops_before"], params_before=record["params_before"],
+        params_after=record["params_after"], wall_s=record["wall_s"],
+        curve_step=[int(p["step"]) for p in curve], curve_val_acc=[float(p["val_acc"]) for p in curve],
+        curve_phase=[str(p["phase"]) for p in curve], **_plasticity(record, delta),
+    )
+    return row
+
+
+def _rows(results, session, cells: list[dict], delta: float, log) -> list[dict]:
+    """One row per Tune trial: its cell and the record of its last checkpoint (logged to its
+    MLflow run as ``record.json``)."""
+    from search.results import trial_ids
+
+    rows = []
+    for trial_id, result in zip(trial_ids(results), results, strict=True):
+        cell = {**cells[int(result.config["cell"])], "cell": int(result.config["cell"])}
+        record, run_id = None, session.tracker.find_run(trial_id)
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                path = Path(d) / "record.json"
+                if path.exists():
+                    record = json.loads(path.read_text())
+                    if run_id:
+                        session.tracker.log_artifact(trial_id, path)
+        status = "FAILED" if result.error is not None else "COMPLETED" if record is not None else "INCOMPLETE"
+        rows.append(run_row(trial_id, status, cell, record, run_id, delta))
+    missing = sorted(set(range(len(cells))) - {r["cell"] for r in rows})
+    if missing:
+        log(f"warning: {len(missing)} grid cell(s) have no trial: {missing}")
+    return sorted(rows, key=lambda r: r["cell"])
+
+
+def _meta(cfg, session, cells: list[dict]) -> dict:
+    from trainables.compose import configs_of
+
+    prune, finetune, _, _ = configs_of(cfg)
+    return {"model": cfg.model.name, "data": cfg.data.name + (f" ({cfg.subset})" if cfg.get("subset") else ""),
+            "level": "ratio" if cfg.study.get("ratios") is not None else "target_flops_reduction",
+            "metric": cfg.study.metric, "margin": cfg.study.margin, "confidence": cfg.study.confidence,
+            "recovery_delta": finetune.recovery_delta, "p": prune.p, "q": prune.q, "lr": finetune.lr,
+            "schedule": prune.schedule, "base_val_acc": session.base_val_acc, "base_flops": session.base_flops,
+            "n_cells": len(cells), "base_seed": cfg.seed}
+
+
+def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print) -> dict:
+    """Rows, ``runs.parquet``, the report and figures, and the parent MLflow run's summary."""
+    from search.results import trial_ids
+    from search.study_report import write_report, write_runs
+
+    tracker = session.tracker
+    orphans = tracker.drop_orphans(trial_ids(results))
+    if orphans:
+        log(f"deleted {len(orphans)} MLflow run(s) of trials the resumed study never knew: {', '.join(orphans)}")
+    tracker.finalize_dangling()
+    from trainables.compose import configs_of
+
+    rows = _rows(results, session, cells, configs_of(cfg)[1].recovery_delta, log)
+    write_runs(rows, out / "runs.parquet", _meta(cfg, session, cells))
+    report = write_report(out / "runs.parquet")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("COMPLETED", "FAILED", "INCOMPLETE")}
+    paired = report["paired"]
+    tracker.finish_search(
+        {"n_runs": len(rows), "n_completed": counts["COMPLETED"],
+         "n_better_than_random": sum(r["p"] < 1 - cfg.study.confidence and r["diff"] > 0 for r in paired),
+         "n_equivalent_to_random": sum(r["equivalent"] for r in paired)},
+        [out / "runs.parquet", out / "config.yaml", *report["files"]],
+    )
+    log(f"runs: {counts['COMPLETED']} completed, {counts['FAILED']} failed, {counts['INCOMPLETE']} incomplete")
+    log(f"report: {out / 'report.md'}")
+    return {"rows": rows, **report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search._session import start_search
+    from search.launch import _output_folder
+    from trainables.cli import cli_config
+    from trainables.compose import configs_of
+
+    cfg, code = cli_config(__doc__, argv, load_study_config)
+    if cfg is None:
+        return code
+    t0 = time.perf_counter()
+    out = _output_folder(cfg)
+    session = start_search(cfg, out)
+    session.ctx.evaluate_test = True  # a study reads test at the end of each run; a search never does
+    session.ctx.pretrain = asdict(configs_of(cfg)[3])  # the scratch baseline trains with the base model's recipe
+    import ray
+
+    try:
+        cells = grid_cells(cfg)
+        print(f"study grid: {len(cells)} runs")
+        results = _tuner(cfg, session, cells).fit()
+        finish_study(cfg, out, session, results, cells)
+    finally:
+        if session.owns_ray:
+            ray.shutdown()
+    print(f"wall time: {time.perf_counter() - t0:.0f}s")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

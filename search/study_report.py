@@ -1,0 +1,721 @@
+"""The answer of a plasticity study: ``runs.parquet``, its statistics, its figures, ``report.md``.
+
+Everything here reads ``runs.parquet`` (one row per run, :data:`RUN_COLUMNS`) and nothing else:
+results are written once by ``search.study`` and read many times (``python -m
+search.study_report <folder>`` re-renders the report of a finished study). No Ray, Optuna or
+MLflow here.
+
+The paper's question (Mittal et al. 2019, "Studying the plasticity in deep convolutional neural
+networks using random pruning"): after fine-tuning, is any criterion really better than random?
+Answered per arm and pruning level with
+
+* the mean and a t confidence interval over seeds (:func:`summarize`);
+* a paired comparison of every criterion against ``random`` (paired by seed: the same seed
+  gives both runs the same fine-tuning batches): mean difference, its CI and the p-value of
+  ``scipy.stats.ttest_rel`` (:func:`paired_vs_random`);
+* an equivalence reading, because "not significantly different" is not "equivalent": two
+  one-sided paired t tests (TOST) against a stated margin, and the one-sided non-inferiority
+  test of random (is random worse than the criterion by less than the margin?).
+
+Conventions: accuracies are fractions in [0, 1] (tables and figures show percent; a margin of
+0.01 is one point); FLOPs = 2 x MACs; ``fraction`` is the share of the training set used for
+fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "ARM_CONTROL",
+    "ARM_SCRATCH",
+    "FIGURES",
+    "METRICS",
+    "RUN_COLUMNS",
+    "mean_ci",
+    "paired_vs_random",
+    "read_runs",
+    "study_meta",
+    "summarize",
+    "tost_paired",
+    "write_report",
+    "write_runs",
+]
+
+Row = dict[str, Any]
+
+ARM_CONTROL = "control"  # the unpruned base fine-tuned with the same budget (prune.method=control)
+ARM_SCRATCH = "scratch"  # the pruned architecture re-initialised and trained (prune.method=scratch)
+REFERENCE = "random"  # the arm every criterion is compared with
+_BASELINE_ARMS = (ARM_CONTROL, ARM_SCRATCH)  # arms without a criterion: never compared with random
+
+METRICS = ("final_test_acc", "final_val_acc")
+"""Columns the statistics may be computed on (``study.metric``)."""
+
+FIGURES = ("recovery_curves.png", "accuracy_vs_ratio.png", "damage_vs_recovery.png", "data_efficiency.png")
+
+RUN_COLUMNS: pa.Schema = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),  # the Tune trial id
+    pa.field("status", pa.string(), nullable=False),  # COMPLETED | FAILED | INCOMPLETE (no final record)
+    pa.field("cell", pa.int64(), nullable=False),  # index of the grid cell (search.study.grid_cells order)
+    pa.field("arm", pa.string(), nullable=False),  # a criterion name, or control / scratch
+    pa.field("criterion", pa.string()),  # the criterion that ranked the filters; null for control / scratch
+    pa.field("method", pa.string()),  # prune.method: layer_by_layer | one_shot | iterative | control | scratch
+    pa.field("schedule", pa.string()),  # ratio schedule
+    pa.field("ratio", pa.float64()),  # the cell's ratio (0 for the control); null in a FLOPs-target study
+    pa.field("target_flops_reduction", pa.float64()),  # the cell's FLOPs target; null in a ratio study
+    pa.field("seed", pa.int64(), nullable=False),  # seeds scoring batches, fine-tuning order and `random`
+    pa.field("fraction", pa.float64(), nullable=False),  # share of the training set used for fine-tuning
+    pa.field("p", pa.float64()),  # fine-tuning epochs after each unit / step
+    pa.field("q", pa.float64()),  # final fine-tuning epochs
+    pa.field("lr", pa.float64()),
+    pa.field("ratios", pa.list_(pa.float64())),  # applied ratio per unit, input to output
+    pa.field("base_val_acc", pa.float64()),  # the unpruned base model, all of val
+    pa.field("final_val_acc", pa.float64()),  # after the protocol, all of val
+    pa.field("final_test_acc", pa.float64()),  # after the protocol, the test split (read once, at the end)
+    pa.field("flops_before", pa.int64()),
+    pa.field("flops_after", pa.int64()),
+    pa.field("flops_ratio", pa.float64()),  # flops_after / flops_before
+    pa.field("params_before", pa.int64()),
+    pa.field("params_after", pa.int64()),
+    pa.field("n_steps", pa.int64()),  # pruning steps (units for layer_by_layer, 1 for one_shot)
+    pa.field("mean_damage", pa.float64()),  # mean over pruning steps of (pre-prune - right-after-prune) val acc
+    pa.field("steps_to_recover", pa.int64()),  # steps after the last pruning until >= base - recovery_delta; null = never
+    pa.field("recovery_auc", pa.float64()),  # share of the lost accuracy won back, time-weighted, in [0, 1] (trainables.recovery)
+    pa.field("recovery_delta", pa.float64()),  # the tolerance of steps_to_recover (fraction; 0.01 = 1 point)
+    pa.field("metrics_source", pa.string()),  # record (the protocol measured them) | curve (derived here)
+    pa.field("steps_json", pa.string()),  # per pruning step: step, units, pre/damage/recovered acc, recovery
+    pa.field("curve_step", pa.list_(pa.int64())),  # the recovery curve: optimiser step of each evaluation ...
+    pa.field("curve_val_acc", pa.list_(pa.float64())),  # ... its val acc (eval subset) ...
+    pa.field("curve_phase", pa.list_(pa.string())),  # ... and its phase (base | damage | recovery | final_finetune)
+    pa.field("mlflow_run_id", pa.string()),
+    pa.field("wall_s", pa.float64()),  # seconds of the protocol
+    pa.field("config_json", pa.string()),  # the cell as Tune ran it
+])
+"""Schema of ``runs.parquet``; the study's settings are in the schema metadata (:func:`study_meta`)."""
+
+_META_KEY = b"study"
+
+
+# ---- runs.parquet ------------------------------------------------------------------------------
+
+
+def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
+    values = [row.get(field.name) for row in rows]
+    try:
+        if pa.types.is_integer(field.type):
+            # pyarrow truncates 0.5 to 0 in an int64 column; a count with a fraction is a bug upstream.
+            bad = [v for v in values if isinstance(v, float) and not v.is_integer()]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a whole number")
+        return pa.array(values, type=field.type)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"runs column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+
+
+def write_runs(rows: list[Row], path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    """Write ``rows`` with schema :data:`RUN_COLUMNS` and ``meta`` (JSON) in the schema metadata.
+
+    A key outside the schema or a missing required value is an error (the file never silently
+    loses data); the write is atomic (temporary file, then ``os.replace``).
+    """
+    known = set(RUN_COLUMNS.names)
+    required = [f.name for f in RUN_COLUMNS if not f.nullable]
+    for i, row in enumerate(rows):
+        unknown, missing = sorted(set(row) - known), [k for k in required if row.get(k) is None]
+        if unknown or missing:
+            raise ValueError(f"run row {i} (run_id={row.get('run_id')!r}) has unknown keys {unknown} and missing "
+                             f"required keys {missing}; add a field to RUN_COLUMNS or drop the key")
+    schema = RUN_COLUMNS.with_metadata({_META_KEY: json.dumps(meta, default=str).encode()})
+    table = pa.Table.from_arrays([_column(f, rows) for f in RUN_COLUMNS], schema=schema)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_runs(path: str | os.PathLike[str]) -> list[Row]:
+    """Rows of a ``runs.parquet`` (nulls as None)."""
+    return pq.read_table(path).to_pylist()
+
+
+def study_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The study settings stored with ``runs.parquet`` (model, data, margin, confidence, ...)."""
+    raw = (pq.read_schema(path).metadata or {}).get(_META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+def _finite(values: Sequence[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+    """``(mean, low, high)``: the mean and its two-sided t confidence interval (None for n < 2)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(_finite(values), dtype=float)
+    if len(x) == 0:
+        return math.nan, None, None
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, None, None
+    sem = float(stats.sem(x))
+    if sem == 0.0:
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, len(x) - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)
+
+
+def tost_paired(a: Sequence[float], b: Sequence[float], margin: float, alpha: float = 0.05) -> dict[str, Any]:
+    """Equivalence of paired samples within ``margin`` by two one-sided t tests (Schuirmann's TOST).
+
+    H0: |mean(a - b)| >= margin; ``equivalent`` when both one-sided tests reject at ``alpha``
+    (``p`` is the larger of their p-values), i.e. when the (1 - 2 alpha) CI of the mean
+    difference lies inside (-margin, margin).
+    """
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return {"p": math.nan, "equivalent": False}
+    lower = stats.ttest_1samp(d, -margin, alternative="greater").pvalue
+    upper = stats.ttest_1samp(d, margin, alternative="less").pvalue
+    p = float(max(lower, upper))
+    return {"p": p, "equivalent": bool(p < alpha)}
+
+
+def _level(row: Row) -> float | None:
+    """The row's pruning level: its ratio, or its FLOPs target in a FLOPs-target study."""
+    return row["target_flops_reduction"] if row.get("target_flops_reduction") is not None else row.get("ratio")
+
+
+def _key(row: Row) -> tuple:
+    return (row["arm"], row.get("method"), row["fraction"], _level(row))
+
+
+def _done(rows: list[Row], metric: str) -> list[Row]:
+    return [r for r in rows if r["status"] == "COMPLETED" and r.get(metric) is not None and math.isfinite(r[metric])]
+
+
+def _arm_order(arm: str) -> tuple:
+    # random first (the reference), then the criteria by name, then the baselines.
+    return (arm != REFERENCE, arm in _BASELINE_ARMS, arm)
+
+
+def _sort_key(key: tuple) -> tuple:
+    arm, method, fraction, level = key
+    return (-1.0 if level is None else level, -fraction, str(method), _arm_order(arm))
+
+
+def summarize(rows: list[Row], metric: str = "final_test_acc", confidence: float = 0.95) -> list[Row]:
+    """Per (arm, method, fraction, level): n, mean and CI of ``metric`` over seeds, and the means
+    of the plasticity metrics (damage, steps to recover, recovery AUC)."""
+    groups: dict[tuple, list[Row]] = defaultdict(list)
+    for r in _done(rows, metric):
+        groups[_key(r)].append(r)
+    out = []
+    for key in sorted(groups, key=_sort_key):
+        g = groups[key]
+        mean, low, high = mean_ci([r[metric] for r in g], confidence)
+        never = sum(r.get("steps_to_recover") is None for r in g)
+        out.append({
+            "arm": key[0], "method": key[1], "fraction": key[2], "level": key[3], "n": len(g),
+            "mean": mean, "ci_low": low, "ci_high": high,
+            "mean_damage": _mean([r.get("mean_damage") for r in g]),
+            "steps_to_recover": _mean([r.get("steps_to_recover") for r in g]), "never_recovered": never,
+            "recovery_auc": _mean([r.get("recovery_auc") for r in g]),
+            "flops_ratio": _mean([r.get("flops_ratio") for r in g]),
+        })
+    return out
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    x = _finite(values)
+    return sum(x) / len(x) if x else None
+
+
+def paired_vs_random(rows: list[Row], metric: str = "final_test_acc", confidence: float = 0.95,
+                     margin: float = 0.01) -> list[Row]:
+    """Every criterion against ``random`` at the same method, fraction and level, paired by seed.
+
+    ``diff`` = mean(criterion - random) with its t CI and the two-sided ``p`` of
+    ``scipy.stats.ttest_rel``; ``q`` is the Benjamini-Hochberg adjusted p over all comparisons
+    (``scipy.stats.false_discovery_control``). ``tost_p`` / ``equivalent``: TOST within
+    ``margin`` at alpha = 1 - confidence. ``noninferior_p`` / ``random_noninferior``: the
+    one-sided test of H0 "random is worse than the criterion by ``margin`` or more".
+    """
+    import numpy as np
+    from scipy import stats
+
+    alpha = 1.0 - confidence
+    by_key: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in _done(rows, metric):
+        by_key[_key(r)][r["seed"]] = r[metric]
+    out = []
+    for key in sorted(by_key, key=_sort_key):
+        arm, method, fraction, level = key
+        ref = by_key.get((REFERENCE, method, fraction, level))
+        if arm == REFERENCE or arm in _BASELINE_ARMS or ref is None:
+            continue
+        seeds = sorted(set(by_key[key]) & set(ref))
+        a, b = [by_key[key][s] for s in seeds], [ref[s] for s in seeds]
+        row = {"arm": arm, "method": method, "fraction": fraction, "level": level, "n_pairs": len(seeds),
+               "criterion_mean": _mean(a), "random_mean": _mean(b), "diff": _mean([x - y for x, y in zip(a, b, strict=True)]),
+               "ci_low": None, "ci_high": None, "p": math.nan, "tost_p": math.nan, "equivalent": False,
+               "noninferior_p": math.nan, "random_noninferior": False, "margin": margin}
+        if len(seeds) >= 2:
+            test = stats.ttest_rel(a, b)
+            d = np.subtract(a, b)
+            row["p"] = float(test.pvalue)
+            if np.ptp(d) == 0:  # no spread: the CI is the point itself (scipy's would be NaN)
+                row["ci_low"] = row["ci_high"] = float(d[0])
+            else:
+                ci = test.confidence_interval(confidence_level=confidence)
+                row["ci_low"], row["ci_high"] = float(ci.low), float(ci.high)
+            tost = tost_paired(a, b, margin, alpha)
+            row["tost_p"], row["equivalent"] = tost["p"], tost["equivalent"]
+            noninf = float(stats.ttest_1samp(d, margin, alternative="less").pvalue)
+            row["noninferior_p"], row["random_noninferior"] = noninf, bool(noninf < alpha)
+        out.append(row)
+    finite = [i for i, r in enumerate(out) if math.isfinite(r["p"])]
+    adjusted = stats.false_discovery_control([out[i]["p"] for i in finite]) if finite else []
+    for r in out:
+        r["q"] = math.nan
+    for i, q in zip(finite, adjusted, strict=True):
+        out[i]["q"] = float(q)
+    return out
+
+
+# ---- figures --------------------------------------------------------------------------------------
+
+
+def _figure(n_panels: int, width: float = 5.0, height: float = 3.6):
+    # The object-oriented API with an Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * n_panels, height), dpi=130)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _colours(arms: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(arms) <= 10 else "tab20"]
+    return {a: cmap(i % cmap.N) for i, a in enumerate(sorted(arms, key=_arm_order))}
+
+
+def _level_name(meta: dict, level: float | None) -> str:
+    if level is None:
+        return "unpruned"
+    return f"FLOPs -{100 * level:.0f}%" if meta.get("level") == "target_flops_reduction" else f"ratio {level:g}"
+
+
+def _label(arm: str, method: str | None, methods: set) -> str:
+    return arm if len(methods) <= 1 or arm in _BASELINE_ARMS else f"{arm} ({method})"
+
+
+def _main_fraction(rows: list[Row]) -> float:
+    return max(r["fraction"] for r in rows)
+
+
+def plot_recovery_curves(rows: list[Row], path: Path, meta: dict) -> None:
+    """Val accuracy along fine-tuning, one panel per level, one line per arm: the mean over
+    seeds and a band from the lowest to the highest seed (at the largest data fraction)."""
+    import numpy as np
+
+    done = [r for r in rows if r["status"] == "COMPLETED" and r.get("curve_step")]
+    fraction = _main_fraction(done) if done else 1.0
+    done = [r for r in done if r["fraction"] == fraction]
+    levels = sorted({_level(r) for r in done if r["arm"] != ARM_CONTROL}, key=lambda v: -1 if v is None else v) or [None]
+    methods = {r.get("method") for r in done if r["arm"] not in _BASELINE_ARMS}
+    colour = _colours({r["arm"] for r in done})
+    fig, axes = _figure(len(levels))
+    for ax, level in zip(axes, levels, strict=True):
+        groups: dict[tuple, list[Row]] = defaultdict(list)
+        for r in done:
+            if _level(r) == level or r["arm"] == ARM_CONTROL:  # the control is drawn in every panel
+                groups[(r["arm"], r.get("method"))].append(r)
+        for (arm, method), g in sorted(groups.items(), key=lambda kv: _arm_order(kv[0][0])):
+            # Seeds of one cell evaluate at the same steps; align by position, over the shortest curve.
+            n = min(len(r["curve_step"]) for r in g)
+            steps = np.mean([r["curve_step"][:n] for r in g], axis=0)
+            acc = 100 * np.array([r["curve_val_acc"][:n] for r in g])
+            style = {"ls": "--"} if arm == ARM_CONTROL else {}
+            ax.plot(steps, acc.mean(axis=0), color=colour[arm], lw=1.4, label=_label(arm, method, methods), **style)
+            if len(g) > 1:
+                ax.fill_between(steps, acc.min(axis=0), acc.max(axis=0), color=colour[arm], alpha=0.18, lw=0)
+        ax.set_title(_level_name(meta, level))
+        ax.set_xlabel("fine-tuning step (optimiser steps)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("val accuracy (%, eval subset)")
+    _legend(fig, axes)
+    fig.suptitle(f"Recovery curves: mean over seeds, band = min..max (data fraction {fraction:g})", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _legend(fig, axes) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if handles:
+        axes[-1].legend([handles[lab] for lab in labels], labels, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                        fontsize=8, frameon=False)
+
+
+def plot_accuracy_vs_level(summary: list[Row], path: Path, meta: dict) -> None:
+    """The metric (mean, t CI over seeds) against the pruning level, one line per arm; the
+    control as a horizontal band (at the largest data fraction)."""
+    fraction = max((s["fraction"] for s in summary), default=1.0)
+    rows = [s for s in summary if s["fraction"] == fraction]
+    methods = {s["method"] for s in rows if s["arm"] not in _BASELINE_ARMS}
+    colour = _colours({s["arm"] for s in rows})
+    fig, (ax,) = _figure(1, width=7.0, height=4.5)
+    lines: dict[tuple, list[Row]] = defaultdict(list)
+    for s in rows:
+        lines[(s["arm"], s["method"])].append(s)
+    offsets = _offsets(sorted(lines, key=lambda k: _arm_order(k[0])), rows)
+    for (arm, method), pts in sorted(lines.items(), key=lambda kv: _arm_order(kv[0][0])):
+        pts = sorted(pts, key=lambda s: -1 if s["level"] is None else s["level"])
+        if arm == ARM_CONTROL:
+            for s in pts:
+                ax.axhline(100 * s["mean"], color=colour[arm], ls="--", lw=1.2, label=_label(arm, method, methods))
+                if s["ci_low"] is not None:
+                    ax.axhspan(100 * s["ci_low"], 100 * s["ci_high"], color=colour[arm], alpha=0.12, lw=0)
+            continue
+        xs = [s["level"] + offsets[(arm, method)] for s in pts]
+        ys = [100 * s["mean"] for s in pts]
+        err = [[100 * (s["mean"] - s["ci_low"]) if s["ci_low"] is not None else 0 for s in pts],
+               [100 * (s["ci_high"] - s["mean"]) if s["ci_high"] is not None else 0 for s in pts]]
+        ax.errorbar(xs, ys, yerr=err, color=colour[arm], marker="o", ms=4, lw=1.3, capsize=3,
+                    label=_label(arm, method, methods))
+    ax.set_xticks(sorted({s["level"] for s in rows if s["level"] is not None and s["arm"] != ARM_CONTROL}))
+    ax.set_xlabel("FLOPs reduction target" if meta.get("level") == "target_flops_reduction" else "pruning ratio (share of filters removed)")
+    ax.set_ylabel(f"{_metric_name(meta)} (%)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"Final accuracy: mean and {100 * meta.get('confidence', 0.95):g}% t-CI over seeds "
+                 f"(data fraction {fraction:g}; points offset sideways to stay apart)", fontsize=9)
+    _legend(fig, [ax])
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _offsets(keys: list[tuple], rows: list[Row]) -> dict[tuple, float]:
+    """Small sideways offsets so that error bars at the same level do not hide each other."""
+    levels = sorted({s["level"] for s in rows if s["level"] is not None and s["arm"] != ARM_CONTROL})
+    gap = min((b - a for a, b in zip(levels, levels[1:], strict=False)), default=0.1) or 0.1
+    pruned = [k for k in keys if k[0] != ARM_CONTROL]
+    width = 0.12 * gap
+    return {k: (i - (len(pruned) - 1) / 2) * width / max(1, len(pruned) - 1) if len(pruned) > 1 else 0.0
+            for i, k in enumerate(pruned)}
+
+
+def plot_damage_vs_recovery(rows: list[Row], path: Path, meta: dict) -> None:
+    """Per run: accuracy lost right after pruning (mean over steps) against accuracy still lost
+    after fine-tuning (base - final, both on all of val). Points below the diagonal recovered."""
+    done = [r for r in rows if r["status"] == "COMPLETED" and r.get("mean_damage") is not None
+            and r.get("final_val_acc") is not None and r.get("base_val_acc") is not None and r["arm"] != ARM_CONTROL]
+    colour = _colours({r["arm"] for r in done})
+    levels = sorted({_level(r) for r in done}, key=lambda v: -1 if v is None else v)
+    markers = dict(zip(levels, "osD^v<>px", strict=False))
+    fig, (ax,) = _figure(1, width=7.0, height=4.8)
+    for r in sorted(done, key=lambda r: _arm_order(r["arm"])):
+        ax.scatter(100 * r["mean_damage"], 100 * (r["base_val_acc"] - r["final_val_acc"]), color=colour[r["arm"]],
+                   marker=markers.get(_level(r), "o"), s=30, alpha=0.85, edgecolors="none")
+    if done:
+        top = max(100 * max(r["mean_damage"] for r in done), 1.0)
+        ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colour[a], label=a) for a in sorted(colour, key=_arm_order)]
+    handles += [Line2D([], [], ls="", marker=markers[v], color="grey", label=_level_name(meta, v)) for v in levels]
+    handles.append(Line2D([], [], color="grey", lw=0.8, ls=":", label="no recovery (y = x)"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("damage: val accuracy lost right after pruning (points, mean over steps)")
+    ax.set_ylabel("val accuracy still lost after fine-tuning (points)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Damage vs recovery, one point per run", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def plot_data_efficiency(summary: list[Row], path: Path, meta: dict) -> None:
+    """The metric (mean, t CI over seeds) against the fine-tuning data fraction (log axis), one
+    panel per level, one line per arm; same number of optimiser steps at every fraction."""
+    levels = sorted({s["level"] for s in summary if s["arm"] != ARM_CONTROL}, key=lambda v: -1 if v is None else v) or [None]
+    methods = {s["method"] for s in summary if s["arm"] not in _BASELINE_ARMS}
+    colour = _colours({s["arm"] for s in summary})
+    fig, axes = _figure(len(levels))
+    for ax, level in zip(axes, levels, strict=True):
+        lines: dict[tuple, list[Row]] = defaultdict(list)
+        for s in summary:
+            if s["level"] == level or s["arm"] == ARM_CONTROL:
+                lines[(s["arm"], s["method"])].append(s)
+        for (arm, method), pts in sorted(lines.items(), key=lambda kv: _arm_order(kv[0][0])):
+            pts = sorted(pts, key=lambda s: s["fraction"])
+            err = [[100 * (s["mean"] - s["ci_low"]) if s["ci_low"] is not None else 0 for s in pts],
+                   [100 * (s["ci_high"] - s["mean"]) if s["ci_high"] is not None else 0 for s in pts]]
+            ax.errorbar([s["fraction"] for s in pts], [100 * s["mean"] for s in pts], yerr=err, color=colour[arm],
+                        marker="o", ms=4, lw=1.3, capsize=3, ls="--" if arm == ARM_CONTROL else "-",
+                        label=_label(arm, method, methods))
+        ax.set_xscale("log")
+        ax.set_title(_level_name(meta, level))
+        ax.set_xlabel("share of training data used for fine-tuning")
+        ax.grid(True, alpha=0.3, which="both")
+    axes[0].set_ylabel(f"{_metric_name(meta)} (%)")
+    _legend(fig, axes)
+    fig.suptitle(f"Data efficiency: mean and {100 * meta.get('confidence', 0.95):g}% t-CI over seeds, "
+                 "equal optimiser steps at every fraction", fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+
+
+# ---- report.md -------------------------------------------------------------------------------------
+
+
+def _metric_name(meta: dict) -> str:
+    return {"final_test_acc": "test accuracy", "final_val_acc": "val accuracy"}.get(meta.get("metric", ""), "accuracy")
+
+
+def _pct(v: Any, digits: int = 2) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.{digits}f}"
+
+
+def _num(v: Any, fmt: str = ".3g") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def _where(s: Row, meta: dict, many_methods: bool, many_fractions: bool) -> list[str]:
+    cells = ["unpruned" if s["arm"] == ARM_CONTROL else _level_name(meta, s["level"])]
+    if many_methods:
+        cells.append(str(s["method"]))
+    if many_fractions:
+        cells.append(f"{s['fraction']:g}")
+    return cells
+
+
+def _summary_table(summary: list[Row], meta: dict, many_methods: bool, many_fractions: bool) -> str:
+    conf = f"{100 * meta.get('confidence', 0.95):g}% CI"
+    header = ["level", *(["method"] if many_methods else []), *(["fraction"] if many_fractions else []), "arm", "n",
+              f"{_metric_name(meta)} %", conf, "damage (pts)", "steps to recover", "never", "recovery AUC", "FLOPs ratio"]
+    body = [[*_where(s, meta, many_methods, many_fractions), s["arm"], str(s["n"]), _pct(s["mean"]),
+             f"{_pct(s['ci_low'])} .. {_pct(s['ci_high'])}" if s["ci_low"] is not None else "-",
+             _pct(s["mean_damage"], 1), _num(s["steps_to_recover"], ".0f"), f"{s['never_recovered']}/{s['n']}",
+             _num(s["recovery_auc"]), _num(s["flops_ratio"])] for s in summary]
+    return _table(header, body)
+
+
+def _paired_table(paired: list[Row], meta: dict, many_methods: bool, many_fractions: bool) -> str:
+    conf = f"{100 * meta.get('confidence', 0.95):g}% CI"
+    margin = meta.get("margin", 0.01)
+    header = ["level", *(["method"] if many_methods else []), *(["fraction"] if many_fractions else []), "criterion",
+              "pairs", "criterion - random (pts)", conf, "p (ttest_rel)", "q (BH)", f"TOST p (±{_pct(margin, 1)} pts)",
+              "equivalent", "random non-inferior p", "reading"]
+    body = [[*_where(r, meta, many_methods, many_fractions), r["arm"], str(r["n_pairs"]), _signed(r["diff"]),
+             f"{_signed(r['ci_low'])} .. {_signed(r['ci_high'])}" if r["ci_low"] is not None else "-",
+             _num(r["p"]), _num(r["q"]), _num(r["tost_p"]), "yes" if r["equivalent"] else "no", _num(r["noninferior_p"]),
+             _reading(r, meta)] for r in paired]
+    return _table(header, body)
+
+
+def _signed(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:+.2f}"
+
+
+def _reading(r: Row, meta: dict) -> str:
+    """One phrase: significance first, then equivalence, never one read as the other."""
+    alpha = 1.0 - meta.get("confidence", 0.95)
+    margin = _pct(meta.get("margin", 0.01), 1)
+    if r["n_pairs"] < 2:
+        return "too few pairs to test"
+    if math.isfinite(r["p"]) and r["p"] < alpha:
+        side = "better" if r["diff"] > 0 else "worse"
+        verdict = f"{side} than random (p < {alpha:g})"
+    else:
+        verdict = "no significant difference"
+    if r["equivalent"]:
+        return f"{verdict}; equivalent to random within ±{margin} pts"
+    if r["random_noninferior"]:
+        return f"{verdict}; random not worse by {margin} pts or more (equivalence not shown)"
+    return f"{verdict}; equivalence within ±{margin} pts not shown"
+
+
+def _conclusion(paired: list[Row], meta: dict, many_methods: bool, many_fractions: bool) -> list[str]:
+    if not paired:
+        return ["No criterion could be paired with `random` (is `random` in study.criteria, with at least 2 seeds?)."]
+    alpha = 1.0 - meta.get("confidence", 0.95)
+    margin = _pct(meta.get("margin", 0.01), 1)
+    better = [r for r in paired if math.isfinite(r["p"]) and r["p"] < alpha and r["diff"] > 0]
+    worse = [r for r in paired if math.isfinite(r["p"]) and r["p"] < alpha and r["diff"] < 0]
+    equivalent = [r for r in paired if r["equivalent"]]
+    def name(r: Row) -> str:
+        where = [_level_name(meta, r["level"])] + ([str(r["method"])] if many_methods else [])
+        return f"{r['arm']} at {', '.join(where)}" + (f" (fraction {r['fraction']:g})" if many_fractions else "")
+
+    pairs = sorted({r["n_pairs"] for r in paired})
+    span = str(pairs[0]) if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
+    lines = [f"- {len(paired)} comparisons with `random`, {span} seed pairs each "
+             f"(alpha = {alpha:g}, margin ±{margin} points)."]
+    lines.append(f"- Significantly better than random: {', '.join(map(name, better)) or 'none'}.")
+    lines.append(f"- Significantly worse than random: {', '.join(map(name, worse)) or 'none'}.")
+    lines.append(f"- Shown equivalent to random within ±{margin} points (TOST): {', '.join(map(name, equivalent)) or 'none'}.")
+    undecided = [r for r in paired if r not in better and r not in worse and r not in equivalent]
+    if undecided:
+        lines.append(f"- Neither different nor shown equivalent (more seeds needed to tell): {', '.join(map(name, undecided))}.")
+    adjusted = [r for r in better + worse if not (math.isfinite(r["q"]) and r["q"] < alpha)]
+    if adjusted:
+        lines.append(f"- Of the significant ones, not significant after Benjamini-Hochberg over all comparisons: "
+                     f"{', '.join(map(name, adjusted))}.")
+    return lines
+
+
+def write_report(runs_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                 meta_overrides: dict | None = None) -> dict[str, Any]:
+    """Read ``runs.parquet``, write the figures and ``report.md`` next to it (or into ``out``);
+    return ``{"summary", "paired", "files"}``."""
+    runs_path = Path(runs_path)
+    out = Path(out) if out is not None else runs_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    rows, meta = read_runs(runs_path), {**study_meta(runs_path), **(meta_overrides or {})}
+    metric = meta.get("metric", "final_test_acc")
+    if metric not in METRICS:
+        raise ValueError(f"study.metric must be one of {', '.join(METRICS)}, but got {metric!r}")
+    confidence, margin = float(meta.get("confidence", 0.95)), float(meta.get("margin", 0.01))
+    summary = summarize(rows, metric, confidence)
+    paired = paired_vs_random(rows, metric, confidence, margin)
+    files = [out / "recovery_curves.png", out / "accuracy_vs_ratio.png", out / "damage_vs_recovery.png"]
+    plot_recovery_curves(rows, files[0], meta)
+    plot_accuracy_vs_level(summary, files[1], meta)
+    plot_damage_vs_recovery(rows, files[2], meta)
+    fractions = sorted({r["fraction"] for r in rows})
+    if len(fractions) > 1:
+        files.append(out / "data_efficiency.png")
+        plot_data_efficiency(summary, files[-1], meta)
+    report = out / "report.md"
+    report.write_text(_markdown(rows, summary, paired, meta, fractions))
+    return {"summary": summary, "paired": paired, "files": [*files, report]}
+
+
+def _markdown(rows: list[Row], summary: list[Row], paired: list[Row], meta: dict, fractions: list[float]) -> str:
+    many_methods = len({s["method"] for s in summary if s["arm"] not in _BASELINE_ARMS}) > 1
+    many_fractions = len(fractions) > 1
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("COMPLETED", "FAILED", "INCOMPLETE")}
+    base = _mean([r.get("base_val_acc") for r in rows])
+    conf = f"{100 * meta.get('confidence', 0.95):g}%"
+    margin = _pct(meta.get("margin", 0.01), 1)
+    derived = sum(r.get("metrics_source") == "curve" for r in rows)
+    lines = [
+        f"# Plasticity study: {meta.get('model', '?')} on {meta.get('data', '?')}",
+        "",
+        f"{len(rows)} runs ({counts['COMPLETED']} completed, {counts['FAILED']} failed, {counts['INCOMPLETE']} incomplete): "
+        f"arms {', '.join(sorted({r['arm'] for r in rows}, key=_arm_order))}; "
+        f"{'FLOPs targets' if meta.get('level') == 'target_flops_reduction' else 'ratios'} "
+        f"{', '.join(f'{v:g}' for v in sorted({_level(r) for r in rows if _level(r) is not None and r['arm'] != ARM_CONTROL}))}; "
+        f"seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}; "
+        f"data fractions {', '.join(f'{f:g}' for f in fractions)}; methods {', '.join(sorted({str(r.get('method')) for r in rows if r['arm'] not in _BASELINE_ARMS}))}.",
+        f"Protocol: p={meta.get('p')}, q={meta.get('q')} epochs, lr={meta.get('lr')}, schedule {meta.get('schedule')}. "
+        f"Base model val accuracy {_pct(base)}%. Statistics on **{_metric_name(meta)}** (`{meta.get('metric', 'final_test_acc')}`), "
+        f"t intervals at {conf}, equivalence margin ±{margin} points (`study.margin`).",
+    ]
+    if derived:
+        lines.append(f"Damage and recovery of {derived} run(s) were derived from the recovery curve (their record has no "
+                     f"plasticity fields); recovery delta {_pct(meta.get('recovery_delta', 0.01), 1)} points.")
+    lines += [
+        "", "## Per arm and level", "",
+        f"Mean over seeds and its {conf} t confidence interval (scipy.stats.t); damage = val accuracy lost right after "
+        "pruning (mean over pruning steps), steps to recover = optimiser steps after the last pruning step until val "
+        "accuracy is back within the recovery delta of the base model's (mean over the runs that got there; 'never' counts "
+        "the others), recovery AUC = time-weighted share of the lost accuracy won back from the first pruning step to "
+        "the end (0 = stayed at its worst, 1 = never below base; `trainables.recovery`).", "",
+        _summary_table(summary, meta, many_methods, many_fractions) if summary else "(no completed run)",
+        "", "## Every criterion against random, paired by seed", "",
+        "criterion - random, in accuracy points: mean paired difference, its t confidence interval and the two-sided p "
+        "of `scipy.stats.ttest_rel`; q = Benjamini-Hochberg adjusted over all rows. 'Not significantly different' is not "
+        f"'equivalent': equivalence is TOST (two one-sided paired t tests) within ±{margin} points, and 'random "
+        f"non-inferior' tests H0 'random is worse by {margin} points or more'.", "",
+        _paired_table(paired, meta, many_methods, many_fractions) if paired else "(no pair: `random` missing or fewer than 2 seeds)",
+        "", "## Reading", "", *_conclusion(paired, meta, many_methods, many_fractions),
+        "", "## Figures", "",
+        "![recovery curves](recovery_curves.png)", "",
+        "Recovery curves: val accuracy (evaluation subset) along fine-tuning, one panel per level, mean over seeds with a "
+        "band from the lowest to the highest seed; the dashed line is the unpruned control when the study has one.", "",
+        "![final accuracy vs ratio](accuracy_vs_ratio.png)", "",
+        f"Final {_metric_name(meta)} against the pruning level, mean and {conf} t-CI over seeds.", "",
+        "![damage vs recovery](damage_vs_recovery.png)", "",
+        "Damage vs recovery: each run's accuracy lost right after pruning against what is still lost after fine-tuning; "
+        "runs far below the dotted diagonal recovered most of their damage.", "",
+    ]
+    if many_fractions:
+        lines += ["![data efficiency](data_efficiency.png)", "",
+                  "Data efficiency: final accuracy against the share of training data used for fine-tuning, at the same "
+                  "number of optimiser steps.", ""]
+    else:
+        lines += ["(No data-efficiency figure: the study has one data fraction; set `study.fractions` to draw one.)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m search.study_report <study folder> [margin=0.02] [metric=final_val_acc]``:
+    re-render the report of a finished study from its runs.parquet; the last line is the report."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0 if argv else 2
+    runs = Path(argv[0]) / "runs.parquet"
+    if not runs.exists():
+        print(f"error: the study folder must hold runs.parquet, but got {argv[0]}", file=sys.stderr)
+        return 2
+    overrides: dict[str, Any] = {}
+    try:
+        for arg in argv[1:]:
+            key, _, value = arg.partition("=")
+            if key == "margin":
+                try:
+                    overrides["margin"] = float(value)
+                except ValueError:
+                    overrides["margin"] = math.nan
+                if not 0 < overrides["margin"] < 1:  # also false for NaN
+                    raise ValueError(f"margin must be in (0, 1) (accuracy units), but got {value!r}")
+            elif key == "metric":
+                overrides["metric"] = value
+            else:
+                raise ValueError(f"unknown option {key!r}; valid: margin, metric")
+        result = write_report(runs, meta_overrides=overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result["files"][-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
