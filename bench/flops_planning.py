@@ -41,7 +41,7 @@ from trainables.schedules import kept_count, make_ratios  # noqa: E402
 from trainables.surgery import Unit  # noqa: E402
 
 SECTION = "## FLOPs-target planning: analytical FLOPs model vs copy-and-prune bisection"
-PRUNE = dict(schedule="differential", ratio_low=0.1, ratio_high=0.5, target_flops_reduction=0.5)
+PRUNE = dict(schedule="differential_depth", ratio_low=0.1, ratio_high=0.5, target_flops_reduction=0.5)
 
 
 # --- the old planner, as it was in trainables/planning.py before the FLOPs model -------------

@@ -116,7 +116,10 @@ def _sampler(cfg):
     seed = cfg.search.seed
     population = cfg.search.get("population_size") or 50
     return {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        # group=True: the space is conditional (ratio_low/high only for differential, ratio_<i> only
+        # for per_layer, weights only for blended); grouped TPE models each branch's parameters jointly
+        # instead of falling back to independent sampling for the ones not always present.
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=population),
         # CMA-ES is single-objective: the search then maximises val_acc alone (see _tuner).
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, popsize=cfg.search.get("population_size")),
@@ -166,6 +169,7 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
     from ray.tune.search.optuna import OptunaSearch
 
     from search.space import define_space
+    from search.tune_callback import ProgressCallback
     from trainables.criteria import list_criteria
     from trainables.ray_trainable import trial_fn
 
@@ -193,7 +197,7 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
             reuse_actors=True,
         ),
         run_config=RunConfig(
-            name="tune", storage_path=str(storage), callbacks=[callback],
+            name="tune", storage_path=str(storage), callbacks=[callback, ProgressCallback(cfg.search.num_trials)],
             failure_config=FailureConfig(max_failures=cfg.search.max_failures), verbose=0,
         ),
     )

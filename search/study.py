@@ -193,6 +193,7 @@ def _tuner(cfg, session, cells: list[dict]):
     from ray.tune import FailureConfig, RunConfig
 
     from search.launch import _trainable
+    from search.tune_callback import ProgressCallback
     from trainables.ray_trainable import trial_fn
 
     trainable = _trainable(trial_fn, session.ctx)
@@ -206,7 +207,8 @@ def _tuner(cfg, session, cells: list[dict]):
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials, reuse_actors=True),
-        run_config=RunConfig(name="tune", storage_path=str(session.storage), callbacks=[session.callback],
+        run_config=RunConfig(name="tune", storage_path=str(session.storage),
+                             callbacks=[session.callback, ProgressCallback(len(cells))],
                              failure_config=FailureConfig(max_failures=cfg.study.max_failures), verbose=0),
     )
 

@@ -50,6 +50,7 @@ from mlflow.utils.validation import (
 )
 
 __all__ = [
+    "run_name",
     "END_STATUSES",
     "FINAL_METRICS",
     "SearchTracker",
@@ -225,7 +226,7 @@ class SearchTracker:
         if "criterion" in searched:
             all_tags["criterion"] = str(searched["criterion"])
         all_tags.update({_key(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in (tags or {}).items()})
-        run = self.client.create_run(self.experiment_id, run_name=f"trial_{trial_id}", tags=all_tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name(trial_id, searched), tags=all_tags)
         run_id = run.info.run_id
         self._runs[trial_id] = run_id
         self._fresh.add(run_id)
@@ -425,6 +426,32 @@ class SearchTracker:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def run_name(trial_id: str, config: Mapping[str, Any]) -> str:
+    """A child run's name that says what differs between trials, e.g.
+    ``l1 · uniform 0.50 · p0.02 q0.30 · 3f2a1_00004``: a list of ``trial_<hash>`` says nothing.
+
+    Per-layer ratios show as their mean; keys a trial does not have are left out.
+    """
+    parts = [str(config["criterion"])] if "criterion" in config else []
+    per_layer = [float(v) for k, v in sorted(config.items()) if k.startswith("ratio_") and k[6:].isdigit()]
+    if per_layer:
+        parts.append(f"per_layer mean {sum(per_layer) / len(per_layer):.2f}")
+    elif "ratio_low" in config and "ratio_high" in config:
+        parts.append(f"{config.get('schedule', 'differential')} {float(config['ratio_low']):.2f}-"
+                     f"{float(config['ratio_high']):.2f}")
+    elif "ratio" in config:
+        parts.append(f"{config.get('schedule', 'uniform')} {float(config['ratio']):.2f}")
+    if "target_flops_reduction" in config:
+        parts.append(f"-{100 * float(config['target_flops_reduction']):.0f}% FLOPs")
+    extra = " ".join(f"{k}{config[k]:.2g}" if isinstance(config[k], float) else f"{k}{config[k]}"
+                     for k in ("p", "q", "seed", "fraction") if k in config)
+    if extra:
+        parts.append(extra)
+    if config.get("method") not in (None, "layer_by_layer"):
+        parts.append(str(config["method"]))
+    return " · ".join([*parts, trial_id])
 
 
 def _artifact_location(tracking_uri: str) -> str | None:

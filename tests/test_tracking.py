@@ -339,3 +339,39 @@ def test_experiment_level_stop_ends_the_runs(tracker, tmp_path, ray_session):
     runs = children(tracker.client, tracker)
     assert [(r.info.status, r.data.tags["stopped_early"]) for r in runs.values()] == [("KILLED", "true")]
     assert steps(tracker.client, next(iter(runs.values())).info.run_id, "val_acc") == [0, 1, 2]
+
+
+def test_progress_callback_prints_one_line_per_ended_trial():
+    from types import SimpleNamespace
+
+    from search.tune_callback import ProgressCallback
+
+    lines: list[str] = []
+    progress = ProgressCallback(3, printer=lines.append)
+    done = SimpleNamespace(config={"criterion": "l1", "ratio": 0.3, "seed": 1, "lr": 0.01},
+                           last_result={"val_acc": 0.91234, "trial_done": True})
+    stopped = SimpleNamespace(config={"front_config": {"criterion": "taylor"}}, last_result={"val_acc": 0.5})
+    failed = SimpleNamespace(config={"criterion": "apoz"}, last_result={})
+    progress.on_trial_complete(0, [], done)
+    progress.on_trial_complete(0, [], stopped)
+    progress.on_trial_error(0, [], failed)
+    assert [ln.split("  (")[0] for ln in lines] == [
+        "[1/3] done    criterion=l1 ratio=0.3 seed=1  val_acc=0.9123",
+        "[2/3] stopped criterion=taylor  val_acc=0.5000",
+        "[3/3] failed  criterion=apoz  val_acc=-",
+    ]
+    assert all(ln.endswith(" s)") for ln in lines)
+
+
+def test_child_runs_are_named_by_what_differs(tracker):
+    from search.tracking import run_name
+
+    assert run_name("a1_00003", {"criterion": "l1", "schedule": "uniform", "ratio": 0.5, "p": 0.0213, "q": 0.31,
+                                 "lr": 0.01}) == "l1 · uniform 0.50 · p0.021 q0.31 · a1_00003"
+    assert run_name("b_1", {"criterion": "taylor", "schedule": "per_layer", "ratio_0": 0.2, "ratio_1": 0.4}) == \
+        "taylor · per_layer mean 0.30 · b_1"
+    assert run_name("c_2", {"criterion": "fpgm", "schedule": "differential", "ratio_low": 0.1, "ratio_high": 0.6,
+                            "seed": 2, "method": "one_shot"}) == "fpgm · differential 0.10-0.60 · seed2 · one_shot · c_2"
+    tracker.trial_run("t9", {"criterion": "l1", "schedule": "uniform", "ratio": 0.25})
+    run = children(tracker.client, tracker)["t9"]
+    assert run.info.run_name == "l1 · uniform 0.25 · t9"
