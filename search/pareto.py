@@ -37,6 +37,8 @@ __all__ = [
     "pareto_mask",
     "plot_front",
     "read_trials",
+    "table_from_rows",
+    "write_table_atomic",
     "write_trials",
 ]
 
@@ -169,7 +171,13 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
     return float(area)
 
 
-def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
+def table_from_rows(rows: list[Row], schema: pa.Schema, what: str = "trials") -> pa.Table:
+    """A pyarrow table of plain rows under ``schema``; a value a column cannot hold is a one-line
+    ``ValueError`` naming the column (``what`` names the file's kind in the message)."""
+    return pa.Table.from_arrays([_column(f, rows, what) for f in schema], schema=schema)
+
+
+def _column(field: pa.Field, rows: list[Row], what: str) -> pa.Array:
     values = [row.get(field.name) for row in rows]
     try:
         if field.type == pa.list_(pa.float64()):
@@ -181,7 +189,22 @@ def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
                 raise ValueError(f"{fractional[0]!r} is not a whole number")
         return pa.array(values, type=field.type)
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"trials column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+        raise ValueError(f"{what} column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
+
+
+def write_table_atomic(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    """Write ``table`` as Parquet via a temporary file in the same folder and ``os.replace``:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_trials(rows: list[Row], path: str | os.PathLike[str]) -> None:
@@ -202,17 +225,7 @@ def write_trials(rows: list[Row], path: str | os.PathLike[str]) -> None:
                 f"and unknown keys {unknown}; required: {list(REQUIRED_COLUMNS)} (set 'pareto' with "
                 "mark_pareto); put extra hyperparameters in 'config_json' or add a field to TRIAL_COLUMNS"
             )
-    table = pa.Table.from_arrays([_column(f, rows) for f in TRIAL_COLUMNS], schema=TRIAL_COLUMNS)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_table_atomic(table_from_rows(rows, TRIAL_COLUMNS), path)
 
 
 def read_trials(path: str | os.PathLike[str]) -> list[Row]:

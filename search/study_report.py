@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from search.pareto import table_from_rows, write_table_atomic
 
 __all__ = [
     "ARM_CONTROL",
@@ -111,19 +112,6 @@ _META_KEY = b"study"
 # ---- runs.parquet ------------------------------------------------------------------------------
 
 
-def _column(field: pa.Field, rows: list[Row]) -> pa.Array:
-    values = [row.get(field.name) for row in rows]
-    try:
-        if pa.types.is_integer(field.type):
-            # pyarrow truncates 0.5 to 0 in an int64 column; a count with a fraction is a bug upstream.
-            bad = [v for v in values if isinstance(v, float) and not v.is_integer()]
-            if bad:
-                raise ValueError(f"{bad[0]!r} is not a whole number")
-        return pa.array(values, type=field.type)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"runs column {field.name!r} cannot be stored as {field.type}: {exc}") from exc
-
-
 def write_runs(rows: list[Row], path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
     """Write ``rows`` with schema :data:`RUN_COLUMNS` and ``meta`` (JSON) in the schema metadata.
 
@@ -138,17 +126,7 @@ def write_runs(rows: list[Row], path: str | os.PathLike[str], meta: dict[str, An
             raise ValueError(f"run row {i} (run_id={row.get('run_id')!r}) has unknown keys {unknown} and missing "
                              f"required keys {missing}; add a field to RUN_COLUMNS or drop the key")
     schema = RUN_COLUMNS.with_metadata({_META_KEY: json.dumps(meta, default=str).encode()})
-    table = pa.Table.from_arrays([_column(f, rows) for f in RUN_COLUMNS], schema=schema)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_table_atomic(table_from_rows(rows, schema, what="runs"), path)
 
 
 def read_runs(path: str | os.PathLike[str]) -> list[Row]:
