@@ -180,7 +180,8 @@ class ProgressCallback(Callback):
         self.ended += 1
         config = dict(trial.config or {})
         config = dict(config.get("front_config", config))
-        shown = " ".join(f"{k}={config[k]}" for k in self._SHOWN if config.get(k) is not None)
+        shown = " ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}"
+                         for k in self._SHOWN if config.get(k) is not None)
         acc = (trial.last_result or {}).get("val_acc")
         acc_text = f"val_acc={acc:.4f}" if isinstance(acc, (int, float)) else "val_acc=-"
         self.printer(f"[{self.ended}/{self.total}] {what:<7} {shown}  {acc_text}  ({time.time() - self.t0:.0f} s)")

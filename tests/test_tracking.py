@@ -348,7 +348,7 @@ def test_progress_callback_prints_one_line_per_ended_trial():
 
     lines: list[str] = []
     progress = ProgressCallback(3, printer=lines.append)
-    done = SimpleNamespace(config={"criterion": "l1", "ratio": 0.3, "seed": 1, "lr": 0.01},
+    done = SimpleNamespace(config={"criterion": "l1", "ratio": 0.30034730118, "seed": 1, "lr": 0.01},
                            last_result={"val_acc": 0.91234, "trial_done": True})
     stopped = SimpleNamespace(config={"front_config": {"criterion": "taylor"}}, last_result={"val_acc": 0.5})
     failed = SimpleNamespace(config={"criterion": "apoz"}, last_result={})
