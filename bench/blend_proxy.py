@@ -79,10 +79,10 @@ def measure(args) -> dict:
 
     torch.set_num_threads(1)
     from search._session import blend_candidates, trial_prune
-    from search.blend.proxy import steps_per_epoch
     from search.launch import load_search_config
     from trainables.base_model import prepare
     from trainables.compose import configs_of
+    from trainables.finetune import steps_per_epoch
 
     cfg = load_search_config(["search=blended", f"seed={args.seed}", "progress=false", *args.overrides])
     base, splits, base_path, _ = prepare(cfg, log=lambda *_: None)

@@ -61,13 +61,12 @@ def trial_prune(cfg, prune, steps_per_epoch: int | None = None) -> tuple[dict, d
     trial = dict(full)
     if cfg.search.get("fidelity", "full") == "proxy":
         from search.blend.proxy import proxy_epochs
+        from trainables.config import require_int
 
         proxy = {"adapt_bn_batches": 50, "adapt_bn_batch_size": 128, "finetune_steps": 0,
                  **dict(cfg.search.get("proxy") or {})}
         for key, low in (("adapt_bn_batches", 0), ("adapt_bn_batch_size", 1), ("finetune_steps", 0)):
-            value = proxy[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"search.proxy.{key}={value!r} must be an integer >= {low}")
+            require_int(f"search.proxy.{key}", proxy[key], low)
         q = proxy_epochs(proxy["finetune_steps"], steps_per_epoch) if steps_per_epoch else 0.0
         trial.update(method="one_shot", p=0.0, q=q, adapt_bn_batches=proxy["adapt_bn_batches"],
                      adapt_bn_batch_size=proxy["adapt_bn_batch_size"])
@@ -165,7 +164,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
     units = describe_units(base)
     prune, finetune, measure, _ = configs_of(cfg)
-    from search.blend.proxy import steps_per_epoch
+    from trainables.finetune import steps_per_epoch
 
     prune_trial, prune_full = trial_prune(cfg, prune, steps_per_epoch(splits, finetune, cfg.train.num_workers))
     candidates, artifacts = state.get("candidates"), []

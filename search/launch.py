@@ -21,6 +21,7 @@ __all__ = ["main", "load_search_config"]
 from search._session import STATE_FILE as _STATE
 
 SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
+TRAIN_PATHS = ("auto", "fast", "torch_trainer")
 
 
 # Overrides that do not change what a resumed search computes, only where it runs.
@@ -49,16 +50,25 @@ def _resumed_config(folder_arg: str, others: list[str]):
     return cfg
 
 
-def _check_choices(cfg) -> None:
+def check_trial_resources(cfg) -> None:
+    """``train.*`` and ``trial_threads``: how each trial runs (shared by the search and the study)."""
     from omegaconf import OmegaConf
 
-    from trainables.config import require
+    from trainables.config import require, require_int
+
+    require(cfg.train.path in TRAIN_PATHS, "train.path", f"one of {', '.join(TRAIN_PATHS)}", cfg.train.path)
+    for key in ("train.num_workers", "trial_threads"):
+        require_int(key, OmegaConf.select(cfg, key), 1)
+    require(isinstance(cfg.train.use_gpu, bool), "train.use_gpu", "true or false", cfg.train.use_gpu)
+
+
+def _check_choices(cfg) -> None:
+    from trainables.config import require, require_int
 
     for key, value, allowed in (
         ("search.sampler", cfg.search.sampler, SAMPLERS),
         ("search.scheduler", cfg.search.scheduler, ("asha", "none")),
         ("search.fidelity", cfg.search.get("fidelity", "full"), ("full", "proxy")),
-        ("train.path", cfg.train.path, ("auto", "fast", "torch_trainer")),
     ):
         require(value in allowed, key, f"one of {', '.join(allowed)}", value)
     for key, low in (("num_trials", 1), ("max_concurrent_trials", 1), ("max_failures", 0),
@@ -66,13 +76,8 @@ def _check_choices(cfg) -> None:
         value = cfg.search.get(key)
         if key in ("finetune_front", "population_size") and value is None:
             continue
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"search.{key}",
-                f"an integer >= {low}", value)
-    for key, low in (("train.num_workers", 1), ("trial_threads", 1)):
-        value = OmegaConf.select(cfg, key)
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key,
-                f"an integer >= {low}", value)
-    require(isinstance(cfg.train.use_gpu, bool), "train.use_gpu", "true or false", cfg.train.use_gpu)
+        require_int(f"search.{key}", value, low)
+    check_trial_resources(cfg)
     if cfg.search.sampler == "cmaes":
         import importlib.util
 

@@ -30,14 +30,12 @@ def _status(result) -> str:
 def _ratios(result, session, config: dict) -> list[float]:
     """The ratios the trial applied: from its final record (which includes any FLOPs-target
     scaling), else (a trial stopped before the end) as its config's schedule gives them."""
-    from trainables.ray_trainable import trial_configs
+    from trainables.ray_trainable import read_trial_record, trial_configs
     from trainables.schedules import make_ratios
 
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            record = Path(d) / "record.json"
-            if record.exists():
-                return [float(r) for r in json.loads(record.read_text())["ratios"]]
+    record = read_trial_record(result.checkpoint)
+    if record is not None:
+        return [float(r) for r in record["ratios"]]
     prune, _, _ = trial_configs(session.ctx, config)
     ctx = session.ctx
     return make_ratios(prune.schedule, _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs)),

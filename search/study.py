@@ -34,10 +34,6 @@ _BASELINES = ("control", "scratch")  # arms without a criterion (prune.method of
 _SWITCH = ("auto", True, False)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -56,10 +52,10 @@ def _list(study, key: str) -> list:
 
 def check_study(cfg) -> None:
     """One-line errors for every ``study.*`` key and the run settings the grid relies on."""
-    from omegaconf import OmegaConf
 
+    from search.launch import check_trial_resources
     from search.study_report import METRICS
-    from trainables.config import METHODS, require
+    from trainables.config import METHODS, require, require_int
     from trainables.criteria import list_criteria
     from trainables.schedules import check_ratio
 
@@ -83,7 +79,7 @@ def check_study(cfg) -> None:
         for i, t in enumerate(_list(study, "flops_targets")):
             require(_is_number(t) and 0 < t < 1, f"study.flops_targets[{i}]", "in (0, 1)", t)
     for i, s in enumerate(_list(study, "seeds")):
-        require(_is_int(s) and s >= 0, f"study.seeds[{i}]", "an integer >= 0", s)
+        require_int(f"study.seeds[{i}]", s, 0)
     for i, f in enumerate(_list(study, "fractions")):
         require(_is_number(f) and 0 < f <= 1, f"study.fractions[{i}]", "in (0, 1]", f)
     for m in _list(study, "methods"):
@@ -94,17 +90,12 @@ def check_study(cfg) -> None:
         require(value is not True or name in METHODS, f"study.{name}",
                 f"auto or false: prune.method={name} does not exist in this version", value)
     for key, low in (("max_concurrent_trials", 1), ("max_failures", 0)):
-        require(_is_int(study.get(key)) and study.get(key) >= low, f"study.{key}", f"an integer >= {low}", study.get(key))
+        require_int(f"study.{key}", study.get(key), low)
     require(_is_number(study.margin) and 0 < study.margin < 1, "study.margin", "in (0, 1) (accuracy units)", study.margin)
     require(_is_number(study.confidence) and 0.5 <= study.confidence < 1, "study.confidence", "in [0.5, 1)",
             study.confidence)
     require(study.metric in METRICS, "study.metric", f"one of {', '.join(METRICS)}", study.metric)
-    require(cfg.train.path in ("auto", "fast", "torch_trainer"), "train.path", "one of auto, fast, torch_trainer",
-            cfg.train.path)
-    for key in ("train.num_workers", "trial_threads"):
-        value = OmegaConf.select(cfg, key)
-        require(_is_int(value) and value >= 1, key, "an integer >= 1", value)
-    require(isinstance(cfg.train.use_gpu, bool), "train.use_gpu", "true or false", cfg.train.use_gpu)
+    check_trial_resources(cfg)
 
 
 def _baseline_on(study, name: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
 
@@ -64,3 +65,26 @@ def ray_session():
         yield
     finally:
         ray.shutdown()
+
+
+def assert_refused(capsys, code: int, musts: list[str]) -> str:
+    """A command line refused bad input the house way: exit code 2 and one line on stderr,
+    ``error: ...``, containing every string of ``musts``; returns that line."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for must in musts:
+        assert must in err, f"{must!r} not in {err!r}"
+    return err
+
+
+def child_runs(out: Path, experiment: str) -> list:
+    """The MLflow child runs of the search or study whose output folder is ``out``."""
+    import mlflow
+
+    state = json.loads((out / "launch_state.json").read_text())
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    return client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused
 
 import search.blend.__main__ as blend_cli
 from data import get_data
@@ -85,33 +86,24 @@ def _files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*"))
 
 
-def _refused(capsys, code: int, musts: list[str]) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for must in musts:
-        assert must in err, f"{must!r} not in {err!r}"
-    return err
-
-
 @pytest.mark.parametrize("args, musts", RUN_ROWS, ids=[" ".join(a) for a, _ in RUN_ROWS])
 def test_run_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
     code = run_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_dir={tmp_path}/out"])
-    _refused(capsys, code, musts)
+    assert_refused(capsys, code, musts)
     assert _files(tmp_path) == []  # no base model trained or cached, no record written
 
 
 @pytest.mark.parametrize("args, musts", SEARCH_ROWS, ids=[" ".join(a) for a, _ in SEARCH_ROWS])
 def test_search_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
     code = launch.main([*args, f"cache_dir={tmp_path}/cache", f"output_root={tmp_path}/search"])
-    _refused(capsys, code, musts)
+    assert_refused(capsys, code, musts)
     assert _files(tmp_path) == []  # no output folder, no MLflow store, no base model
 
 
 @pytest.mark.parametrize("args, musts", BLEND_ROWS, ids=[" ".join(a) for a, _ in BLEND_ROWS])
 def test_blend_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
     code = blend_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_root={tmp_path}/search"])
-    _refused(capsys, code, musts)
+    assert_refused(capsys, code, musts)
     assert _files(tmp_path) == []
 
 
@@ -131,7 +123,7 @@ def test_resume_refuses_overrides_that_change_the_search(tmp_path, capsys):
     folder = _saved_search(tmp_path)
     before = _files(tmp_path)
     code = launch.main([f"resume={folder}", "search.num_trials=3", "seed=4", "num_cpus=1"])
-    _refused(capsys, code, [f"resume={folder}", "would change it: search.num_trials, seed",
+    assert_refused(capsys, code, [f"resume={folder}", "would change it: search.num_trials, seed",
                             "allowed with resume: num_cpus, ray_address"])
     assert _files(tmp_path) == before
 
@@ -145,7 +137,7 @@ def test_resume_accepts_where_it_runs(tmp_path):
 
 def test_resume_of_a_folder_without_state(tmp_path, capsys):
     code = launch.main([f"resume={tmp_path}"])
-    _refused(capsys, code, ["resume must be the output folder of an earlier search", f"but got {tmp_path}"])
+    assert_refused(capsys, code, ["resume must be the output folder of an earlier search", f"but got {tmp_path}"])
 
 
 # The Python API: (callable, exception type, substrings of the message)

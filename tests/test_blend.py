@@ -262,6 +262,17 @@ def test_bad_blended_search_input_is_one_line_before_any_trial(args, parts, caps
     assert err.count("\n") == 1
 
 
+def _tiny_blended_search(root, tmp_path, name: str, *extra: str) -> list[str]:
+    """Overrides of a 4-trial blended search on the tiny data set, in ``tmp_path / "out" / name``."""
+    return [
+        "search=blended", f"data.root={root}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", f"name={name}",
+        "search.num_trials=4", "search.population_size=2", "search.max_concurrent_trials=2", "num_cpus=2",
+        "search.blend.pool=[l1,l2,apoz,taylor]", "search.blend.n_clusters=2", "search.proxy.adapt_bn_batches=2",
+        "search.prune_overrides.q=0.2", "measure.batch_size=4", "measure.repeats=1", *extra,
+    ]
+
+
 def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_session):
     """Clustering, proxy trials with evolved factors, the best one fine-tuned and tested, MLflow."""
     import json
@@ -271,13 +282,7 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_sessi
     from search.pareto import read_trials
 
     out = tmp_path / "out" / "b4"
-    args = [
-        "search=blended", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
-        "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", "name=b4",
-        "search.num_trials=4", "search.population_size=2", "search.max_concurrent_trials=2", "num_cpus=2",
-        "search.blend.pool=[l1,l2,apoz,taylor]", "search.blend.n_clusters=2", "search.proxy.adapt_bn_batches=2",
-        "search.finetune_front=1", "search.prune_overrides.q=0.2", "measure.batch_size=4", "measure.repeats=1",
-    ]
+    args = _tiny_blended_search(tiny_fmnist, tmp_path, "b4", "search.finetune_front=1")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1] == str(out)
@@ -449,7 +454,8 @@ def test_bad_layerwise_search_input_is_one_line_before_any_trial(capsys):
 def test_proxy_epochs_give_back_exactly_k_protocol_steps(per_epoch):
     from types import SimpleNamespace as NS
 
-    from search.blend.proxy import proxy_epochs, steps_per_epoch
+    from search.blend.proxy import proxy_epochs
+    from trainables.finetune import steps_per_epoch
 
     full, part = NS(train=range(5_500), train_size_full=55_000), NS(train=range(90), train_size_full=100)
     assert steps_per_epoch(full, NS(batch_size=128, steps_follow_fraction=False)) == 429  # the full set's epoch
@@ -463,9 +469,9 @@ def test_proxy_epochs_give_back_exactly_k_protocol_steps(per_epoch):
 def test_proxy_trial_takes_adaptive_bn_and_exactly_k_optimiser_steps(tiny_fmnist):
     from data import get_data
     from search._session import trial_prune
-    from search.blend.proxy import steps_per_epoch
     from trainables.compose import configs_of
     from trainables.config import MeasureConfig, PruneConfig
+    from trainables.finetune import steps_per_epoch
     from trainables.protocol import run_protocol
 
     splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
@@ -534,14 +540,8 @@ def test_tiny_layerwise_search_with_a_short_fine_tune_proxy(tiny_fmnist, tmp_pat
     from search.pareto import read_trials
 
     out = tmp_path / "out" / "lw"
-    args = [
-        "search=blended", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
-        "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", "name=lw",
-        "search.num_trials=4", "search.population_size=2", "search.max_concurrent_trials=2", "num_cpus=2",
-        "search.blend.pool=[l1,l2,apoz,taylor]", "search.blend.n_clusters=2", "search.proxy.adapt_bn_batches=2",
-        "search.blend.layerwise=stage", "search.blend.stages=2", "search.proxy.finetune_steps=3",
-        "search.finetune_front=2", "search.prune_overrides.q=0.2", "measure.batch_size=4", "measure.repeats=1",
-    ]
+    args = _tiny_blended_search(tiny_fmnist, tmp_path, "lw", "search.blend.layerwise=stage", "search.blend.stages=2",
+                                "search.proxy.finetune_steps=3", "search.finetune_front=2")
     assert main(args) == 0
     capsys.readouterr()
     clustering = json.loads((out / "clustering" / "clustering.json").read_text())

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import ray
+from conftest import child_runs
 
 from search.launch import main
 from search.pareto import read_trials
@@ -28,15 +28,6 @@ def _args(root: Path, tmp: Path, name: str, n: int, *extra: str) -> list[str]:
         f"search.num_trials={n}", "search.max_concurrent_trials=2", "measure.batch_size=4", "measure.repeats=1",
         "num_cpus=2", *extra,
     ]
-
-
-def _child_runs(out: Path) -> list:
-    state = json.loads((out / "launch_state.json").read_text())
-    client = mlflow.MlflowClient(state["tracking_uri"])
-    return client.search_runs(
-        [client.get_experiment_by_name("prunesearch").experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
-    )
 
 
 # Bad input for the search (and for resume=) is in the shared table of tests/test_bad_inputs.py.
@@ -58,7 +49,7 @@ def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_p
         assert (r["test_acc"] is not None) == r["pareto"]  # the test split only for the front
     assert any(r["pareto"] for r in rows)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = _child_runs(out)
+    runs = child_runs(out, "prunesearch")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     statuses = {r.data.tags["trial_id"]: r.info.status for r in runs}
@@ -97,7 +88,7 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     rows = read_trials(out / "trials.parquet")
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4
     assert all(r["status"] == "COMPLETED" for r in rows)
-    runs = _child_runs(out)
+    runs = child_runs(out, "prunesearch")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)  # one run per trial
     assert all(r.info.status == "FINISHED" for r in runs)
     assert planted.client.get_run(orphan).info.lifecycle_stage == "deleted"

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
+from conftest import assert_refused, child_runs
 from scipy import stats
 
 from search.study import grid_cells, load_study_config, main, run_row
@@ -42,15 +42,6 @@ def _args(root: Path, tmp: Path, name: str, *extra: str) -> list[str]:
         "prune.p=0.1", "prune.q=0.3", "prune.score_batches=1", "prune.score_batch_size=16", "measure.latency=false",
         "num_cpus=2", *extra,
     ]
-
-
-def _child_runs(out: Path) -> list:
-    state = json.loads((out / "launch_state.json").read_text())
-    client = mlflow.MlflowClient(state["tracking_uri"])
-    return client.search_runs(
-        [client.get_experiment_by_name("prunesearch-study").experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
-    )
 
 
 # ---- the grid -----------------------------------------------------------------------------------
@@ -104,11 +95,7 @@ BAD = [
 @pytest.mark.parametrize(("args", "expected"), BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_line_before_any_work(args, expected, tmp_path, capsys):
     code = main([f"output_root={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for part in expected:
-        assert part in err, err
+    assert_refused(capsys, code, expected)
     assert list(tmp_path.iterdir()) == []  # no folder, no cache, no MLflow store
 
 
@@ -265,7 +252,7 @@ def test_tiny_study_writes_one_row_per_cell_the_figures_and_report(tiny_fmnist, 
     assert not (out / "data_efficiency.png").exists()  # one fraction: no curve to draw
     report = (out / "report.md").read_text()
     assert "## Every criterion against random, paired by seed" in report and "| ratio 0.5 | l1 | 2 |" in report
-    runs = _child_runs(out)
+    runs = child_runs(out, "prunesearch-study")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["run_id"] for r in rows)
     assert all(r.info.status == "FINISHED" and r.data.tags["criterion"] in ("random", "l1") for r in runs)
     assert {r.data.params["seed"] for r in runs} == {"0", "1"}
@@ -298,7 +285,7 @@ def test_killed_study_resumes_with_every_cell_once(tiny_fmnist, tmp_path):
     rows = read_runs(out / "runs.parquet")
     assert sorted(r["cell"] for r in rows) == list(range(6))
     assert all(r["status"] == "COMPLETED" for r in rows), ([(r["cell"], r["status"]) for r in rows], resumed.stdout[-3000:])
-    runs = _child_runs(out)
+    runs = child_runs(out, "prunesearch-study")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["run_id"] for r in rows)  # one run per cell
     assert all(r.info.status == "FINISHED" for r in runs)
 

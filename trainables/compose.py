@@ -12,7 +12,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig, require
+from trainables.config import (
+    FinetuneConfig,
+    MeasureConfig,
+    PretrainConfig,
+    PruneConfig,
+    require,
+    require_int,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -100,12 +107,10 @@ def check_config(cfg: Any) -> None:
     if cfg.data.name not in list_datasets():
         raise ValueError(f"unknown dataset '{cfg.data.name}'; valid: {', '.join(list_datasets())}")
     for key in ("seed", "data.num_workers"):
-        value = _select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{key} must be an integer >= 0, but got {value!r}")
-    if cfg.get("threads") is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                           or cfg.threads < 1):
-        raise ValueError(f"threads must be null or an integer >= 1, but got {cfg.threads!r}")
+        require_int(key, _select(cfg, key), 0)
+    threads = cfg.get("threads")
+    require(threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
+            "threads", "null or an integer >= 1", threads)
     _check_subset(cfg)
     data_args(cfg)  # an unknown class subset fails here
     prune, _, _, pretrain = configs_of(cfg)  # constructing the configs validates every field

@@ -16,7 +16,7 @@ from trainables.criteria import list_criteria
 from trainables.criteria.blended import check_blend_options
 from trainables.schedules import check_ramp, check_ratio, list_schedules
 
-__all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require"]
+__all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require", "require_int"]
 
 # control: no pruning, the base fine-tuned with layer_by_layer's budget; scratch: the pruned
 # architecture re-initialised and trained with the whole prune + fine-tune budget.
@@ -37,7 +37,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _int_at_least(key: str, value: Any, low: int) -> None:
+def require_int(key: str, value: Any, low: int) -> None:
+    """``require`` for an integer setting (bools refused): "<key> must be an integer >= <low>, but got ..."."""
     require(_is_int(value) and value >= low, key, f"an integer >= {low}", value)
 
 
@@ -96,8 +97,8 @@ class PruneConfig:
         require(target is None or (_is_number(target) and 0 < target < 1), "prune.target_flops_reduction",
                 "null or in (0, 1)", target)
         for key in ("round_to", "steps", "score_batches", "score_batch_size", "adapt_bn_batch_size"):
-            _int_at_least(f"prune.{key}", getattr(self, key), 1)
-        _int_at_least("prune.adapt_bn_batches", self.adapt_bn_batches, 0)
+            require_int(f"prune.{key}", getattr(self, key), 1)
+        require_int("prune.adapt_bn_batches", self.adapt_bn_batches, 0)
         if self.criterion == "blended":
             check_blend_options(self.criterion_options)
         if self.criterion == "class_specific":
@@ -127,18 +128,18 @@ class FinetuneConfig:
         _number_at_least("finetune.lr", self.lr, 0, strict=True)
         require(_is_number(self.momentum) and 0 <= self.momentum < 1, "finetune.momentum", "in [0, 1)", self.momentum)
         _number_at_least("finetune.weight_decay", self.weight_decay, 0)
-        _int_at_least("data.batch_size", self.batch_size, 1)
-        _int_at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        require_int("data.batch_size", self.batch_size, 1)
+        require_int("data.eval_batch_size", self.eval_batch_size, 1)
         if self.eval_every is not None:
             _number_at_least("finetune.eval_every", self.eval_every, 0, strict=True)
-        _int_at_least("finetune.evals_per_stage", self.evals_per_stage, 1)
+        require_int("finetune.evals_per_stage", self.evals_per_stage, 1)
         require(_is_number(self.recovery_delta) and 0 < self.recovery_delta < 1, "finetune.recovery_delta",
                 "in (0, 1)", self.recovery_delta)
         require(isinstance(self.steps_follow_fraction, bool), "finetune.steps_follow_fraction", "true or false",
                 self.steps_follow_fraction)
         require(isinstance(self.anneal_final, bool), "finetune.anneal_final", "true or false", self.anneal_final)
         if self.eval_max_images is not None:
-            _int_at_least("finetune.eval_max_images", self.eval_max_images, 1)
+            require_int("finetune.eval_max_images", self.eval_max_images, 1)
 
 
 @dataclass(kw_only=True)
@@ -153,11 +154,11 @@ class MeasureConfig:
 
     def __post_init__(self) -> None:
         require(isinstance(self.latency, bool), "measure.latency", "true or false", self.latency)
-        _int_at_least("measure.batch_size", self.batch_size, 1)
-        _int_at_least("measure.repeats", self.repeats, 1)
-        _int_at_least("measure.warmup", self.warmup, 0)
+        require_int("measure.batch_size", self.batch_size, 1)
+        require_int("measure.repeats", self.repeats, 1)
+        require_int("measure.warmup", self.warmup, 0)
         if self.threads is not None:
-            _int_at_least("measure.threads", self.threads, 1)
+            require_int("measure.threads", self.threads, 1)
 
 
 @dataclass(kw_only=True)
@@ -171,9 +172,9 @@ class PretrainConfig:
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        _int_at_least("model.pretrain.epochs", self.epochs, 0)
+        require_int("model.pretrain.epochs", self.epochs, 0)
         _number_at_least("model.pretrain.lr", self.lr, 0, strict=True)
         require(_is_number(self.momentum) and 0 <= self.momentum < 1, "model.pretrain.momentum", "in [0, 1)",
                 self.momentum)
         _number_at_least("model.pretrain.weight_decay", self.weight_decay, 0)
-        _int_at_least("data.batch_size", self.batch_size, 1)
+        require_int("data.batch_size", self.batch_size, 1)

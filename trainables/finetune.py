@@ -18,13 +18,22 @@ from trainables.config import FinetuneConfig, PruneConfig
 from trainables.metrics import count_flops, evaluate
 from trainables.records import CurvePoint
 
-__all__ = ["Finetuner", "Report", "recalibrate_bn", "stage_eval_steps"]
+__all__ = ["Finetuner", "Report", "recalibrate_bn", "stage_eval_steps", "steps_per_epoch"]
 
 Report = Callable[[dict], None]
 
 # Seed offsets that keep the fine-tuning, adaptive-BN and scoring streams independent of each other.
 _TRAIN_SEED_STRIDE = 100_003
 _ADAPT_BN_SEED_STRIDE, _ADAPT_BN_SEED_OFFSET = 100_019, 7_777
+
+
+def steps_per_epoch(splits: DataSplits, ft: FinetuneConfig, world: int = 1) -> int:
+    """Optimiser steps in one fine-tuning epoch: ``train_size_full // (batch x world)`` (the
+    training set before ``data.fraction``, so a budget in epochs keeps its step count whatever
+    the fraction), or one pass over ``splits.train`` with ``finetune.steps_follow_fraction``;
+    with ``world`` data-parallel workers one step takes a batch on each."""
+    images = len(splits.train) if ft.steps_follow_fraction else splits.train_size_full
+    return max(1, int(images) // (int(ft.batch_size) * int(world)))
 
 
 def stage_eval_steps(n_steps: int, evals_per_stage: int, every: int | None = None) -> list[int]:
@@ -97,8 +106,7 @@ class Finetuner:
         self.rank, self.world = shard
         self.wrap_ddp = wrap_ddp
         # With several workers, one step consumes one batch per worker.
-        epoch_images = len(splits.train) if ft.steps_follow_fraction else splits.train_size_full
-        self.steps_per_epoch = max(1, epoch_images // (ft.batch_size * self.world))
+        self.steps_per_epoch = steps_per_epoch(splits, ft, self.world)
         # Steps of one pass over the training set (equal to steps_per_epoch when all of it is used);
         # a set smaller than one global batch yields one short batch per pass.
         self._drop_last = len(splits.train) >= ft.batch_size * self.world
@@ -144,13 +152,18 @@ class Finetuner:
         """Epochs of fine-tuning so far (fractional)."""
         return self.step / self.steps_per_epoch
 
+    @property
+    def curve_on_subset(self) -> bool:
+        """Whether curve evaluations read only the first ``eval_max_images`` validation images."""
+        limit = self.ft.eval_max_images
+        return limit is not None and limit < len(self.splits.val)
+
     def val_acc(self, full: bool = False) -> float:
         """Validation top-1 in [0, 1]; intermediate evaluations may use only the first
         ``eval_max_images`` validation images (a cheaper curve), ``full`` always uses all."""
         val = self.splits.val
-        limit = self.ft.eval_max_images
-        if not full and limit is not None and limit < len(val):
-            val = take(val, torch.arange(limit), None)  # in-memory data stays in memory: fast slicing
+        if not full and self.curve_on_subset:
+            val = take(val, torch.arange(self.ft.eval_max_images), None)  # in-memory data stays in memory
         return self.evaluate(val)["top1"]
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:

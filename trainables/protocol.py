@@ -145,7 +145,7 @@ def run_protocol(
     _run_stages(stages, model, tuner, state, seed, checkpoint)
     tuner.close()
     final_val = tuner.curve[-1]["val_acc"]
-    if finetune.eval_max_images is not None and finetune.eval_max_images < len(splits.val):
+    if tuner.curve_on_subset:
         final_val = tuner.val_acc(full=True)  # the curve used a subset; the result uses all of val
     test = tuner.evaluate(splits.test) if evaluate_test else None
     curve_base = next(p["val_acc"] for p in tuner.curve if p["phase"] == "base")  # same images as the curve
@@ -198,9 +198,7 @@ def _start(model: nn.Module, tuner: Finetuner, measure: MeasureConfig) -> Protoc
     # Every later curve point is measured on the evaluation subset (eval_max_images), so the
     # curve's base point is too: recovery compares like with like. The record's base_val_acc
     # stays the accuracy on all of val, like final_val_acc.
-    limit = tuner.ft.eval_max_images
-    subset = limit is not None and limit < len(tuner.splits.val)
-    tuner.emit("base", tuner.val_acc() if subset else base_val)
+    tuner.emit("base", tuner.val_acc() if tuner.curve_on_subset else base_val)
     return ProtocolState(before=before, base_val=base_val)
 
 

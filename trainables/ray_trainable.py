@@ -30,7 +30,8 @@ from trainables.models import build_model
 from trainables.protocol import run_protocol
 
 __all__ = [
-    "TrialContext", "front_trial_fn", "load_trial_model", "train_loop_per_worker", "trial_configs", "trial_fn",
+    "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
+    "trial_fn",
     "uses_fast_path",
 ]
 
@@ -103,6 +104,16 @@ def load_trial_model(ctx: TrialContext, checkpoint_dir: str | Path) -> tuple[tor
     model.load_state_dict(state["model_state"])
     record_path = Path(checkpoint_dir) / _RECORD_FILE
     return model, json.loads(record_path.read_text()) if record_path.exists() else state
+
+
+def read_trial_record(checkpoint) -> dict | None:
+    """The run record a trial's Tune checkpoint holds (written with its final result), or None
+    for a checkpoint from before the protocol ended (or no checkpoint)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d) / _RECORD_FILE
+        return json.loads(path.read_text()) if path.exists() else None
 
 
 class _Reporter:

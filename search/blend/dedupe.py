@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Hashable, Iterable
-from pathlib import Path
 
 __all__ = ["distinct", "keep_signature", "trial_signature"]
 
@@ -28,12 +27,11 @@ def trial_signature(row: dict) -> Hashable:
     """The keep signature of a trial row (``search.results.trial_rows``), read from its final
     checkpoint's record; a trial without one falls back to its config, so that identical
     configs are still one candidate."""
-    ckpt = row.get("_checkpoint")
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            record = Path(d) / "record.json"
-            if record.exists():
-                return "keep:" + keep_signature(json.loads(record.read_text())["prune_log"])
+    from trainables.ray_trainable import read_trial_record
+
+    record = read_trial_record(row.get("_checkpoint"))
+    if record is not None:
+        return "keep:" + keep_signature(record["prune_log"])
     return "config:" + row["config_json"]
 
 
