@@ -175,17 +175,25 @@ def cluster_groups(scores: dict[str, dict[str, torch.Tensor]], pool: Sequence[st
 
 
 def plot_heatmap(result: Clustering, path: str | Path, title: str = "") -> Path:
-    """The mean Spearman matrix in dendrogram order, clusters outlined, representatives starred."""
-    import matplotlib
+    """The mean Spearman matrix in dendrogram order, clusters outlined, representatives starred.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on its own ``Figure`` (no pyplot): the caller's matplotlib backend and figures stay
+    as they were.
+    """
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     idx = [result.pool.index(c) for c in result.order]
     mat = result.correlation[np.ix_(idx, idx)]
     n = len(idx)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.6 + 0.55 * n))
+    # Wide enough for the colour bar's label and a wrapped title even with few criteria.
+    width = max(4.8, 1.6 + 0.6 * n)
+    fig = Figure(figsize=(width, 1.2 + 0.55 * n))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     im = ax.imshow(mat, cmap="RdBu_r", vmin=-1, vmax=1)
     labels = [f"{c} *" if c in result.representatives else c for c in result.order]
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
@@ -200,12 +208,12 @@ def plot_heatmap(result: Clustering, path: str | Path, title: str = "") -> Path:
         if pos == n or cluster_of[result.order[pos]] != cluster_of[result.order[start]]:
             ax.add_patch(Rectangle((start - 0.5, start - 0.5), pos - start, pos - start, fill=False, lw=2, ec="black"))
             start = pos
-    fig.colorbar(im, ax=ax, label="Spearman rho, mean over units")
-    ax.set_title(title or f"criteria clustering: {len(result.clusters)} clusters (* = representative)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="Spearman rho (mean over units)")
+    text = title or f"criteria clustering: {len(result.clusters)} clusters (* = representative)"
+    ax.set_title(textwrap.fill(text, width=int(9 * width)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # nothing clipped at the edges
     return path
 
 
