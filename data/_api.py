@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -73,6 +73,12 @@ def known_class_names(name: str) -> list[str] | None:
     return list(known) if known is not None else None
 
 
+def dataset_options(name: str) -> dict[str, tuple[str, ...]]:
+    """The data set's own settings (``data.<key>``) and their allowed values, default first;
+    ``{}`` for most data sets. ``get_data(name, options={key: value})`` sets them."""
+    return dict(DATASETS.get(name).options)
+
+
 def get_data(
     name: str,
     root: str | os.PathLike[str] | None = None,
@@ -85,6 +91,7 @@ def get_data(
     fraction: float = 1.0,
     num_workers: int = 0,
     split_before_subset: bool = False,
+    options: Mapping[str, str] | None = None,
 ) -> DataSplits:
     """Load dataset ``name`` and split it into train / val / test.
 
@@ -104,6 +111,9 @@ def get_data(
     the subset's val images are the all-class val images of those classes. A base model
     trained on all classes has never seen them, so a class-specific run on it measures
     held-out accuracy. It reads every class (a class-folder data set scans all of train/).
+
+    ``options`` sets the data set's own settings (``dataset_options(name)``), e.g.
+    ``{"colour": "label"}`` for ``coloured_fashion_mnist``; unset ones take their defaults.
     """
     if not isinstance(name, str):
         raise ValueError(
@@ -115,6 +125,7 @@ def get_data(
         raise ValueError(f"data.num_workers must be an integer >= 0, but got {num_workers!r}")
     if not isinstance(split_before_subset, bool):
         raise ValueError(f"split_before_subset must be true or false, but got {split_before_subset!r}")
+    chosen = _check_options(name, spec.options, options)
     if download and not spec.can_download:
         raise ValueError(
             f"data.download=true is not supported for {name}; set data.root to a local copy"
@@ -129,7 +140,7 @@ def get_data(
         ids = _class_ids(name, requested, all_names)
 
     carve_all = split_before_subset and ids is not None
-    parts = spec.load(folder, None if carve_all else ids)
+    parts = spec.load(folder, None if carve_all else ids, **chosen)
     targets = targets_of(parts.train)
     n_val = _val_count(val_size, len(targets))
     train_idx, val_idx = split_indices(targets, n_val, fraction, seed)
@@ -162,6 +173,21 @@ def get_data(
         class_ids=list(ids) if ids is not None else None,
         source_num_classes=len(all_names),
     )
+
+
+def _check_options(name: str, allowed: Mapping[str, tuple[str, ...]], options: object) -> dict[str, str]:
+    """The data set's settings, defaults filled in; an unknown key or value is refused."""
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"data options must be a mapping of setting to value, but got {options!r}")
+    for key, value in options.items():
+        if key not in allowed:
+            valid = ", ".join(allowed) if allowed else "none"
+            raise ValueError(f"data.{key} must be a setting of {name} ({valid}), but got {key!r}")
+        if value not in allowed[key]:
+            raise ValueError(f"data.{key} must be one of {', '.join(allowed[key])}, but got {value!r}")
+    return {key: options.get(key, values[0]) for key, values in allowed.items()}
 
 
 def _is_int(x: object) -> bool:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ class DatasetSpec:
     ``DatasetNotFoundError``; ``class_names(folder)`` lists names for ids 0..K-1 (cheap);
     ``load(folder, class_ids)`` reads the splits, keeping only ``class_ids`` when given.
     ``known_class_names`` lets ``data.classes`` be checked before anything is read.
+    ``options`` names the data set's own settings (``data.<key>`` in the config) and their
+    allowed values, the first being the default; ``load`` receives them as keyword arguments.
     """
 
     input_shape: tuple[int, int, int]
@@ -51,6 +53,7 @@ class DatasetSpec:
     load: Callable[[Path, Sequence[int] | None], Parts]
     can_download: bool = False
     known_class_names: tuple[str, ...] | None = None
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")

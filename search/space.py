@@ -17,6 +17,9 @@ __all__ = ["SearchSpace", "define_space", "check_space"]
 
 # The inverted differential schedules are not searched: the space samples ratio_low <= ratio_high.
 _SCHEDULES = ("uniform", "differential", "differential_depth", "per_layer")
+# A method offered among the criteria: a trial that draws it runs prune.method=greedy_car (greedy CAR
+# chooses the filters itself) and records criterion=car; never in the default pool (criteria=null).
+GREEDY_CAR = "greedy_car"
 
 
 def _bounds(space: Mapping, key: str) -> tuple[float, float, bool]:
@@ -30,7 +33,7 @@ def _searched(space: Mapping, key: str) -> bool:
 
 def check_space(space: Mapping, criteria: list[str]) -> None:
     """One-line errors for a bad space, before any trial starts."""
-    unknown = [c for c in space["criteria"] or [] if c not in criteria]
+    unknown = [c for c in space["criteria"] or [] if c not in criteria and c != GREEDY_CAR]
     if unknown:
         raise ValueError(f"search.criteria: unknown criterion '{unknown[0]}'; valid: {', '.join(criteria)}")
     bad = [s for s in space["schedules"] or [] if s not in _SCHEDULES]
@@ -87,6 +90,7 @@ class SearchSpace:
 
     def __call__(self, trial) -> dict | None:
         criterion = trial.suggest_categorical("criterion", self.pool)
+        constants = {"criterion": "car", "method": GREEDY_CAR} if criterion == GREEDY_CAR else None
         if criterion == "blended":
             from search.blend.layout import factor_keys
 
@@ -108,7 +112,7 @@ class SearchSpace:
             if _searched(self.space, key):
                 lo, hi, log = _bounds(self.space, key)
                 trial.suggest_float(key, lo, hi, log=log)
-        return None
+        return constants  # Ray Tune's OptunaSearch lays these over the suggested values
 
 
 def define_space(space: Mapping, n_units: int, criteria: list[str], candidates: list[str] | Mapping | None = None) -> SearchSpace:

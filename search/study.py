@@ -29,7 +29,8 @@ from typing import Any
 
 __all__ = ["CellValue", "grid_cells", "load_study_config", "main", "run_row"]
 
-_PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative")  # the methods a criterion arm can use
+_PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative", "greedy_car")  # the methods a criterion arm can use
+_OWN_SCORE = {"greedy_car": "car"}  # methods that choose filters themselves: one arm (named after the method) per level
 _BASELINES = ("control", "scratch")  # arms without a criterion (prune.method of the same name)
 _SWITCH = ("auto", True, False)
 
@@ -124,6 +125,10 @@ def grid_cells(cfg) -> list[dict]:
                               level: 0.0 if level == "ratio" else None, **common})
             for value in levels:
                 for method in study.methods:
+                    if method in _OWN_SCORE:  # not crossed with the criteria: it ignores them
+                        cells.append({"arm": method, "criterion": _OWN_SCORE[method], "method": method,
+                                      level: float(value), **common})
+                        continue
                     for criterion in study.criteria:
                         cells.append({"arm": criterion, "criterion": criterion, "method": method, level: float(value),
                                       **common})

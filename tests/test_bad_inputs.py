@@ -19,15 +19,18 @@ import search.blend.__main__ as blend_cli
 from data import get_data
 from search import launch
 from trainables import build_model, get_criterion, prune_layer
+from trainables import compress as compress_cli
 from trainables import run as run_cli
 from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.greedy_car import greedy_car_order
 from trainables.schedules import make_ratios
 
 # (args, every one of these substrings must be in the message)
 RUN_ROWS = [
     (["criterion=l3"], ["unknown criterion 'l3'", "valid: apoz, blended, bn_gamma, car"]),
     (["model=resnet5"], ["unknown model 'resnet5'", "valid: alexnet"]),
-    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, fashion_mnist, imagenet"]),
+    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, coloured_fashion_mnist, fashion_mnist, imagenet"]),
+    (["data=coloured_fashion_mnist", "data.colour=blue"], ["data.colour must be one of random, label, but got 'blue'"]),
     (["prune.ratio=1.5"], ["prune.ratio must be in [0, 1), but got 1.5"]),
     (["prune.ratio=-0.1"], ["prune.ratio must be in [0, 1), but got -0.1"]),
     (["prune.p=-1"], ["prune.p must be a number >= 0, but got -1"]),
@@ -40,7 +43,9 @@ RUN_ROWS = [
     (["prune.schedule=differential", "prune.ratio_low=0.7", "prune.ratio_high=0.2"],
      ["prune.ratio_high must be >= prune.ratio_low=0.7", "prune.schedule=differential_inverted", "but got 0.2"]),
     (["prune.method=greedy"],
-     ["prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, but got 'greedy'"]),
+     ["prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, greedy_car, but got 'greedy'"]),
+    (["prune.method=greedy_car", "prune.rescore_every=0"], ["prune.rescore_every must be an integer >= 1, but got 0"]),
+    (["prune.greedy_retrain_steps=-1"], ["prune.greedy_retrain_steps must be an integer >= 0, but got -1"]),
     (["prune.fo=1"], ["prune.fo"]),
     (["prune.round_to=0"], ["prune.round_to must be an integer >= 1, but got 0"]),
     (["prune.target_flops_reduction=1.5"], ["prune.target_flops_reduction must be null or in (0, 1), but got 1.5"]),
@@ -72,6 +77,13 @@ SEARCH_ROWS = [
     (["train.num_workers=0"], ["train.num_workers must be an integer >= 1, but got 0"]),
     (["trial_threads=0"], ["trial_threads must be an integer >= 1, but got 0"]),
     (["prune.ratio=2"], ["prune.ratio must be in [0, 1), but got 2"]),
+    (["search.objectives=[val_acc,energy]"], ["search.objectives[1] must be one of flops, params, latency, but got 'energy'"]),
+    (["search.objectives=[flops,val_acc]"], ["search.objectives must be [val_acc, <cost>]", "but got ['flops', 'val_acc']"]),
+    (["search.objectives=[val_acc,latency]", "measure.latency=false"],
+     ["measure.latency must be true when search.objectives=[val_acc, latency], but got False"]),
+    (["search.scheduler=asha", "search.asha.grace_period=0"], ["search.asha.grace_period must be an integer >= 1, but got 0"]),
+    (["search.retime.rounds=1"], ["search.retime.rounds must be an integer >= 2, but got 1"]),
+    (["checkpoint_every_s=-1"], ["checkpoint_every_s must be a number of seconds >= 0, but got -1"]),
 ]
 
 BLEND_ROWS = [
@@ -79,6 +91,16 @@ BLEND_ROWS = [
     (["search.blend.pool=[l1]"], ["search.blend.pool must list at least 2 criteria", "but got ['l1']"]),
     (["search.blend.n_clusters=12"], ["search.blend.n_clusters must be an integer in [1, 9]", "but got 12"]),
     (["search.blend.normalize=minmax"], ["search.blend.normalize must be one of rank, zscore, but got 'minmax'"]),
+]
+
+COMPRESS_ROWS = [
+    (["compress.bits=0"], ["compress.bits must be an integer in [1, 16], but got 0"]),
+    (["compress.layers=[features.99]", "compress.sparsity=0.8", "compress.bits=4"],
+     ["compress.layers must be units of the model (features.0,", "but got ['features.99']"]),
+    (["compress.sparsity=[0.5]"], ["compress.sparsity must be one value or a list of 2 (one per layer), but got [0.5]"]),
+    (["compress.filter_ratio=1"], ["compress.filter_ratio must be in [0, 1), but got 1"]),
+    (["+compress.fo=1"], ["unknown key compress.fo; valid: bits, filter_epochs"]),
+    (["criterion=l3"], ["unknown criterion 'l3'"]),
 ]
 
 
@@ -103,6 +125,13 @@ def test_search_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
 @pytest.mark.parametrize("args, musts", BLEND_ROWS, ids=[" ".join(a) for a, _ in BLEND_ROWS])
 def test_blend_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
     code = blend_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_root={tmp_path}/search"])
+    assert_refused(capsys, code, musts)
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, musts", COMPRESS_ROWS, ids=[" ".join(a) for a, _ in COMPRESS_ROWS])
+def test_compress_cli_refuses_before_any_work(args, musts, capsys, tmp_path):
+    code = compress_cli.main([*args, f"cache_dir={tmp_path}/cache", f"output_dir={tmp_path}/out"])
     assert_refused(capsys, code, musts)
     assert _files(tmp_path) == []
 
@@ -149,6 +178,10 @@ API_ROWS = [
     (lambda: PruneConfig(criterion="l3"), ValueError, ["unknown criterion 'l3'"]),
     (lambda: PruneConfig(steps=0), ValueError, ["prune.steps must be an integer >= 1, but got 0"]),
     (lambda: PruneConfig(score_batches=2.5), ValueError, ["prune.score_batches must be an integer >= 1, but got 2.5"]),
+    (lambda: PruneConfig(method="greedy_car", rescore_every=True), ValueError,
+     ["prune.rescore_every must be an integer >= 1, but got True"]),
+    (lambda: greedy_car_order(build_model("small_cnn"), "features.99", [(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))],
+                              n_remove=1), ValueError, ["unit_name must be one of features.0", "but got 'features.99'"]),
     (lambda: PruneConfig(0.5), TypeError, ["positional"]),  # keyword-only: no silent field mix-up
     (lambda: FinetuneConfig(momentum=1.0), ValueError, ["finetune.momentum must be in [0, 1), but got 1.0"]),
     (lambda: MeasureConfig(warmup=-1), ValueError, ["measure.warmup must be an integer >= 0, but got -1"]),
@@ -157,6 +190,10 @@ API_ROWS = [
      ["prune.ratios must have one ratio per prunable unit (3 for this model), but got 1"]),
     (lambda: get_data("fashion_mnist", fraction=0), ValueError, ["data.fraction", "0"]),
     (lambda: get_data("fashion_mnist", num_workers=-2), ValueError, ["data.num_workers must be an integer >= 0, but got -2"]),
+    (lambda: get_data("coloured_fashion_mnist", options={"colour": "blue"}), ValueError,
+     ["data.colour must be one of random, label, but got 'blue'"]),
+    (lambda: get_data("fashion_mnist", options={"colour": "label"}), ValueError,
+     ["data.colour must be a setting of fashion_mnist (none), but got 'colour'"]),
     (lambda: get_criterion("l3"), ValueError, ["unknown criterion 'l3'; valid: apoz"]),
     (lambda: build_model("resnet5"), ValueError, ["unknown model 'resnet5'; valid: alexnet"]),
     (lambda: prune_layer(build_model("small_cnn"), "features.99", [0]), ValueError, ["unknown unit 'features.99'"]),

@@ -179,7 +179,7 @@ def test_select_keep_takes_the_top_scores_and_breaks_ties_by_index():
         ({"p": -1}, r"prune.p must be a number >= 0, but got -1"),
         ({"q": -0.5}, r"prune.q must be a number >= 0, but got -0.5"),
         ({"criterion": "l3"}, r"unknown criterion 'l3'; valid: apoz"),
-        ({"method": "greedy"}, r"prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, but got 'greedy'"),
+        ({"method": "greedy"}, r"prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, greedy_car, but got 'greedy'"),
         ({"schedule": "per_layer", "ratios": [0.1, 0.2]}, r"prune.ratios must have one ratio per prunable unit \(5 .*but got 2"),
         ({"criterion": "class_specific", "target_classes": ["Sandle"]}, r"unknown class 'Sandle'; valid: T-shirt/top"),
     ],
@@ -194,13 +194,13 @@ def test_bad_input_fails_before_training(base, splits, kwargs, match):
 
 
 @pytest.mark.parametrize("method, resume_after", [("layer_by_layer", 2), ("iterative", 1), ("one_shot", 1),
-                                                  ("control", 2), ("scratch", 1), ("scratch", 3)])
+                                                  ("control", 2), ("scratch", 1), ("scratch", 3), ("greedy_car", 2)])
 def test_resume_from_a_stage_checkpoint_gives_the_same_numbers(base, splits, method, resume_after):
     prune = PruneConfig(method=method, criterion="l1", ratio=0.5, p=0.25, q=0.25, steps=2, score_batch_size=32, score_batches=2)
     states = []
     scratch = {"pretrain": PretrainConfig(epochs=1, batch_size=32), "pretrainer": train_base_model}
     full = run_protocol(copy.deepcopy(base), splits, prune, FAST, measure=MEASURE, checkpoint=states.append, **scratch)
-    n_stages = {"layer_by_layer": 6, "iterative": 3, "one_shot": 2, "control": 6, "scratch": 7}[method]
+    n_stages = {"layer_by_layer": 6, "iterative": 3, "one_shot": 2, "control": 6, "scratch": 7, "greedy_car": 6}[method]
     assert [s["stage"] for s in states] == list(range(1, n_stages + 1))
     json.dumps({k: v for k, v in states[resume_after - 1].items() if k != "model_state"})  # plain data besides weights
     reports = []

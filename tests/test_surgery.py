@@ -13,6 +13,7 @@ from trainables import build_model, describe_units, mask_filters, prunable_layer
 # Small spatial sizes keep the ImageNet models fast; their adaptive pooling accepts them.
 ARCHS = {
     "small_cnn": (1, 28, 28),
+    "small_alexnet": (3, 28, 28),
     "vgg16_bn_cifar": (3, 32, 32),
     "resnet20_cifar": (3, 32, 32),
     "vgg16": (3, 64, 64),

@@ -186,7 +186,7 @@ def data_args(cfg: Any, fraction: float | None = None) -> dict:
     no validation image trained the all-class base model. ``data.remap_labels`` applies to
     ``data.classes`` only.
     """
-    from data import load_class_subset
+    from data import dataset_options, load_class_subset
 
     d = cfg.data
     classes = list(d.classes) if d.classes is not None else None
@@ -196,6 +196,14 @@ def data_args(cfg: Any, fraction: float | None = None) -> dict:
         remap = cfg.get("subset_head", "keep") == "cut"
         if cfg.get("subset_base", "all") == "all":
             extra = {"split_before_subset": True}  # only here, so the keys of every other config stay as they were
+    # A data set's own settings (coloured_fashion_mnist's data.colour) only where it has them,
+    # so the keys (and cached base models) of every other data set stay as they were.
+    own = {key: d.get(key) for key in dataset_options(d.name) if d.get(key) is not None}
+    for key, value in own.items():
+        allowed = dataset_options(d.name)[key]
+        require(value in allowed, f"data.{key}", f"one of {', '.join(allowed)}", value)
+    if own:
+        extra = {**extra, "options": own}
     return {"name": d.name, "root": d.root, "download": d.download, "val_size": d.val_size, "seed": d.seed,
             "classes": classes, "remap_labels": remap, "fraction": d.fraction if fraction is None else fraction,
             "num_workers": d.get("num_workers", 0), **extra}

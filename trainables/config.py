@@ -19,8 +19,9 @@ from trainables.schedules import check_ramp, check_ratio, list_schedules
 __all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require", "require_int"]
 
 # control: no pruning, the base fine-tuned with layer_by_layer's budget; scratch: the pruned
-# architecture re-initialised and trained with the whole prune + fine-tune budget.
-METHODS = ("layer_by_layer", "one_shot", "iterative", "control", "scratch")
+# architecture re-initialised and trained with the whole prune + fine-tune budget; greedy_car:
+# layer_by_layer's order, each unit pruned by greedy CAR (trainables.greedy_car), criterion unused.
+METHODS = ("layer_by_layer", "one_shot", "iterative", "control", "scratch", "greedy_car")
 
 
 def require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -73,6 +74,8 @@ class PruneConfig:
     adapt_bn_batches: int = 0  # after each pruning step, re-estimate BN statistics on N train batches (EagleEye)
     adapt_bn_batch_size: int = 128
     target_classes: list | None = None  # class names or ids for the class_specific criterion
+    rescore_every: int = 1  # greedy_car: re-score the remaining filters after every r removals
+    greedy_retrain_steps: int = 0  # greedy_car: SGD steps after every r removals (0: none; the paper retrains)
 
     def __post_init__(self) -> None:
         _one_of("prune.method", self.method, METHODS)
@@ -99,6 +102,8 @@ class PruneConfig:
         for key in ("round_to", "steps", "score_batches", "score_batch_size", "adapt_bn_batch_size"):
             require_int(f"prune.{key}", getattr(self, key), 1)
         require_int("prune.adapt_bn_batches", self.adapt_bn_batches, 0)
+        require_int("prune.rescore_every", self.rescore_every, 1)
+        require_int("prune.greedy_retrain_steps", self.greedy_retrain_steps, 0)
         if self.criterion == "blended":
             check_blend_options(self.criterion_options)
         if self.criterion == "class_specific":

@@ -133,13 +133,16 @@ class Finetuner:
         ``start_step``. Passes, not epochs: with a fraction of the data an epoch spans several."""
         first_pass, skip = divmod(start_step, self._steps_per_pass)
         for j in itertools.count(first_pass):
-            batches = iterate_batches(
+            # Every worker shuffles alike and worker r reads (decodes) only batches r, r+W, ...
+            yield from iterate_batches(
                 self.splits.train, self.ft.batch_size, shuffle=True, seed=self.seed * _TRAIN_SEED_STRIDE + j,
-                drop_last=self._drop_last, num_workers=self.num_workers,
+                drop_last=self._drop_last, num_workers=self.num_workers, shard=(self.rank, self.world),
+                skip=skip if j == first_pass else 0, device=self._device(),
             )
-            # DistributedSampler-style split: every worker shuffles alike, worker r takes batches r, r+W, ...
-            mine = itertools.islice(batches, self.rank, self._steps_per_pass * self.world, self.world)
-            yield from itertools.islice(mine, skip if j == first_pass else 0, None)
+
+    def _device(self) -> torch.device:
+        """Where the model's weights are, so where batches go (CUDA: pinned loader memory)."""
+        return next(self.model.parameters()).device
 
     def skip_to(self, step: int) -> None:
         """Move the step counter (and the batch stream with it) to ``step``: steps taken
@@ -168,7 +171,8 @@ class Finetuner:
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         """``trainables.metrics.evaluate`` on one split (top1, top5, loss, n) in eval order."""
-        batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                                  device=self._device())
         return evaluate(self.model, batches, classes=self.splits.eval_classes)
 
     def adapt_bn(self, prune: PruneConfig, salt: int) -> None:
@@ -182,6 +186,7 @@ class Finetuner:
             stream = iterate_batches(
                 self.splits.train_eval, prune.adapt_bn_batch_size, shuffle=True,
                 seed=self.seed * _ADAPT_BN_SEED_STRIDE + _ADAPT_BN_SEED_OFFSET + salt, num_workers=self.num_workers,
+                device=self._device(),
             )
             recalibrate_bn(self.model, itertools.islice(stream, prune.adapt_bn_batches))
 
@@ -219,6 +224,16 @@ class Finetuner:
         self.emit(phase, acc, **extra)
         return acc
 
+    def train_steps(self, n_steps: int) -> None:
+        """``n_steps`` SGD steps of the run's stream with a fresh optimizer and no evaluation (they
+        count in ``step``; the curve is unchanged): greedy CAR's retraining between removals."""
+        opt, sched = self._optimizer(n_steps, False)  # pruning replaced the parameters
+        net = self._network(self._device())
+        self.model.train()
+        for _ in range(n_steps):
+            self._train_step(net, opt, sched, self._device())
+        self.model.eval()
+
     def _optimizer(self, n_steps: int, anneal: bool) -> tuple[torch.optim.Optimizer, Any]:
         # Pruning replaced the Parameter objects: a fresh optimizer each stage.
         ft = self.ft
@@ -236,7 +251,7 @@ class Finetuner:
     def _train_step(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, device: torch.device) -> Tensor:
         """One SGD step on the next batch of the stream; returns the (undetached) loss."""
         x, y = next(self._stream)
-        loss = F.cross_entropy(net(x.to(device)), y.to(device))
+        loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

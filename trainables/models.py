@@ -253,3 +253,37 @@ _TORCHVISION_HEADS = {"vgg16": "classifier.6", "vgg16_bn": "classifier.6", "resn
                       "alexnet": "classifier.6"}
 for _name, _head in _TORCHVISION_HEADS.items():
     register_model(_name, input_shape=(3, 224, 224), head=_head)(_torchvision(_name))
+
+
+class SmallAlexNet(nn.Module):
+    """AlexNet-style CNN for 28x28 colour images (Coloured Fashion-MNIST, the colour study).
+
+    Like AlexNet (Krizhevsky et al. 2012): a large-kernel strided first conv, then 3x3 convs,
+    ReLU without batch norm (so a filter's weights are its own, and l1 means what it says), max
+    pooling, and a dropout MLP head. 64 first-layer 5x5 filters: enough to count colour filters
+    among them. About 20 MFLOPs per image, short enough to train on a CPU in minutes.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 5, stride=2, padding=2), nn.ReLU(inplace=True),  # (B, w, 14, 14)
+            nn.MaxPool2d(2),  # (B, w, 7, 7)
+            nn.Conv2d(w, 3 * w // 2, 3, padding=1), nn.ReLU(inplace=True),  # (B, 1.5w, 7, 7)
+            nn.Conv2d(3 * w // 2, 3 * w // 2, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(3 * w // 2, w, 3, padding=1), nn.ReLU(inplace=True),  # (B, w, 7, 7)
+            nn.MaxPool2d(2),  # (B, w, 3, 3)
+        )
+        self.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(w * 3 * 3, 4 * w), nn.ReLU(inplace=True), nn.Dropout(0.3))
+        self.classifier = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.features(x), 1)  # (B, 9w)
+        return self.classifier(self.fc(x))
+
+
+@register_model("small_alexnet", input_shape=(3, 28, 28))
+def _small_alexnet(num_classes: int = 10, width: int = 64) -> nn.Module:
+    """Small AlexNet-style CNN for 28x28 colour inputs (Coloured Fashion-MNIST)."""
+    return SmallAlexNet(num_classes=num_classes, width=width)

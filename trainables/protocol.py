@@ -9,6 +9,11 @@
 - ``control``: no pruning; the base model fine-tuned with layer_by_layer's budget and
   evaluations (one ``p`` stage per unit, then ``q``): is the pruned model better than its base
   only because the base was still improving?
+- ``greedy_car``: layer_by_layer's stages, but each unit's filters are removed one at a time
+  by greedy CAR (``trainables.greedy_car``: the filter whose removal costs the least accuracy,
+  ties by loss, re-scored after every ``prune.rescore_every`` removals, optionally
+  ``prune.greedy_retrain_steps`` SGD steps between), scored on validation batches; the
+  criterion is not used.
 - ``scratch``: the pruned architecture (the schedule's kept counts, first filters kept),
   re-initialised with the run's seed and trained with the budget of pretraining + prune +
   fine-tune: the base model's pretraining recipe for ``model.pretrain.epochs`` epochs, then
@@ -39,6 +44,7 @@ from data import DataSplits, iterate_batches, take
 from trainables.config import METHODS, FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
 from trainables.criteria import Criterion, ScoringContext, get_criterion
 from trainables.finetune import Finetuner, Report, recalibrate_bn
+from trainables.greedy_car import greedy_prune_unit
 from trainables.metrics import count_flops, count_params, measure_latency
 from trainables.planning import plan_ratios, select_keep
 from trainables.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
@@ -46,7 +52,8 @@ from trainables.recovery import run_recovery, stage_recovery
 from trainables.schedules import kept_count
 from trainables.surgery import Unit, describe_units, prune_layer
 
-__all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "recalibrate_bn", "scoring_batches"]
+__all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "recalibrate_bn", "scoring_batches",
+           "validation_batches"]
 
 _SCORING_SEED_OFFSET = 7919  # keeps the scoring batches apart from every other seeded stream
 _ITERATIVE_MIN_KEPT = 0.1  # iterative: no unit loses more than 90% of its filters
@@ -79,6 +86,14 @@ def scoring_batches(splits: DataSplits, prune: PruneConfig, seed: int) -> list[t
     images like those the deployed model sees, not on augmented crops.
     """
     stream = iterate_batches(splits.train_eval, prune.score_batch_size, shuffle=True,
+                             seed=seed + _SCORING_SEED_OFFSET, num_workers=splits.num_workers)
+    return list(itertools.islice(stream, prune.score_batches))
+
+
+def validation_batches(splits: DataSplits, prune: PruneConfig, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``prune.score_batches`` seeded batches of the validation split: greedy CAR decides on
+    held-out images, as Abbasi-Asl and Yu did (never on test)."""
+    stream = iterate_batches(splits.val, prune.score_batch_size, shuffle=True,
                              seed=seed + _SCORING_SEED_OFFSET, num_workers=splits.num_workers)
     return list(itertools.islice(stream, prune.score_batches))
 
@@ -175,6 +190,9 @@ def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
         raise ValueError(f"prune.method must be one of {', '.join(METHODS)}, but got {prune.method!r}")
     if prune.method in _UNSCORED:
         return build(plan)
+    if prune.method == "greedy_car":  # its own score on validation batches: no criterion
+        plan.ctx = ScoringContext(batches=validation_batches(splits, prune, seed), seed=seed)
+        return build(plan)
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
     plan.criterion = get_criterion(prune.criterion)
     plan.ctx = ScoringContext(
@@ -187,7 +205,7 @@ def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
 def _total_epochs(prune: PruneConfig, n_units: int) -> float:
     """Fine-tuning epochs of the whole run (sizes the progress bar)."""
     n_stage_p = {"layer_by_layer": n_units, "iterative": prune.steps, "control": n_units,
-                 "scratch": n_units}.get(prune.method, 0)
+                 "scratch": n_units, "greedy_car": n_units}.get(prune.method, 0)
     return prune.q + prune.p * n_stage_p
 
 
@@ -330,6 +348,53 @@ def _layer_by_layer(plan: _Plan) -> list[Stage]:
 
     pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
     return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+
+
+def _greedy_car(plan: _Plan) -> list[Stage]:
+    """layer_by_layer with greedy CAR choosing each unit's filters (see the module docstring).
+
+    The prune log holds every physical pruning (one per retraining round, then the rest),
+    each with the unit's ``removal_order`` (original indices) and ``rescore_every``.
+    """
+    prune = plan.prune
+
+    def unit_stage(unit: Unit, ratio: float) -> Stage:
+        def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
+            if plan.ctx is None:
+                raise RuntimeError("prune.method=greedy_car has no validation batches bound")
+            pre = tuner.curve[-1]["val_acc"]
+            n_remove = unit.n_filters - kept_count(unit.n_filters, ratio, prune.round_to)
+            order, log = greedy_prune_unit(model, unit, plan.ctx.batches, n_remove=n_remove,
+                                           rescore_every=prune.rescore_every,
+                                           retrain=_greedy_retrainer(tuner, prune.greedy_retrain_steps))
+            alive = list(range(unit.n_filters))  # original index of each current filter
+            for rec in log:
+                alive = [alive[i] for i in rec["keep_idxs"]]
+            log.append(prune_layer(model, unit.name, [i for i, o in enumerate(alive) if o not in order]))
+            info = {"removal_order": order, "rescore_every": prune.rescore_every}
+            state.prune_log += [{**rec, **info} for rec in log]
+            kept = sorted(set(range(unit.n_filters)) - set(order))
+            whole = {"unit": unit.name, "filters_before": unit.n_filters, "filters_after": len(kept), "keep_idxs": kept}
+            step = _open_step(tuner, state, plan, pre, [unit.name], len(state.prune_log), unit.name)
+            if prune.p > 0:
+                tuner.finetune(prune.p, "recovery", unit=unit.name)
+            _close_step(tuner, step, plan.delta)
+            state.rows.append(UnitRow.from_log(whole, step))
+        return stage
+
+    pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
+    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+
+
+def _greedy_retrainer(tuner: Finetuner, steps: int) -> Callable[[nn.Module], None] | None:
+    """``steps`` SGD steps of the run's fine-tuning stream between greedy removals (they count
+    in the run's steps; no evaluation, so the curve is unchanged); None for 0 steps."""
+    if steps == 0:
+        return None
+
+    def retrain(model: nn.Module) -> None:  # the run's own model, pruned in place (tuner.model)
+        tuner.train_steps(steps)
+    return retrain
 
 
 def _one_shot(plan: _Plan) -> list[Stage]:
@@ -503,5 +568,5 @@ def _resized(unit: Unit, n: int) -> Unit:
 
 
 _METHODS: dict[str, MethodBuilder] = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative,
-                                      "control": _control, "scratch": _scratch}
+                                      "control": _control, "scratch": _scratch, "greedy_car": _greedy_car}
 _UNSCORED = ("control", "scratch")
