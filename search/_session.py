@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["Session", "start_search"]
+__all__ = ["Session", "objective_of", "retime_rounds", "start_search", "tune_storage"]
 
 STATE_FILE = "launch_state.json"
 
@@ -19,18 +19,43 @@ STATE_FILE = "launch_state.json"
 class Session:
     ctx: Any  # trainables.ray_trainable.TrialContext
     n_units: int
-    storage: Path
+    storage: str  # Ray Tune's storage of this search (tune_storage): a local path or a URI
     callback: Any
     tracker: Any
     parent_run_id: str
     restore_path: str | None
     base_val_acc: float
     base_flops: int
+    base_params: int = 0  # the unpruned model's parameters (params_ratio)
     splits: Any = None  # the driver's data: the front's test accuracy is measured on its test split
     candidates: list[str] | None = None  # blended search: the criteria whose factors are searched
     full_prune: dict | None = None  # proxy search: the full-fidelity prune settings (front fine-tuning)
     artifacts: list[Path] = field(default_factory=list)  # extra files for the parent MLflow run
     owns_ray: bool = True  # this search started Ray, so it shuts Ray down at the end
+
+
+def objective_of(cfg) -> str:
+    """The cost the search trades accuracy against (``search.objectives: [val_acc, <cost>]``)."""
+    from omegaconf import OmegaConf
+
+    from search.pareto import check_objective
+    from trainables.config import require
+
+    objectives = OmegaConf.select(cfg, "search.objectives", default=["val_acc", "flops"])
+    objectives = OmegaConf.to_object(objectives) if OmegaConf.is_config(objectives) else objectives
+    require(isinstance(objectives, list) and len(objectives) == 2 and objectives[0] == "val_acc",
+            "search.objectives", "[val_acc, <cost>] with <cost> one of flops, params, latency", objectives)
+    check_objective(objectives[1])
+    require(objectives[1] != "latency" or cfg.measure.latency, "measure.latency",
+            "true when search.objectives=[val_acc, latency]", cfg.measure.latency)
+    return objectives[1]
+
+
+def retime_rounds(cfg) -> int:
+    """``search.retime.rounds``: interleaved rounds of the driver's serial re-timing (search.retime)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, "search.retime.rounds", default=6)
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:
@@ -143,13 +168,34 @@ def _init_ray(cfg, log=print) -> bool:
     return True
 
 
+def tune_storage(storage_path: str | None, out: Path) -> str:
+    """Where Ray Tune keeps this search's checkpoints and results: ``<storage_path>/<output folder
+    name>``, so searches sharing one storage path (a cluster's NFS or S3 prefix) never share an
+    experiment folder (each would write, and a resume restore, ``<storage_path>/tune``); without
+    ``storage_path``, ``<output folder>/ray``. A URI (``s3://bucket/prefix``) stays a URI: made
+    a local path it would become ``<cwd>/s3:/bucket/prefix``."""
+    if not storage_path:
+        return str(out / "ray")
+    root = str(storage_path).rstrip("/")
+    if "://" not in root:
+        root = str(Path(root).expanduser().resolve())
+    return f"{root}/{out.name}"
+
+
+def _restorable(experiment_path: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(experiment_path)  # reads a URI too, unlike Path.exists
+
+
 def start_search(cfg, out: Path, log=print) -> Session:
     """Everything before ``Tuner.fit``; on resume, the saved state of the earlier start."""
+    from search.pareto import check_objective
     from search.tracking import SearchTracker, default_tracking_uri
     from search.tune_callback import MLflowTuneCallback
     from trainables.base_model import prepare
     from trainables.compose import configs_of, data_args
-    from trainables.metrics import count_flops
+    from trainables.metrics import count_flops, count_params
     from trainables.ray_trainable import TrialContext
     from trainables.surgery import describe_units
 
@@ -175,18 +221,19 @@ def start_search(cfg, out: Path, log=print) -> Session:
 
         prune_trial, prune_full = ({**p, "criterion_options": {**p["criterion_options"], **criterion_groups(candidates)}}
                                    for p in (prune_trial, prune_full))
-    storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / "ray"
+    storage = tune_storage(cfg.storage_path, out)
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,
         base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args(cfg),
         prune=prune_trial, finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
         threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-        storage_path=str(storage), path=cfg.train.path,
+        storage_path=str(storage), path=cfg.train.path, checkpoint_every_s=float(cfg.get("checkpoint_every_s", 0.0)),
+        cost_metric=check_objective(objective_of(cfg))[0],
     )
     tracker = SearchTracker(tracking_uri, cfg.mlflow.experiment)
     parent = tracker.start_search(out.name, OmegaConf.to_container(cfg, resolve=True), run_id=state.get("parent_run_id"))
     restore = state.get("experiment_path") if state else None
-    experiment_path = str(storage / "tune")
+    experiment_path = state.get("experiment_path") or f"{storage}/tune"  # a resumed search keeps its own
     state_path.write_text(json.dumps({"tracking_uri": tracking_uri, "parent_run_id": parent,
                                       "experiment_path": experiment_path, "base_model": str(base_path),
                                       "candidates": candidates}, indent=1))
@@ -194,7 +241,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     callback = MLflowTuneCallback(tracking_uri, cfg.mlflow.experiment, parent)
     return Session(
         ctx=ctx, n_units=len(units), splits=splits, storage=storage, callback=callback,
-        tracker=tracker, parent_run_id=parent, restore_path=restore if restore and Path(restore).exists() else None,
-        base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base),
+        tracker=tracker, parent_run_id=parent, restore_path=restore if restore and _restorable(restore) else None,
+        base_val_acc=float(meta.get("val_acc", float("nan"))), base_flops=count_flops(base), base_params=count_params(base),
         candidates=candidates, full_prune=prune_full, artifacts=artifacts, owns_ray=owns_ray,
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 __all__ = ["main", "load_search_config"]
 
 from search._session import STATE_FILE as _STATE
+from search._session import objective_of, retime_rounds
 
 SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
 TRAIN_PATHS = ("auto", "fast", "torch_trainer")
@@ -78,6 +79,14 @@ def _check_choices(cfg) -> None:
             continue
         require_int(f"search.{key}", value, low)
     check_trial_resources(cfg)
+    objective_of(cfg)
+    if cfg.search.scheduler == "asha":
+        require_int("search.asha.grace_period", cfg.search.asha.grace_period, 1)
+        require_int("search.asha.reduction_factor", cfg.search.asha.reduction_factor, 2)
+    require_int("search.retime.rounds", retime_rounds(cfg), 2)
+    every = cfg.get("checkpoint_every_s", 0.0)
+    require(isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0, "checkpoint_every_s",
+            "a number of seconds >= 0", every)
     if cfg.search.sampler == "cmaes":
         import importlib.util
 
@@ -178,8 +187,8 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
     from omegaconf import OmegaConf
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
+    from search.searcher import FinishedOnlyOptunaSearch
     from search.space import define_space
     from search.tune_callback import ProgressCallback
     from trainables.criteria import list_criteria
@@ -189,24 +198,29 @@ def _tuner(cfg, ctx, n_units: int, storage: Path, callback, restore: str | None,
     if restore:
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True, resume_errored=True)
     single = cfg.search.sampler == "cmaes"
-    searcher = OptunaSearch(
+    # `cost`: every result carries the chosen cost (TrialContext.cost_metric); for latency, the
+    # trial's own timing (taken beside other trials), the only one there is while the search runs;
+    # the front is built on the driver's serial re-timing.
+    searcher = FinishedOnlyOptunaSearch(
         space=define_space(OmegaConf.to_container(cfg.search, resolve=True), n_units, list_criteria(), candidates),
-        metric="val_acc" if single else ["val_acc", "flops"], mode="max" if single else ["max", "min"],
+        metric="val_acc" if single else ["val_acc", "cost"], mode="max" if single else ["max", "min"],
         sampler=_sampler(cfg),  # seeded itself: OptunaSearch ignores its own seed for a built sampler
     )
     scheduler = None
     if cfg.search.scheduler == "asha":
-        # ASHA needs one scalar: validation accuracy, per evaluation (training_iteration).
-        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=cfg.search.asha.grace_period,
-                                  reduction_factor=cfg.search.asha.reduction_factor, max_t=10_000)
+        # Rungs at fine-tuning optimiser steps (the protocol's `step`), ranked on recovery points
+        # only (evaluations after fine-tuning, never a damage point right after a cut); see
+        # trainables.ray_trainable.with_recovery_acc.
+        scheduler = ASHAScheduler(time_attr="step", metric="recovery_acc", mode="max",
+                                  grace_period=cfg.search.asha.grace_period,
+                                  reduction_factor=cfg.search.asha.reduction_factor, max_t=10**9)
     from ray.tune import FailureConfig, RunConfig
 
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=cfg.search.num_trials,
-            max_concurrent_trials=cfg.search.max_concurrent_trials, metric="val_acc", mode="max",
-            reuse_actors=True,
+            max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True,
         ),
         run_config=RunConfig(
             name="tune", storage_path=str(storage), callbacks=[callback, ProgressCallback(cfg.search.num_trials)],

@@ -7,7 +7,8 @@ Conventions:
     * ``val_acc`` and ``test_acc`` are fractions in [0, 1] (plots and tables show percent).
     * ``flops`` counts one multiply or one add as a FLOP (FLOPs = 2 x MACs, as
       ``trainables.metrics.count_flops``); ``flops_ratio`` = ``flops`` / FLOPs of the unpruned model.
-    * The front maximizes ``val_acc`` and minimizes ``flops``. Only trials that finished the protocol
+    * The front maximizes ``val_acc`` and minimizes a cost: ``flops`` by default, or ``params``
+      or ``latency_ms`` (``search.objectives``; see :data:`OBJECTIVES`). Only trials that finished the protocol
       (``status == "COMPLETED"``) are eligible: a trial stopped early by the scheduler never had
       its final fine-tuning, so its accuracy is not comparable.
 """
@@ -28,8 +29,10 @@ import pyarrow.parquet as pq
 __all__ = [
     "COMPLETED",
     "DEFAULT_REF",
+    "OBJECTIVES",
     "REQUIRED_COLUMNS",
     "TRIAL_COLUMNS",
+    "check_objective",
     "format_front",
     "front_rows",
     "hypervolume",
@@ -52,6 +55,22 @@ A trial adds area only if its accuracy is above 0 and its FLOPs below the unprun
 unpruned trial (flops_ratio 1) adds nothing.
 """
 
+OBJECTIVES: dict[str, tuple[str, str, str]] = {
+    # name in search.objectives: (cost column, its ratio to the unpruned model, axis label)
+    "flops": ("flops", "flops_ratio", "FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)"),
+    "params": ("params", "params_ratio", "parameters ({unit})"),
+    "latency": ("latency_ms", "latency_ratio", "latency per batch (ms, re-timed serially by the driver)"),
+}
+"""The costs a search can trade accuracy against; the front, hypervolume and plot follow the one chosen."""
+
+
+def check_objective(name: object) -> tuple[str, str, str]:
+    """``(cost column, ratio column, axis label)`` of a cost objective, or the house one-line error."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"search.objectives[1] must be one of {', '.join(OBJECTIVES)}, but got {name!r}")
+    return OBJECTIVES[name]
+
+
 TRIAL_COLUMNS: pa.Schema = pa.schema(
     [
         pa.field("trial_id", pa.string(), nullable=False),
@@ -68,10 +87,18 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("flops", pa.int64()),  # FLOPs of one forward pass on one image (2 x MACs)
         pa.field("flops_ratio", pa.float64()),  # flops / unpruned flops
         pa.field("params", pa.int64()),
-        pa.field("latency_ms", pa.float64()),  # per batch, as trainables.metrics.measure_latency
+        pa.field("params_ratio", pa.float64()),  # params / unpruned params
+        # per batch (trainables.metrics.measure_latency): re-timed by the driver after the trials,
+        # one model at a time, nothing else running (search.retime); the trial's own timing is
+        # latency_ms_trial (taken while other trials trained on the same cores)
+        pa.field("latency_ms", pa.float64()),
+        pa.field("latency_ratio", pa.float64()),  # latency_ms / the base's, timed in the same rounds
+        pa.field("latency_ms_trial", pa.float64()),
         pa.field("pareto", pa.bool_(), nullable=False),  # on the front (see mark_pareto)
         pa.field("mlflow_run_id", pa.string()),
         pa.field("wall_s", pa.float64()),  # wall-clock seconds of the trial
+        pa.field("node_id", pa.string()),  # Ray node id of its last result (a retried trial: where it ended)
+        pa.field("node_ip", pa.string()),  # that node's address (Tune's node_ip of the trial process)
         pa.field("config_json", pa.string()),  # the trial's full hyperparameters as JSON
         # finetuned.parquet of a proxy search: the searched trial this row fine-tunes, and its proxy accuracy
         pa.field("proxy_trial_id", pa.string()),
@@ -92,7 +119,7 @@ def _missing(value: Any) -> bool:
 
 
 def pareto_mask(val_acc: Sequence[float], flops: Sequence[float]) -> list[bool]:
-    """Which points are Pareto-optimal when maximizing ``val_acc`` and minimizing ``flops``.
+    """Which points are Pareto-optimal when maximizing ``val_acc`` and minimizing ``flops`` (any cost).
 
     A point is on the front iff no other point is at least as accurate and at most as costly,
     strictly better in one of the two. Exact duplicates do not dominate each other, so to keep the
@@ -117,30 +144,30 @@ def pareto_mask(val_acc: Sequence[float], flops: Sequence[float]) -> list[bool]:
     return mask
 
 
-def _eligible(row: Row) -> bool:
-    return row.get("status") == COMPLETED and not _missing(row.get("val_acc")) and not _missing(row.get("flops"))
+def _eligible(row: Row, cost: str = "flops") -> bool:
+    return row.get("status") == COMPLETED and not _missing(row.get("val_acc")) and not _missing(row.get(cost))
 
 
-def front_rows(rows: list[Row]) -> list[Row]:
-    """Copies of the Pareto-optimal rows, sorted by ``flops`` ascending.
+def front_rows(rows: list[Row], cost: str = "flops") -> list[Row]:
+    """Copies of the Pareto-optimal rows (max ``val_acc``, min ``cost``), sorted by ``cost`` ascending.
 
-    Eligible rows have ``status == "COMPLETED"`` and non-null ``val_acc`` and ``flops``; rows
+    Eligible rows have ``status == "COMPLETED"`` and non-null ``val_acc`` and ``cost``; rows
     stopped early, failed or still running are never on the front. Idempotent: the front of a
     front is itself.
     """
-    eligible = [row for row in rows if _eligible(row)]
-    mask = pareto_mask([r["val_acc"] for r in eligible], [r["flops"] for r in eligible])
+    eligible = [row for row in rows if _eligible(row, cost)]
+    mask = pareto_mask([r["val_acc"] for r in eligible], [r[cost] for r in eligible])
     front = [dict(r) for r, on in zip(eligible, mask, strict=True) if on]
-    return sorted(front, key=lambda r: r["flops"])
+    return sorted(front, key=lambda r: r[cost])
 
 
-def mark_pareto(rows: list[Row]) -> list[Row]:
+def mark_pareto(rows: list[Row], cost: str = "flops") -> list[Row]:
     """New dicts, in input order, with ``"pareto"`` True exactly for the rows of :func:`front_rows`.
 
     The input rows are not modified.
     """
-    eligible_idx = [i for i, row in enumerate(rows) if _eligible(row)]
-    mask = pareto_mask([rows[i]["val_acc"] for i in eligible_idx], [rows[i]["flops"] for i in eligible_idx])
+    eligible_idx = [i for i, row in enumerate(rows) if _eligible(row, cost)]
+    mask = pareto_mask([rows[i]["val_acc"] for i in eligible_idx], [rows[i][cost] for i in eligible_idx])
     on_front = {i for i, on in zip(eligible_idx, mask, strict=True) if on}
     return [{**row, "pareto": i in on_front} for i, row in enumerate(rows)]
 
@@ -237,6 +264,18 @@ def _flops_unit(max_flops: float) -> tuple[float, str]:
     return (1e9, "GFLOPs") if max_flops >= 1e9 else (1e6, "MFLOPs")
 
 
+def _axis(objective: str, largest: float) -> tuple[float, str]:
+    """(divisor, x-axis label) for the cost of ``objective``."""
+    _, _, label = check_objective(objective)
+    if objective == "flops":
+        scale, unit = _flops_unit(largest)
+    elif objective == "params":
+        scale, unit = (1e6, "millions") if largest >= 1e6 else (1e3, "thousands")
+    else:
+        scale, unit = 1.0, "ms"
+    return scale, label.format(unit=unit)
+
+
 def plot_front(
     rows: list[Row],
     path: str | os.PathLike[str],
@@ -244,10 +283,14 @@ def plot_front(
     base_flops: float | None = None,
     base_acc: float | None = None,
     title: str = "",
+    objective: str = "flops",
+    base_cost: float | None = None,
 ) -> None:
-    """Save the accuracy-vs-FLOPs scatter of all trials with the Pareto front as a PNG (dpi 150).
+    """Save the accuracy-vs-cost scatter of all trials with the Pareto front as a PNG (dpi 150).
 
-    Every row with ``val_acc`` and ``flops`` is a point coloured by criterion; trials that did not
+    The cost is ``objective``'s column (:data:`OBJECTIVES`; FLOPs by default, with the unpruned
+    model at ``base_flops``; for another cost the unpruned model sits at ``base_cost``).
+    Every row with ``val_acc`` and that cost is a point coloured by criterion; trials that did not
     complete (stopped early, ...) are hollow. The front (:func:`front_rows`) is ringed and joined by
     a step line: at a given budget, the best accuracy reached at or below it. ``base_flops``/``base_acc`` (fraction)
     draw the unpruned model as a star. The x unit (MFLOPs or GFLOPs) follows the largest value.
@@ -258,8 +301,10 @@ def plot_front(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    points = [r for r in rows if not _missing(r.get("val_acc")) and not _missing(r.get("flops"))]
-    scale, unit = _flops_unit(max([float(r["flops"]) for r in points] + [base_flops or 0.0]))
+    cost = check_objective(objective)[0]
+    base_cost = base_flops if objective == "flops" and base_cost is None else base_cost
+    points = [r for r in rows if not _missing(r.get("val_acc")) and not _missing(r.get(cost))]
+    scale, xlabel = _axis(objective, max([float(r[cost]) for r in points] + [base_cost or 0.0]))
     criteria = sorted({str(r.get("criterion")) for r in points})
     cmap = _colormap(len(criteria))
     colour = {c: cmap(i % cmap.N) for i, c in enumerate(criteria)}
@@ -272,27 +317,27 @@ def plot_front(
             sel = [r for r in points if str(r.get("criterion")) == crit and (r.get("status") == COMPLETED) == done]
             if sel:
                 ax.scatter(
-                    [r["flops"] / scale for r in sel], [100 * r["val_acc"] for r in sel], s=28,
+                    [r[cost] / scale for r in sel], [100 * r["val_acc"] for r in sel], s=28,
                     facecolors=colour[crit] if done else "none", edgecolors=colour[crit], linewidths=1.2,
                     alpha=0.85, zorder=3,
                 )
     handles = [Line2D([], [], ls="", marker="o", color=colour[c], label=c) for c in criteria]
     if any(r.get("status") != COMPLETED for r in points):
         handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="grey", label="not completed"))
-    front = front_rows(points)
+    front = front_rows(points, cost)
     if front:
-        xs, ys = [r["flops"] / scale for r in front], [100 * r["val_acc"] for r in front]
+        xs, ys = [r[cost] / scale for r in front], [100 * r["val_acc"] for r in front]
         ax.step(xs, ys, where="post", color="black", lw=1.3, zorder=2)
         ax.scatter(xs, ys, s=70, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4)
         handles.append(Line2D([], [], color="black", lw=1.3, marker="o", mfc="none", ms=8,
                               label=f"Pareto front ({len(front)})"))
-    if base_flops is not None and base_acc is not None:
-        ax.scatter([base_flops / scale], [100 * base_acc], marker="*", s=220, color="gold",
+    if base_cost is not None and base_acc is not None:
+        ax.scatter([base_cost / scale], [100 * base_acc], marker="*", s=220, color="gold",
                    edgecolors="black", linewidths=0.8, zorder=4)
         handles.append(Line2D([], [], ls="", marker="*", ms=13, mfc="gold", mec="black", label="unpruned base"))
     if not points:
-        ax.text(0.5, 0.5, "no trial with val_acc and FLOPs yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)")
+        ax.text(0.5, 0.5, f"no trial with val_acc and {cost} yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(True, alpha=0.3)
     if title:
@@ -317,8 +362,9 @@ def _table_line(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
 
-def format_front(rows: list[Row]) -> str:
-    """The Pareto-optimal rows of ``rows`` (:func:`front_rows`) as a plain-text table, cheapest first.
+def format_front(rows: list[Row], objective: str = "flops") -> str:
+    """The Pareto-optimal rows of ``rows`` (:func:`front_rows` on ``objective``'s cost) as a
+    plain-text table, cheapest first.
 
     Missing values show as '-'; ``test_acc`` is evaluated only for front trials, so it is present
     here once the search has finished.
@@ -331,11 +377,11 @@ def format_front(rows: list[Row]) -> str:
             _cell(r["flops"], ".2f", 1e-6), _cell(r.get("flops_ratio"), ".3f"), _cell(r["val_acc"], ".2f", 100),
             _cell(r.get("test_acc"), ".2f", 100), _cell(r.get("params"), ".1f", 1e-3), _cell(r.get("latency_ms"), ".2f"),
         ]
-        for r in front_rows(rows)
+        for r in front_rows(rows, check_objective(objective)[0])
     ]
     widths = [max(len(row[j]) for row in [header, *body]) for j in range(len(header))]
     lines = [_table_line(header, widths), "  ".join("-" * w for w in widths)]
     lines += [_table_line(b, widths) for b in body]
     if not body:
-        lines.append("(no completed trial with val_acc and flops)")
+        lines.append(f"(no completed trial with val_acc and {check_objective(objective)[0]})")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from search.pareto import (
+    check_objective,
     format_front,
     front_rows,
     hypervolume,
@@ -84,13 +85,57 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
             "ratios": _ratios(result, session, config), "p": config.get("p"), "q": config.get("q"),
             "lr": config.get("lr"), "val_acc": m.get("val_acc"), "test_acc": None,
             "flops": int(flops) if flops is not None else None, "params": m.get("params"),
-            "latency_ms": m.get("latency_ms"),
+            # the driver's serial re-timing replaces latency_ms (see _retime); this is the trial's own
+            "latency_ms": None, "latency_ms_trial": m.get("latency_ms"),
             "flops_ratio": flops / session.base_flops if flops is not None else None,
+            "params_ratio": m["params"] / session.base_params if m.get("params") and session.base_params else None,
             "mlflow_run_id": tracker_run_ids.get(trial_id), "wall_s": m.get("time_total_s"),
+            "node_id": m.get("node_id"), "node_ip": m.get("node_ip"),  # where its last result came from
             "config_json": json.dumps(config, default=str),
             "_checkpoint": result.checkpoint,
         })
     return rows
+
+
+def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
+    """Latency of every completed trial's model, re-timed by the driver one model at a time
+    (``search.retime``): fills ``latency_ms`` and ``latency_ratio``; returns the summary metrics."""
+    from search._session import retime_rounds
+    from search.retime import retime_models
+    from trainables.models import build_model
+    from trainables.ray_trainable import load_trial_model
+
+    done = [r for r in rows if r["status"] == "COMPLETED" and r["_checkpoint"] is not None]
+    if not cfg.measure.latency or not done:
+        return {}
+    ctx = session.ctx
+    models = {}
+    for row in done:
+        with row["_checkpoint"].as_directory() as d:
+            models[row["trial_id"]], _ = load_trial_model(ctx, d)
+    base = build_model(ctx.model_name, num_classes=ctx.num_classes, **ctx.model_kwargs)
+    base.load_state_dict(ctx.base_state)
+    log(f"re-timing {len(models)} models serially against the base ({retime_rounds(cfg)} interleaved rounds) ...")
+    timed = retime_models(models, base, input_shape=session.splits.input_shape, batch_size=cfg.measure.batch_size,
+                          threads=cfg.measure.threads or cfg.trial_threads, rounds=retime_rounds(cfg),
+                          repeats=cfg.measure.repeats, warmup=cfg.measure.warmup, seed=cfg.search.seed)
+    for row in done:
+        row["latency_ms"], row["latency_ratio"] = timed.latency_ms[row["trial_id"]], timed.latency_ratio[row["trial_id"]]
+    rho = timed.halves_spearman
+    log(f"latency: base {timed.base_ms:.2f} ms per batch of {cfg.measure.batch_size}; rank agreement of two "
+        f"half-timings: {'n/a (< 3 models)' if rho is None else f'Spearman rho {rho:.3f}'}")
+    out = {"base_latency_ms": timed.base_ms}
+    if rho is not None:
+        out["latency_halves_spearman"] = rho
+    return out
+
+
+def _log_latency(rows: list[dict], tracker) -> None:
+    """The driver's timings on each child run, beside the trial's own ``latency_ms``."""
+    for row in rows:
+        if row["mlflow_run_id"] and row.get("latency_ratio") is not None:
+            tracker.client.log_metric(row["mlflow_run_id"], "latency_ms_serial", row["latency_ms"])
+            tracker.client.log_metric(row["mlflow_run_id"], "latency_ratio", row["latency_ratio"])
 
 
 def _evaluate_front(rows: list[dict], session, log) -> None:
@@ -193,33 +238,46 @@ def finish_search(cfg, out: Path, session, results, log=print, finetune=None) ->
             f"(killed before Tune saved them; restorable): {', '.join(orphans)}")
     run_ids = _run_ids(results, tracker)
     tracker.finalize_dangling()
-    rows = mark_pareto(trial_rows(results, session, run_ids))
+    from search._session import objective_of
+
+    objective = objective_of(cfg)
+    cost, cost_ratio, _ = check_objective(objective)
+    rows = trial_rows(results, session, run_ids)
+    latency_summary = _retime(cfg, rows, session, log)
+    _log_latency(rows, tracker)
+    rows = mark_pareto(rows, cost)
     _evaluate_front(rows, session, log)
     for row in rows:
         if row["mlflow_run_id"]:
             tracker.set_pareto(row["trial_id"], row["pareto"])
-    ref = (cfg.search.reference_point.val_acc, cfg.search.reference_point.flops_ratio)
-    front = front_rows(rows)
-    hv = hypervolume([(r["val_acc"], r["flops_ratio"]) for r in front], ref)
+    ref_cfg = cfg.search.reference_point
+    ref = (ref_cfg.val_acc, ref_cfg.get("cost_ratio", ref_cfg.get("flops_ratio", 1.0)))
+    front = front_rows(rows, cost)
+    hv = hypervolume([(r["val_acc"], r[cost_ratio]) for r in front], ref)
     plain = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     write_trials(plain, out / "trials.parquet")
-    plot_front(plain, out / "pareto.png", base_flops=session.base_flops, base_acc=session.base_val_acc,
-               title=f"{cfg.model.name} on {cfg.data.name}: {len(plain)} trials, HV={hv:.4f}")
-    table = format_front(plain)
+    base_cost = {"flops": session.base_flops, "params": session.base_params,
+                 "latency": latency_summary.get("base_latency_ms")}[objective]
+    plot_front(plain, out / "pareto.png", base_acc=session.base_val_acc, objective=objective, base_cost=base_cost,
+               title=f"{cfg.model.name} on {cfg.data.name}: {len(plain)} trials, HV={hv:.4f} (accuracy vs {objective})")
+    table = format_front(plain, objective)
     (out / "pareto.txt").write_text(table + "\n")
     counts = {s: sum(r["status"] == s for r in plain) for s in ("COMPLETED", "STOPPED_EARLY", "FAILED")}
     log("")
     log(table)
     ft_rows, ft_files, ft_metrics = _finetune_best(cfg, out, session, rows, finetune, log) if finetune else ([], [], {})
-    tracker.finish_search({"hypervolume": hv, "n_completed": counts["COMPLETED"], "n_trials": len(plain), **ft_metrics},
+    tracker.client.set_tag(session.parent_run_id, "objectives", f"val_acc,{objective}")
+    tracker.finish_search({"hypervolume": hv, "n_completed": counts["COMPLETED"], "n_trials": len(plain),
+                           **latency_summary, **ft_metrics},
                           [out / "trials.parquet", out / "pareto.png", out / "pareto.txt", out / "config.yaml",
                            *ft_files, *session.artifacts])
     log(f"trials: {counts['COMPLETED']} completed, {counts['STOPPED_EARLY']} stopped early by ASHA, {counts['FAILED']} failed")
-    log(f"hypervolume: {hv:.4f} (reference: val_acc={ref[0]}, FLOPs ratio={ref[1]})")
+    log(f"hypervolume: {hv:.4f} (accuracy vs {objective}; reference: val_acc={ref[0]}, {cost_ratio}={ref[1]})")
     from search._session import mlflow_ui_command
 
     if "proxy_vs_finetuned_spearman" in ft_metrics:
         log(f"proxy vs fine-tuned accuracy, Spearman rho over {len(ft_rows)} trials: {ft_metrics['proxy_vs_finetuned_spearman']:.3f}")
     log(f"MLflow UI:     {mlflow_ui_command(tracker.tracking_uri)}")
+    log(f"then open:     {tracker.ui_url()}")
     log(f"output folder: {out}")
     return {"rows": plain, "hypervolume": hv, "counts": counts, "finetuned": ft_rows}

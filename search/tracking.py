@@ -11,12 +11,18 @@ finalised (their own code never learns that it was stopped); and a resumed searc
 again by the tag ``trial_id`` instead of creating duplicates.
 
 Layout of one search in MLflow:
+    * experiment: declared a model-training experiment (tag ``mlflow.experimentKind``) and given
+      a saved runs-table view, :data:`RUNS_VIEW`, whose columns are what a user compares; open it
+      with the URL of :func:`ui_url` (see that function for why the URL is needed).
     * parent run: the resolved config as params (flattened, dotted keys) and ``config.yaml``;
-      summary metrics and the search's files (``trials.parquet``, ``pareto.png``) at the end.
-    * child run per trial (tag ``mlflow.parentRunId``): the sampled hyperparameters as params,
-      tags ``trial_id``, ``criterion``, ``stopped_early``, ``pareto``; metrics stepped by the
-      protocol's fine-tuning step; for trials on the front, artifacts ``record.json`` and
-      ``model/``.
+      at the end, summary metrics to sort searches by (``hypervolume``, ``best_val_acc``, the
+      best accuracy at each FLOPs ratio of :data:`SUMMARY_FLOPS_RATIOS`, ``n_trials``) and the
+      search's files (``trials.parquet``, ``pareto.png``).
+    * child run per trial (tag ``mlflow.parentRunId``), named by what differs (:func:`run_name`):
+      the sampled hyperparameters as params, tags ``trial_id``, ``criterion``,
+      ``stopped_early``, ``pareto``; metrics stepped by the protocol's fine-tuning step, with
+      ``flops_ratio`` (pruned / unpruned FLOPs) beside the raw ``flops``; for trials on the
+      front, artifacts ``record.json`` and ``model/``.
 
 A pruned model is stored so that a user loads it with one call and no project code::
 
@@ -51,10 +57,15 @@ from mlflow.utils.validation import (
 
 __all__ = [
     "run_name",
+    "ui_url",
     "END_STATUSES",
+    "EXPERIMENT_KIND",
     "FINAL_METRICS",
+    "RUNS_VIEW",
+    "SUMMARY_FLOPS_RATIOS",
     "SearchTracker",
     "default_tracking_uri",
+    "summary_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,10 +73,28 @@ logger = logging.getLogger(__name__)
 END_STATUSES = ("FINISHED", "KILLED", "FAILED")
 """How a trial or a search ends: it completed, it was stopped (early or interrupted), it raised."""
 
-FINAL_METRICS = ("val_acc", "flops", "params", "latency_ms", "wall_s")
-"""Metrics of a finished trial logged by :meth:`SearchTracker.end_trial` (FLOPs = 2 x MACs)."""
+FINAL_METRICS = ("val_acc", "flops", "flops_ratio", "params", "latency_ms", "wall_s")
+"""Metrics of a finished trial logged by :meth:`SearchTracker.end_trial` (FLOPs = 2 x MACs;
+``flops_ratio`` = ``flops`` / ``flops_before``, the unpruned model's FLOPs)."""
+
+SUMMARY_FLOPS_RATIOS = (0.5, 0.25)
+"""FLOPs ratios (pruned / unpruned) at which a finished search logs its best validation
+accuracy, as the parent-run metrics named by :func:`summary_key`."""
+
+EXPERIMENT_KIND = "custom_model_development"
+"""The value of MLflow's experiment tag ``mlflow.experimentKind`` for a model-training
+experiment (MLflow's UI calls it "Machine learning"; the other kind is ``genai_development``)."""
+
+RUNS_VIEW = "trials"
+"""Key of the runs-table view the tracker saves in each experiment (see :func:`ui_url`)."""
+
+_KIND_TAG = "mlflow.experimentKind"
+# The experiment tag under which MLflow's UI keeps a view saved with its "Share" button; the
+# page reads it back when its URL carries ``viewStateShareKey=<key>``.
+_VIEW_TAG = "mlflow.sharedViewState."
 
 _STEP = "step"  # the x-axis of every metric, not a metric itself
+_RATIO, _FLOPS, _FLOPS_BEFORE = "flops_ratio", "flops", "flops_before"
 _TRIAL_TAG = "trial_id"
 _PARENT_TAG = "mlflow.parentRunId"
 
@@ -81,6 +110,24 @@ def default_tracking_uri(output_root: str | Path) -> str:
     if from_env:
         return from_env
     return f"sqlite:///{(Path(output_root).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+def ui_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The address of the experiment's runs table, with the tracker's columns, in MLflow's UI.
+
+    MLflow 3.17's UI does not open an experiment by its ``mlflow.experimentKind`` tag: it
+    follows a per-browser switch ("GenAI" / "Model training", saved in the browser, GenAI by
+    default), so a plain link opens on the GenAI traces overview. ``workflowType`` in the URL
+    sets that switch; ``viewStateShareKey`` loads the view :data:`RUNS_VIEW` (columns and sort).
+    """
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}")
+
+
+def summary_key(flops_ratio: float) -> str:
+    """The parent-run metric holding the best validation accuracy of the search's finished
+    trials at FLOPs ratio <= ``flops_ratio``, e.g. ``best_val_acc_flops_le_0.5``."""
+    return f"best_val_acc_flops_le_{float(flops_ratio):g}"
 
 
 class SearchTracker:
@@ -133,11 +180,14 @@ class SearchTracker:
         metrics: Mapping[str, float],
         artifacts: Sequence[str | Path],
         status: str = "FINISHED",
+        flops_ratios: Sequence[float] = SUMMARY_FLOPS_RATIOS,
     ) -> None:
         """Log the search's summary metrics and files (folders keep their name), then end it.
 
         Child runs still RUNNING are ended first as KILLED (see :meth:`finalize_dangling`), so a
-        finished search never leaves a trial looking alive.
+        finished search never leaves a trial looking alive. The summary is
+        :meth:`search_summary` (at ``flops_ratios``) updated with ``metrics``: a value the caller
+        passes wins over the one read back from the trials.
         """
         _check_status(status)
         parent = self._require_parent()
@@ -149,14 +199,48 @@ class SearchTracker:
         if bad:
             raise ValueError(f"search metrics must be numbers, but got {bad}")
         self.finalize_dangling("KILLED")
+        summary = {**self.search_summary(flops_ratios), **metrics}
         now = _now_ms()
-        self._log_metrics(parent, [Metric(_key(k), float(v), now, 0) for k, v in metrics.items()])
+        self._log_metrics(parent, [Metric(_key(k), float(v), now, 0) for k, v in summary.items()])
         for path in paths:
             if path.is_dir():
                 self.client.log_artifacts(parent, str(path), artifact_path=path.name)
             else:
                 self.client.log_artifact(parent, str(path))
         self.client.set_terminated(parent, status)
+
+    def search_summary(self, flops_ratios: Sequence[float] = SUMMARY_FLOPS_RATIOS) -> dict[str, float]:
+        """What a user sorts searches by, from the search's trial runs as MLflow holds them.
+
+        ``n_trials``: trial runs (deleted orphans and full-fidelity re-runs of front trials left
+        out); ``best_val_acc``: the best ``val_acc`` of a finished trial (trials stopped early
+        report an unfinished fine-tuning, so they never count); ``summary_key(r)``: the same at
+        ``flops_ratio <= r``, left out where no finished trial is that small.
+        """
+        bad = [r for r in flops_ratios if not (_is_number(r) and 0 < r <= 1)]
+        if bad:
+            raise ValueError(f"flops_ratios must be numbers in (0, 1], but got {bad}")
+        parent = self._require_parent()
+        trials = [r for r in self._search(f"tags.`{_PARENT_TAG}` = '{parent}' AND tags.role = 'trial'")
+                  if r.data.tags.get("fidelity") != "full"]
+        points = []  # (val_acc, flops_ratio or None) of each finished trial
+        for run in trials:
+            m = run.data.metrics
+            if run.info.status == "FINISHED" and _finite(m.get("val_acc")):
+                ratio = m.get(_RATIO, _flops_ratio(m))
+                points.append((m["val_acc"], ratio if _finite(ratio) else None))
+        summary: dict[str, float] = {"n_trials": float(len(trials))}
+        if points:
+            summary["best_val_acc"] = max(acc for acc, _ in points)
+        for target in flops_ratios:
+            small = [acc for acc, ratio in points if ratio is not None and ratio <= target]
+            if small:
+                summary[summary_key(target)] = max(small)
+        return summary
+
+    def ui_url(self, server: str = "http://127.0.0.1:5000") -> str:
+        """This experiment's runs table in MLflow's UI at ``server`` (see :func:`ui_url`)."""
+        return ui_url(self.experiment_id, server)
 
     def finalize_dangling(self, status: str = "KILLED") -> int:
         """End every child run of the search that is still RUNNING; return how many there were.
@@ -252,7 +336,10 @@ class SearchTracker:
         run_id = self._require_run(trial_id)
         now = _now_ms()
         metrics = []
-        for key, value in _numeric_items(result):
+        # val_acc first: MLflow's run page lists a run's metrics, and its comparison view picks its
+        # default metric, in the order they were first logged.
+        items = sorted(_numeric_items(_with_flops_ratio(result)), key=lambda item: item[0] != "val_acc")
+        for key, value in items:
             last = self._last_point(run_id, key)
             if last is None or step > last[0]:
                 metrics.append(Metric(key, value, now, step))
@@ -261,7 +348,8 @@ class SearchTracker:
     def end_trial(self, trial_id: str, status: str, final: Mapping[str, Any] | None = None) -> None:
         """End the trial's run with ``status`` (one of :data:`END_STATUSES`).
 
-        ``final`` (the trial's last result) values of :data:`FINAL_METRICS` become the run's
+        ``final`` (the trial's last result) values of :data:`FINAL_METRICS` (``flops_ratio``
+        derived from ``flops`` and ``flops_before`` when absent) become the run's
         latest values: MLflow shows the value at the highest step, so a final value that differs
         from the last point of its curve (``val_acc`` on the whole validation set after a curve
         on a subset) goes one step after it, and one equal to it is not logged again. Tag
@@ -330,18 +418,35 @@ class SearchTracker:
         if experiment is None:
             location = _artifact_location(self.tracking_uri)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                self.client.create_experiment(name, artifact_location=location)
             except MlflowException:
                 # Another process created it between our lookup and our create.
-                experiment = self.client.get_experiment_by_name(name)
-                if experiment is None:
+                if self.client.get_experiment_by_name(name) is None:
                     raise
+            experiment = self.client.get_experiment_by_name(name)
         if experiment.lifecycle_stage != "active":
             raise ValueError(
                 f"experiment '{name}' is deleted in {self.tracking_uri}; restore it "
                 "(mlflow experiments restore) or choose another experiment name"
             )
+        self._declare_experiment(experiment)
         return experiment.experiment_id
+
+    def _declare_experiment(self, experiment) -> None:
+        """Tag the experiment a model-training one (unless a user chose a kind already) and save
+        the runs view :data:`RUNS_VIEW`; only what is missing or out of date is written."""
+        tags, wanted = experiment.tags, {}
+        if not tags.get(_KIND_TAG):
+            wanted[_KIND_TAG] = EXPERIMENT_KIND
+        view = json.dumps(_runs_view(), separators=(",", ":"))
+        if tags.get(_VIEW_TAG + RUNS_VIEW) != view:
+            wanted[_VIEW_TAG + RUNS_VIEW] = view
+        try:
+            for key, value in wanted.items():
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        except MlflowException as error:  # e.g. a shared server that lets this user log runs only
+            logger.warning("could not tag experiment %s for MLflow's UI (%s); its runs are logged "
+                           "all the same", experiment.name, error)
 
     def _require_parent(self) -> str:
         if self.parent_run_id is None:
@@ -401,6 +506,7 @@ class SearchTracker:
         return self._last[(run_id, key)]
 
     def _log_final(self, run_id: str, final: Mapping[str, Any]) -> None:
+        final = _with_flops_ratio(final)
         now = _now_ms()
         metrics = []
         for key in FINAL_METRICS:
@@ -454,6 +560,34 @@ def run_name(trial_id: str, config: Mapping[str, Any]) -> str:
     return " · ".join([*parts, trial_id])
 
 
+# Columns of the runs view, in order: a trial's outcome, what was searched, then the parent run's
+# summary (empty on trial rows, and trial columns empty on parent rows; a user sorts by either).
+_VIEW_METRICS = ("val_acc", _RATIO, _FLOPS, "latency_ms")
+_VIEW_PARAMS = ("criterion", "schedule", "ratio", "p", "q", "lr")
+_VIEW_TAGS = ("pareto",)
+_VIEW_SUMMARY = ("hypervolume", "best_val_acc", *(summary_key(r) for r in SUMMARY_FLOPS_RATIOS), "n_trials")
+
+
+def _runs_view() -> dict[str, Any]:
+    """The runs-table state MLflow's UI saves with its "Share" button (keys as MLflow 3.17's UI
+    writes them: ``selectedColumns`` as ``<group>.`<name>```, ``columnOrder``, ``columnWidths``,
+    the sort); keys it does not know are ignored by the UI, missing ones take its defaults."""
+    def col(group: str, name: str) -> str:
+        return f"{group}.`{name}`"
+
+    columns = [*(col("metrics", k) for k in _VIEW_METRICS), *(col("params", k) for k in _VIEW_PARAMS),
+               *(col("tags", k) for k in _VIEW_TAGS), *(col("metrics", k) for k in _VIEW_SUMMARY)]
+    name = col("attributes", "Run Name")
+    return {
+        "searchFilter": "", "orderByKey": col("metrics", "val_acc"), "orderByAsc": False,
+        "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": columns, "columnOrder": [name, *columns],
+        # Room for a run_name ("apoz · per_layer mean 0.52 · p0.047 q0.26 · 5f728_00002") and the
+        # summary's longer names.
+        "columnWidths": {name: 380, **{col("metrics", k): 220 for k in _VIEW_SUMMARY if "_flops_le_" in k}},
+    }
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):].split("?")[0])
@@ -474,6 +608,24 @@ def _check_trial_id(trial_id: str) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _flops_ratio(values: Mapping[str, Any]) -> float | None:
+    flops, before = values.get(_FLOPS), values.get(_FLOPS_BEFORE)
+    if _finite(flops) and _finite(before) and before > 0:
+        return float(flops) / float(before)
+    return None
+
+
+def _with_flops_ratio(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``result`` plus ``flops_ratio`` when it carries ``flops`` and ``flops_before`` (a trial's
+    final result does; curve points do not) and no ratio of its own; the caller's dict is kept."""
+    ratio = None if _RATIO in result else _flops_ratio(result)
+    return result if ratio is None else {**result, _RATIO: ratio}
 
 
 def _same(a: float, b: float) -> bool:

@@ -166,17 +166,47 @@ def _idle_problems(config: dict[str, Any]) -> list[str]:
 
 
 def _setup_problems(config: dict[str, Any]) -> list[str]:
+    # Every node clones; the head installs with the pins (the workers copy the head: _lock_problems).
     commands = _commands(config, "setup_commands")
-    clone = [i for i, c in enumerate(commands) if "git clone" in c]
-    install = [i for i, c in enumerate(commands) if "pip install -c constraints.txt -e ." in c]
-    if not (clone and install and clone[0] < install[0]):
-        return [f"clone, then install: {commands}"]
+    clone = [c for c in commands if "git clone" in c]
+    install = [c for c in _commands(config, "head_setup_commands") if "pip install -c constraints.txt -e ." in c]
+    if len(clone) != 1 or len(install) != 1:
+        return [f"one clone in setup_commands and one pinned install on the head, got {clone} and {install}"]
     problems = []
-    if "cd ~/prunesearch" not in commands[install[0]]:
-        problems.append(f"install from the clone: {commands[install[0]]}")
-    if "$PRUNESEARCH_REPO" not in commands[clone[0]] and "${PRUNESEARCH_REPO" not in commands[clone[0]]:
-        problems.append(f"clone $PRUNESEARCH_REPO: {commands[clone[0]]}")
+    if "cd ~/prunesearch" not in install[0]:
+        problems.append(f"install from the clone: {install[0]}")
+    if "$PRUNESEARCH_REPO" not in clone[0] and "${PRUNESEARCH_REPO" not in clone[0]:
+        problems.append(f"clone $PRUNESEARCH_REPO: {clone[0]}")
     return problems
+
+
+LOCK = '"$PRUNESEARCH_STORAGE/cluster/head.lock"'
+
+
+def _index(commands: list[str], *needles: str) -> int | None:
+    return next((i for i, c in enumerate(commands) if all(n in c for n in needles)), None)
+
+
+def _lock_problems(config: dict[str, Any]) -> list[str]:
+    """The head checks its packages against constraints.txt and publishes its commit and
+    `pip freeze` on shared storage after installing; each worker installs exactly that and
+    compares its own `pip freeze` with it after installing."""
+    head, worker = _commands(config, "head_setup_commands"), _commands(config, "worker_setup_commands")
+    steps = {
+        "head install": _index(head, "pip install -c constraints.txt -e ."),
+        "head check": _index(head, "pip freeze --exclude-editable", "comm -13", "constraints.txt"),
+        "head publish": _index(head, "rev-parse HEAD", "installed.txt", LOCK),
+        "worker fetch": _index(worker, LOCK, "prunesearch_head.lock"),
+        "worker install": _index(worker, 'checkout -q --detach "$(head -n 1 ~/prunesearch_head.lock)"',
+                                 "pip install -r <(tail -n +2 ~/prunesearch_head.lock)", "pip install --no-deps -e ."),
+        "worker compare": _index(worker, "pip freeze --exclude-editable", "diff <(tail -n +2 ~/prunesearch_head.lock)"),
+    }
+    missing = [k for k, v in steps.items() if v is None]
+    if missing:
+        return [f"lock steps missing: {missing}"]
+    order = [("head install", "head check"), ("head check", "head publish"),
+             ("worker fetch", "worker install"), ("worker install", "worker compare")]
+    return [f"{a} must come before {b}" for a, b in order if steps[a] > steps[b]]
 
 
 def _settings_problems(config: dict[str, Any]) -> list[str]:
@@ -271,6 +301,7 @@ CHECKS = {
     "idle": _idle_problems,
     "setup": _setup_problems,
     "settings": _settings_problems,
+    "lock": _lock_problems,
 }
 
 
@@ -310,6 +341,10 @@ def test_settings_are_set_in_one_place(config: dict[str, Any]) -> None:
     assert _settings_problems(config) == []
 
 
+def test_workers_reproduce_the_heads_packages(config: dict[str, Any]) -> None:
+    assert _lock_problems(config) == []
+
+
 def _edit_commands(key: str, old: str, new: str):
     def mutate(config: dict[str, Any]) -> None:
         config[key] = [c.replace(old, new) for c in config[key]]
@@ -318,11 +353,28 @@ def _edit_commands(key: str, old: str, new: str):
     return mutate
 
 
-def _swap_clone_and_install(config: dict[str, Any]) -> None:
-    commands = config["setup_commands"]
-    clone = next(i for i, c in enumerate(commands) if "git clone" in c)
-    install = next(i for i, c in enumerate(commands) if "pip install -c constraints.txt" in c)
-    commands[clone], commands[install] = commands[install], commands[clone]
+def _install_outside_the_clone(config: dict[str, Any]) -> None:
+    config["head_setup_commands"] = [c.replace("cd ~/prunesearch && pip install -c", "pip install -c")
+                                     for c in config["head_setup_commands"]]
+
+
+def _drop(key: str, needle: str):
+    def mutate(config: dict[str, Any]) -> None:
+        config[key] = [c for c in config[key] if needle not in c]
+
+    mutate.__name__ = f"{key}:drop {needle}"
+    return mutate
+
+
+def _swap(key: str, first: str, second: str):
+    def mutate(config: dict[str, Any]) -> None:
+        commands = config[key]
+        i = next(i for i, c in enumerate(commands) if first in c)
+        j = next(i for i, c in enumerate(commands) if second in c)
+        commands[i], commands[j] = commands[j], commands[i]
+
+    mutate.__name__ = f"{key}:swap {first}<->{second}"
+    return mutate
 
 
 def _open_the_dashboard(config: dict[str, Any]) -> None:
@@ -355,10 +407,16 @@ BROKEN_PROMISES = [
     ("image", _second_image),
     ("idle", _set("provider/cache_stopped_nodes", True)),
     ("idle", _set("idle_timeout_minutes", 0)),
-    ("setup", _swap_clone_and_install),
+    ("setup", _install_outside_the_clone),
     ("setup", _edit_commands("setup_commands", "${PRUNESEARCH_REPO:?", "${OTHER_REPO:?")),
     ("settings", _unguarded_mount),
     ("settings", _second_repo_setter),
+    ("lock", _drop("worker_setup_commands", "diff <(")),
+    ("lock", _edit_commands("worker_setup_commands", "pip install -r <(tail -n +2 ~/prunesearch_head.lock)",
+                            "pip install -c constraints.txt -e .")),
+    ("lock", _edit_commands("head_setup_commands", "/cluster/head.lock", "/cluster/lock.txt")),
+    ("lock", _swap("head_setup_commands", "comm -13", "rev-parse HEAD")),
+    ("lock", _swap("worker_setup_commands", "diff <(", "pip install -r")),
 ]
 
 
@@ -392,3 +450,52 @@ def test_every_command_is_valid_bash(config: dict[str, Any]) -> None:
     # ... and bash -n does refuse a broken one (an unclosed quote).
     broken = subprocess.run(["bash", "-n", "-c", "(echo 'oops)"], capture_output=True, text=True, check=False)
     assert broken.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None, reason="needs bash and git")
+def test_lock_commands_round_trip_on_this_machine(config: dict[str, Any], tmp_path: Path) -> None:
+    # The head's check and publish and the worker's fetch and compare, run for real (pyarrow,
+    # git, bash) with a stand-in `pip` whose `freeze` prints a fixed package list (the installs
+    # are not run): a worker with the head's packages passes, one whose packages differ is
+    # refused, and so is a head with a package constraints.txt does not pin.
+    import sys
+
+    home, storage, bin_dir = tmp_path / "home", tmp_path / "shared", tmp_path / "bin"
+    repo = home / "prunesearch"
+    repo.mkdir(parents=True)
+    bin_dir.mkdir()
+    freeze = ["Jinja2==3.1.6", "numpy==2.4.1", "ray==2.60.0", "torch==2.14.1"]
+    installed = tmp_path / "installed.txt"
+    installed.write_text("\n".join(freeze) + "\n")
+    (bin_dir / "pip").write_text(f'#!/bin/bash\n[ "$*" = "freeze --exclude-editable" ] && cat {installed}\n')
+    (bin_dir / "pip").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (repo / "constraints.txt").write_text("\n".join(["attrs==26.1.0", *freeze]) + "\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "constraints.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "pins"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "PRUNESEARCH_STORAGE": str(storage)}
+
+    def run(key: str, needle: str) -> subprocess.CompletedProcess:
+        [command] = [c for c in config[key] if needle in c]
+        return subprocess.run(["bash", "-c", command], env=env, cwd=home, capture_output=True, text=True, check=False)
+
+    assert run("head_setup_commands", "comm -13").returncode == 0
+    assert run("head_setup_commands", "rev-parse HEAD").returncode == 0
+    lock = (storage / "cluster" / "head.lock").read_text().splitlines()
+    assert lock[0] == commit and sorted(lock[1:]) == sorted(freeze)
+    (home / "prunesearch_head.lock").unlink()  # the worker's copy must come from the storage
+    assert run("worker_setup_commands", "copy_files").returncode == 0
+    assert (home / "prunesearch_head.lock").read_text().splitlines() == lock
+    compared = run("worker_setup_commands", "diff <(")
+    assert compared.returncode == 0, compared.stderr
+    # The worker got another numpy than the head: refused, naming both.
+    installed.write_text("\n".join(f.replace("numpy==2.4.1", "numpy==2.3.0") for f in freeze) + "\n")
+    refused = run("worker_setup_commands", "diff <(")
+    assert refused.returncode != 0 and "< numpy==2.4.1" in refused.stdout and "> numpy==2.3.0" in refused.stdout
+    assert "packages differ from the head's" in refused.stderr
+    # A head package that constraints.txt does not pin at that version: the head stops, naming it.
+    unpinned = run("head_setup_commands", "comm -13")
+    assert unpinned.returncode != 0 and "numpy==2.3.0" in unpinned.stdout and "not pinned" in unpinned.stderr

@@ -227,7 +227,8 @@ def full_row(**overrides) -> dict:
         "trial_id": "t0", "status": "COMPLETED", "criterion": "fpgm", "schedule": "differential",
         "method": "layer_by_layer", "ratios": [0.1, 0.25, 0.5], "p": 0.2, "q": 1.0, "lr": 0.01,
         "val_acc": 0.91, "test_acc": 0.9, "flops": 12_345_678, "flops_ratio": 0.42, "params": 54_321,
-        "latency_ms": 1.5, "pareto": True, "mlflow_run_id": "abc123", "wall_s": 12.5,
+        "params_ratio": 0.3, "latency_ms": 1.5, "latency_ratio": 0.6, "latency_ms_trial": 2.5, "pareto": True, "mlflow_run_id": "abc123", "wall_s": 12.5,
+        "node_id": "9f2c", "node_ip": "10.0.0.7",
         "config_json": json.dumps({"criterion": "fpgm", "ratio_low": 0.1}),
         "proxy_trial_id": "p7", "proxy_val_acc": 0.85,
     }

@@ -14,7 +14,7 @@ import ray
 from conftest import child_runs
 
 from search.launch import main
-from search.pareto import read_trials
+from search.pareto import mark_pareto, read_trials
 from search.tracking import SearchTracker
 from trainables import build_model, describe_units
 
@@ -34,7 +34,9 @@ def _args(root: Path, tmp: Path, name: str, n: int, *extra: str) -> list[str]:
 
 
 def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_path, capsys, ray_session):
-    assert main(_args(tiny_fmnist, tmp_path, "s4", 4, "search.scheduler=asha", "search.asha.grace_period=3")) == 0
+    # ASHA rungs at 3, 9, ... optimiser steps; the front on accuracy vs the driver's serial latency.
+    assert main(_args(tiny_fmnist, tmp_path, "s4", 4, "search.scheduler=asha", "search.asha.grace_period=3",
+                      "search.objectives=[val_acc,latency]", "search.retime.rounds=2")) == 0
     out = tmp_path / "out" / "s4"
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1] == str(out)
@@ -48,6 +50,15 @@ def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_p
         assert r["pareto"] is False or r["status"] == "COMPLETED"  # stopped trials never on the front
         assert (r["test_acc"] is not None) == r["pareto"]  # the test split only for the front
     assert any(r["pareto"] for r in rows)
+    completed = [r for r in rows if r["status"] == "COMPLETED"]
+    for r in rows:  # every completed trial re-timed by the driver; the trial's own timing kept beside it
+        assert (r["latency_ms"] is not None and r["latency_ratio"] > 0) == (r["status"] == "COMPLETED")
+        assert r["latency_ms_trial"] is not None or r["status"] != "COMPLETED"
+    assert [r["pareto"] for r in mark_pareto(rows, "latency_ms")] == [r["pareto"] for r in rows]
+    assert f"re-timing {len(completed)} models serially" in printed
+    parent = SearchTracker(json.loads((out / "launch_state.json").read_text())["tracking_uri"], "prunesearch")
+    summary = parent.client.get_run(json.loads((out / "launch_state.json").read_text())["parent_run_id"])
+    assert summary.data.tags["objectives"] == "val_acc,latency" and summary.data.metrics["base_latency_ms"] > 0
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = child_runs(out, "prunesearch")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)

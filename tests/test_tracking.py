@@ -1,6 +1,8 @@
 """MLflow tracking: one run per trial however often it is asked for, no metric step twice after a
-resume, every run ended, and a pruned model a user loads with one call; then a real tiny Tune run
-whose trainable reports what ``trainables.ray_trainable`` reports."""
+resume, every run ended, a FLOPs ratio beside the FLOPs, a search summary to sort searches by, an
+experiment declared for training with a saved runs view, and a pruned model a user loads with one
+call; then a real tiny Tune run whose trainable reports what ``trainables.ray_trainable`` reports.
+What the browser shows of all this is checked in tests/test_mlflow_ui.py."""
 
 from __future__ import annotations
 
@@ -18,7 +20,14 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from search.tracking import SearchTracker, default_tracking_uri
+from search.tracking import (
+    EXPERIMENT_KIND,
+    RUNS_VIEW,
+    SearchTracker,
+    default_tracking_uri,
+    summary_key,
+    ui_url,
+)
 from search.tune_callback import MLflowTuneCallback
 
 PARENT = "mlflow.parentRunId"
@@ -163,6 +172,9 @@ def test_end_trial_statuses_and_tags(tracker):
     # MLflow's latest value of each final metric is the final one.
     assert {k: done.data.metrics[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")} == (
         pytest.approx({k: final[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")}))
+    assert done.data.metrics["flops_ratio"] == pytest.approx(5e6 / 8e6)  # pruned / unpruned FLOPs
+    assert steps(client, done.info.run_id, "flops_ratio") == [10]
+    assert "flops_ratio" not in runs["stopped"].data.metrics  # curve points carry no flops_before
     assert steps(client, done.info.run_id, "val_acc") == [10, 11]  # differs from the curve: one step on
     assert steps(client, done.info.run_id, "flops") == [10]  # equal final value: not again
     assert steps(client, done.info.run_id, "params") == [10]  # logged with the last result, not again
@@ -203,6 +215,8 @@ def test_finalize_dangling_and_finish_search(tracker, tmp_path):
     tracker.finish_search({"hypervolume": 0.42}, [tmp_path / "trials.parquet"])
     parent = tracker.client.get_run(tracker.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["hypervolume"] == 0.42
+    # c finished without metrics: counted as a trial, but there is no best accuracy to report.
+    assert parent.data.metrics == {"hypervolume": 0.42, "n_trials": 3.0}
     assert [f.path for f in tracker.client.list_artifacts(tracker.parent_run_id)] == [
         "config.yaml", "trials.parquet"]
     assert "RUNNING" not in {r.info.status for r in children(tracker.client, tracker).values()}
@@ -297,7 +311,9 @@ def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, ray_session):
     assert steps(client, failed.info.run_id, "val_acc") == [0, 10]
     assert (done.data.metrics["latency_ms"], done.data.metrics["flops_before"]) == (1.5, 8e6)
     # Only the trial's own numbers: no Tune bookkeeping, no step, no flags or strings.
-    assert set(done.data.metrics) == {"val_acc", "epoch", "flops", "params", "latency_ms", "flops_before", "wall_s"}
+    assert set(done.data.metrics) == {"val_acc", "epoch", "flops", "flops_ratio", "params", "latency_ms",
+                                      "flops_before", "wall_s"}
+    assert done.data.metrics["flops_ratio"] == pytest.approx(5e6 / 8e6)
     assert done.data.params["ratio_1"] == "0.5" and done.data.tags["criterion"] == "l1"
     assert client.list_artifacts(done.info.run_id) == []
     assert [f.path for f in client.list_artifacts(failed.info.run_id)] == ["error.txt"]
@@ -375,3 +391,64 @@ def test_child_runs_are_named_by_what_differs(tracker):
     tracker.trial_run("t9", {"criterion": "l1", "schedule": "uniform", "ratio": 0.25})
     run = children(tracker.client, tracker)["t9"]
     assert run.info.run_name == "l1 · uniform 0.25 · t9"
+
+
+def _finished_trial(t: SearchTracker, trial_id: str, val_acc: float, flops: float, status: str = "FINISHED",
+                    **tags: str) -> None:
+    """A trial run as the Tune callback leaves it: the curve, then the final result (with the
+    unpruned model's FLOPs, 8e6, as ``flops_before``), then ended with ``status``."""
+    t.trial_run(trial_id, CONFIG, tags)
+    t.log_result(trial_id, curve_point(5, val_acc - 0.1))
+    final = {**final_result(10, val_acc), "flops": flops}
+    if status == "FINISHED":
+        t.log_result(trial_id, final)
+    t.end_trial(trial_id, status, final=final if status == "FINISHED" else None)
+
+
+def test_search_summary_sorts_searches(tracker, tmp_path):
+    """The parent run carries the best accuracy overall and at each FLOPs-ratio target, from
+    finished trials only, and the caller's own summary values win."""
+    for trial_id, acc, flops in (("big", 0.95, 6e6), ("half", 0.90, 4e6), ("third", 0.85, 2.6e6),
+                                 ("quarter", 0.80, 2e6), ("tiny", 0.60, 1e6)):
+        _finished_trial(tracker, trial_id, acc, flops)
+    _finished_trial(tracker, "stopped", 0.99, 1e6, status="KILLED")  # ASHA: unfinished, never counts
+    _finished_trial(tracker, "failed", 0.99, 1e6, status="FAILED")
+    _finished_trial(tracker, "refit", 0.99, 1e6, fidelity="full")  # a front trial re-run at full fidelity
+    _finished_trial(tracker, "orphan", 0.99, 1e6)
+    tracker.drop_orphans(["big", "half", "third", "quarter", "tiny", "stopped", "failed", "refit"])
+    summary = tracker.search_summary((0.5, 0.25, 0.1))
+    assert summary == pytest.approx({"n_trials": 7, "best_val_acc": 0.95, "best_val_acc_flops_le_0.5": 0.90,
+                                     "best_val_acc_flops_le_0.25": 0.80})  # nothing at <= 0.1: left out
+    assert summary_key(0.5) == "best_val_acc_flops_le_0.5" and summary_key(0.25) == "best_val_acc_flops_le_0.25"
+    with pytest.raises(ValueError, match=r"flops_ratios must be numbers in \(0, 1\], but got \[0\]"):
+        tracker.search_summary((0.5, 0))
+    tracker.finish_search({"hypervolume": 0.5, "n_trials": 8}, [], flops_ratios=(0.5, 0.125))
+    metrics = tracker.client.get_run(tracker.parent_run_id).data.metrics
+    assert metrics == pytest.approx({"hypervolume": 0.5, "n_trials": 8, "best_val_acc": 0.95,
+                                     "best_val_acc_flops_le_0.5": 0.90, "best_val_acc_flops_le_0.125": 0.60})
+
+
+def test_experiment_is_declared_for_training_with_a_runs_view(store, tracker):
+    """MLflow's UI reads the kind tag and the saved view; the view's columns are what a user
+    compares, and the link opens the runs table with that view (checked in a browser in
+    tests/test_mlflow_ui.py)."""
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == EXPERIMENT_KIND == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
+    columns = view["selectedColumns"]
+    for column in ("metrics.`val_acc`", "metrics.`flops_ratio`", "params.`criterion`", "params.`lr`",
+                   "tags.`pareto`", "metrics.`hypervolume`", "metrics.`best_val_acc_flops_le_0.5`"):
+        assert column in columns
+    assert view["columnOrder"][1:] == columns and view["orderByKey"] == "metrics.`val_acc`"
+    assert ui_url(tracker.experiment_id, "http://h:1/") == tracker.ui_url("http://h:1") == (
+        f"http://h:1/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={RUNS_VIEW}")
+    # A kind a user chose is kept; an out-of-date view is rewritten; nothing else is touched.
+    client = tracker.client
+    client.set_experiment_tag(tracker.experiment_id, "mlflow.experimentKind", "finetuning")
+    client.set_experiment_tag(tracker.experiment_id, f"mlflow.sharedViewState.{RUNS_VIEW}", "{}")
+    client.set_experiment_tag(tracker.experiment_id, "mlflow.sharedViewState.mine", "{}")
+    SearchTracker(store, experiment.name)
+    tags = client.get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "finetuning" and tags["mlflow.sharedViewState.mine"] == "{}"
+    assert json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW}"]) == view

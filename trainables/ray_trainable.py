@@ -9,16 +9,19 @@ launched in one of two ways from the Tune function trainable ``trial_fn``:
 - the fast path (one CPU worker): the very same function runs inside the trial process and
   reports through ``tune.report``; ~1-3 s of overhead per trial.
 
-Checkpoints are written at the end of every protocol stage (one per pruned unit, then the
-final fine-tuning): the pruned model's weights, the protocol state and the record so far.
+Checkpoints are written at the end of a protocol stage (one per pruned unit, then the final
+fine-tuning) when ``checkpoint_every_s`` have passed since the last one, and always at the end:
+the pruned model's weights, the protocol state and the record so far.
 A restarted trial rebuilds the pruned model from the base weights and the prune log, and
 continues after the last finished stage.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,9 +33,9 @@ from trainables.models import build_model
 from trainables.protocol import run_protocol
 
 __all__ = [
-    "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
+    "RECOVERY_PHASES", "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
     "trial_fn",
-    "uses_fast_path",
+    "last_recovery_acc", "uses_fast_path", "with_recovery_acc",
 ]
 
 _STATE_FILE = "state.pt"
@@ -59,6 +62,11 @@ class TrialContext:
     path: str = "auto"  # auto | fast | torch_trainer (auto: TorchTrainer only for GPUs or several workers)
     evaluate_test: bool = False  # read the test split at the end of each trial: a study, never a search
     pretrain: dict | None = None  # the base model's PretrainConfig fields: prune.method=scratch trains with them
+    reuse_data: bool = True  # keep the loaded data in the worker for its next trial (False: load per trial)
+    # a stage's checkpoint is written only if this many seconds passed since the last one (the
+    # final one always is); 0: after every stage. A restored trial redoes what was not saved.
+    checkpoint_every_s: float = 0.0
+    cost_metric: str = "flops"  # the searched cost (flops | params | latency_ms): every result carries it as `cost`
 
 
 def uses_fast_path(ctx: TrialContext) -> bool:
@@ -116,6 +124,27 @@ def read_trial_record(checkpoint) -> dict | None:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+# Curve phases measured after fine-tuning (not right after a cut), plus the unpruned start: the
+# only points an early-stopping scheduler may compare, at equal optimiser-step counts.
+RECOVERY_PHASES = frozenset({"base", "recovery", "final_finetune", "final", "control", "scratch", "init"})
+
+
+def last_recovery_acc(curve: list[dict]) -> float | None:
+    """The accuracy of the latest curve point in ``RECOVERY_PHASES`` (None: there is none)."""
+    return next((p["val_acc"] for p in reversed(curve) if p.get("phase") in RECOVERY_PHASES), None)
+
+
+def with_recovery_acc(metrics: dict, carried: float | None = None) -> dict:
+    """``metrics`` plus ``recovery_acc``: its ``val_acc`` if the point was measured after
+    fine-tuning, else ``carried`` (the latest such accuracy). ASHA (``search.scheduler=asha``)
+    ranks trials on it at rungs of ``step``, so a damage point, taken right after a cut, never
+    meets a recovered one at a rung. Every result carries the key because Tune requires a
+    scheduler's metric in each result."""
+    if metrics.get("phase") in RECOVERY_PHASES and metrics.get("val_acc") is not None:
+        return {**metrics, "recovery_acc": metrics["val_acc"]}
+    return metrics if carried is None else {**metrics, "recovery_acc": carried}
+
+
 class _Reporter:
     """Adapts the protocol's ``report``/``checkpoint`` callbacks to Tune or Train reports.
 
@@ -124,14 +153,25 @@ class _Reporter:
     so every evaluation is exactly one Tune result.
     """
 
-    def __init__(self, report_fn, checkpoint_cls, write_checkpoints: bool):
+    def __init__(self, report_fn, checkpoint_cls, write_checkpoints: bool, recovery_acc: float | None = None,
+                 every_s: float = 0.0, cost_metric: str = "flops"):
         self.report_fn, self.checkpoint_cls, self.write = report_fn, checkpoint_cls, write_checkpoints
+        self.every_s, self.last_write = every_s, time.monotonic()
         self.pending: dict | None = None
         self.last_state: dict = {}
+        self.recovery_acc = recovery_acc  # carried forward between recovery points (see with_recovery_acc)
+        self.checkpoint_s, self.n_checkpoints = 0.0, 0  # what writing checkpoints cost this trial
+        # Tune wants a searcher's metrics in every result, but params and latency are measured only
+        # at the end: `cost` carries the latest value (NaN before the first). Optuna hears only a
+        # finished trial's (search.searcher), whose last result has the final value.
+        self.cost_metric, self.cost = cost_metric, float("nan")
 
     def report(self, metrics: dict) -> None:
         self.flush()
-        self.pending = {k: v for k, v in metrics.items() if v is not None}
+        self.pending = with_recovery_acc({k: v for k, v in metrics.items() if v is not None}, self.recovery_acc)
+        self.recovery_acc = self.pending.get("recovery_acc", self.recovery_acc)
+        self.cost = self.pending.get(self.cost_metric, self.cost)
+        self.pending["cost"] = self.cost
 
     def checkpoint(self, state: dict, record: dict | None = None) -> None:
         metrics, self.pending = self.pending or {}, None
@@ -140,14 +180,20 @@ class _Reporter:
             # A stage that evaluated nothing (the final stage with q=0): no result to attach the
             # checkpoint to; a trial restored before the next one just redoes that empty stage.
             return
-        if not self.write:  # non-zero DDP ranks report metrics only
+        final = record is not None
+        if not self.write or (not final and time.monotonic() - self.last_write < self.every_s):
+            # non-zero DDP ranks report metrics only; so does a stage too soon after the last save
             self.report_fn(metrics)
             return
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / _STATE_FILE)
             if record is not None:
                 (Path(tmp) / _RECORD_FILE).write_text(json.dumps(record))
             self.report_fn(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
+        self.checkpoint_s += time.perf_counter() - t0
+        self.n_checkpoints += 1
+        self.last_write = time.monotonic()
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -172,11 +218,14 @@ def train_loop_per_worker(config: dict) -> dict:
 
         rank, world = 0, 1
         checkpoint_cls = api.Checkpoint
-    from data import get_data
-
     # A study cell may set its own fine-tuning data fraction and seed (scoring, fine-tuning, `random`).
-    splits = get_data(**{**ctx.data_args, **({"fraction": trial["fraction"]} if "fraction" in trial else {})})
+    t0 = time.perf_counter()
+    if not ctx.reuse_data:
+        _data.cache_clear()
+    splits = _data(json.dumps({**ctx.data_args, **({"fraction": trial["fraction"]} if "fraction" in trial else {})},
+                              sort_keys=True, default=str))
     seed = int(trial.get("seed", ctx.seed))
+    data_s = time.perf_counter() - t0
     prune, finetune, measure = trial_configs(ctx, trial)
     model = _base_model(ctx)
     device = torch.device("cuda", torch.cuda.current_device()) if ctx.use_gpu and torch.cuda.is_available() else torch.device("cpu")
@@ -190,9 +239,12 @@ def train_loop_per_worker(config: dict) -> dict:
             if resume.get("done") and record_file.exists():
                 # Killed after its final checkpoint: the protocol is finished, report it again.
                 record = json.loads(record_file.read_text())
-                api.report({k: v for k, v in _final_metrics(record).items() if v is not None})
+                final = with_recovery_acc({k: v for k, v in _final_metrics(record).items() if v is not None})
+                _on_this_node(api.report)({**final, "cost": final.get(ctx.cost_metric, float("nan"))})
                 return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
-    reporter = _Reporter(api.report, checkpoint_cls, write_checkpoints=rank == 0)
+    reporter = _Reporter(_on_this_node(api.report), checkpoint_cls, write_checkpoints=rank == 0,
+                         recovery_acc=last_recovery_acc(resume.get("curve", [])) if resume else None,
+                         every_s=ctx.checkpoint_every_s, cost_metric=ctx.cost_metric)
     record = run_protocol(
         model, splits, prune, finetune, measure=measure, seed=seed, report=reporter.report,
         checkpoint=reporter.checkpoint, resume=resume, evaluate_test=ctx.evaluate_test,
@@ -201,7 +253,10 @@ def train_loop_per_worker(config: dict) -> dict:
     )
     final = dict(reporter.pending or {})
     reporter.pending = None
-    final.update(trial_done=True, wall_s=record["wall_s"], params=record["params_after"])
+    # data_s and checkpoint_s: the framework's share of the trial (bench/trial_overhead.py)
+    final.update(trial_done=True, wall_s=record["wall_s"], params=record["params_after"], data_s=data_s,
+                 checkpoint_s=reporter.checkpoint_s, n_checkpoints=reporter.n_checkpoints)
+    final["cost"] = final.get(ctx.cost_metric, float("nan"))
     # The final result carries the last checkpoint: the finished protocol state, the pruned
     # weights and the full record; a trial restored from it only reports it again.
     state = {**reporter.last_state, "done": True, "prune_log": record["prune_log"],
@@ -209,6 +264,27 @@ def train_loop_per_worker(config: dict) -> dict:
     reporter.pending = final
     reporter.checkpoint(state, record={**record, "curve": record["curve"]})
     return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
+
+
+@functools.lru_cache(maxsize=1)
+def _data(args_json: str):
+    """``data.get_data`` once per worker process for the same arguments: Tune reuses a trial's
+    actor for the next trial (``reuse_actors=True``), so a search loads and normalises its data
+    once per concurrent slot instead of once per trial (1-5 s each on 2 cores). One entry: a
+    study whose cells change the data fraction keeps only the latest in memory. The tensors are
+    read, never written, by the protocol."""
+    from data import get_data
+
+    return get_data(**json.loads(args_json))
+
+
+def _on_this_node(report_fn):
+    """``report_fn`` adding ``node_id``, the Ray node this worker runs on, to every result:
+    trials.parquet records where each trial ran (a trial retried elsewhere: where it ended)."""
+    import ray
+
+    node = {"node_id": ray.get_runtime_context().get_node_id()}
+    return lambda metrics, **kwargs: report_fn({**metrics, **node}, **kwargs)
 
 
 def _scratch_args(ctx: TrialContext) -> dict:
