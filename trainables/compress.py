@@ -16,15 +16,13 @@ prints the record's path last.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trainables.cli import cli_config
+from trainables.cli import run_cli, save_run
 from trainables.compose import load_run_config
 from trainables.compression import (
     STAGES,
@@ -105,29 +103,14 @@ def run(cfg: Any, log=print) -> tuple[dict, Path]:
                                      log=log)
     record.update(base_model=str(base_path), criterion="greedy_car" if ccfg.greedy else prune.criterion,
                   config=OmegaConf.to_container(cfg, resolve=True))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.output_dir).expanduser().resolve() / f"{stamp}-{cfg.model.name}-{record['criterion']}-s{cfg.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    out = save_run(cfg, record, f"{cfg.model.name}-{record['criterion']}-s{cfg.seed}")
     np.savez(out / "layers.npz", **{f"{conv}/{key}": np.frombuffer(v, dtype=np.uint8) if isinstance(v, bytes) else v
                                     for conv, stored in storage.items() for key, v in stored.items()})
-    path = out / "record.json"
-    path.write_text(json.dumps(record, indent=1))
-    return record, path
+    return record, out / "record.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, code = cli_config(__doc__, argv, load_compress_config)
-    if cfg is None:
-        return code
-    try:
-        record, path = run(cfg)  # missing data files are found only here
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(record))
-    print(path)
-    return 0
+    return run_cli(__doc__, argv, load_compress_config, run, format_table)
 
 
 if __name__ == "__main__":

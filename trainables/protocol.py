@@ -339,15 +339,22 @@ def _layer_by_layer(plan: _Plan) -> list[Stage]:
             scores = plan.score(model, unit)  # on the current, partly pruned network
             rec = prune_layer(model, unit.name, select_keep(scores, kept_count(unit.n_filters, ratio, prune.round_to)))
             state.prune_log.append(rec)
-            step = _open_step(tuner, state, plan, pre, [unit.name], len(state.prune_log), unit.name)
-            if prune.p > 0:
-                tuner.finetune(prune.p, "recovery", unit=unit.name)
-            _close_step(tuner, step, plan.delta)
-            state.rows.append(UnitRow.from_log(rec, step))
+            _recover_unit(tuner, state, plan, pre, rec)
         return stage
 
     pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
     return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+
+
+def _recover_unit(tuner: Finetuner, state: ProtocolState, plan: _Plan, pre: float, rec: dict) -> None:
+    """After a unit was pruned (``rec``: its whole pruning): the damage point, p epochs of
+    recovery, the unit's row of the record."""
+    unit = rec["unit"]
+    step = _open_step(tuner, state, plan, pre, [unit], len(state.prune_log), unit)
+    if plan.prune.p > 0:
+        tuner.finetune(plan.prune.p, "recovery", unit=unit)
+    _close_step(tuner, step, plan.delta)
+    state.rows.append(UnitRow.from_log(rec, step))
 
 
 def _greedy_car(plan: _Plan) -> list[Stage]:
@@ -375,11 +382,7 @@ def _greedy_car(plan: _Plan) -> list[Stage]:
             state.prune_log += [{**rec, **info} for rec in log]
             kept = sorted(set(range(unit.n_filters)) - set(order))
             whole = {"unit": unit.name, "filters_before": unit.n_filters, "filters_after": len(kept), "keep_idxs": kept}
-            step = _open_step(tuner, state, plan, pre, [unit.name], len(state.prune_log), unit.name)
-            if prune.p > 0:
-                tuner.finetune(prune.p, "recovery", unit=unit.name)
-            _close_step(tuner, step, plan.delta)
-            state.rows.append(UnitRow.from_log(whole, step))
+            _recover_unit(tuner, state, plan, pre, whole)
         return stage
 
     pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward

@@ -13,13 +13,11 @@ as its last line, the path of the JSON record.
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from trainables.cli import cli_config
+from trainables.cli import run_cli, save_run
 from trainables.compose import configs_of, load_run_config
 
 __all__ = ["format_summary", "main", "run"]
@@ -67,27 +65,12 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     record = run_protocol(model, splits, prune, finetune, measure=measure, seed=cfg.seed, report=report,
                           progress=cfg.progress, config=resolved, pretrain=pretrain, pretrainer=train_base_model)
     record["base_model"] = str(base_path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.output_dir).expanduser().resolve() / f"{stamp}-{cfg.model.name}-{prune.criterion}-{prune.method}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    path = out / "record.json"
-    path.write_text(json.dumps(record, indent=1))
-    return record, path
+    out = save_run(cfg, record, f"{cfg.model.name}-{prune.criterion}-{prune.method}")
+    return record, out / "record.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, code = cli_config(__doc__, argv, load_run_config)
-    if cfg is None:
-        return code
-    try:
-        record, path = run(cfg)  # a FLOPs target out of reach is found only once the model is built
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_summary(record))
-    print(path)
-    return 0
+    return run_cli(__doc__, argv, load_run_config, run, format_summary)
 
 
 if __name__ == "__main__":
