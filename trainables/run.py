@@ -65,7 +65,9 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     record = run_protocol(model, splits, prune, finetune, measure=measure, seed=cfg.seed, report=report,
                           progress=cfg.progress, config=resolved, pretrain=pretrain, pretrainer=train_base_model)
     record["base_model"] = str(base_path)
-    out = save_run(cfg, record, f"{cfg.model.name}-{prune.criterion}-{prune.method}")
+    # the folder names what chose the filters: greedy_car scores by CAR, control and scratch score nothing
+    chooser = {"greedy_car": "car", "control": "none", "scratch": "none"}.get(prune.method, prune.criterion)
+    out = save_run(cfg, record, f"{cfg.model.name}-{chooser}-{prune.method}")
     return record, out / "record.json"
 
 
