@@ -227,6 +227,13 @@ class SearchRun:
     proc: subprocess.Popen | None = None
     t0: float = 0.0
 
+    def __enter__(self) -> SearchRun:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:  # never leave a search of ours running
+            self.kill()
+
     def start(self) -> SearchRun:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
@@ -396,8 +403,7 @@ def lose_a_worker(cluster: LoopbackCluster, data_root: Path, work: Path, n: int 
     storage means the trial went on past the first one's ``save``."""
     node = cluster.node(worker)
     name = f"lose_{worker}"
-    run = SearchRun(cluster, tiny_search_args(data_root, work, name, n, cluster.address), work / "out" / name).start()
-    try:
+    with SearchRun(cluster, tiny_search_args(data_root, work, name, n, cluster.address), work / "out" / name) as run:
         def victim():
             states = {d.name: _progress(d) for d in run.trial_dirs() if d.name in trials_started_on(cluster, node)}
             finished = [t for t, (_, done) in states.items() if done]
@@ -409,9 +415,6 @@ def lose_a_worker(cluster: LoopbackCluster, data_root: Path, work: Path, n: int 
         killed_at = time.time() - run.t0
         if run.wait(timeout) != 0:
             raise RuntimeError(f"the search failed after losing {worker}; {run.log} ends:\n{run.tail()}")
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
     return outcome("worker node killed mid-search", run, n, time.time() - run.t0,
                    notes=f"{worker} killed at {killed_at:.0f} s, trial {trial.split('_')[2]} had {ckpts} checkpoint(s)")
 
@@ -420,8 +423,7 @@ def kill_the_driver(cluster: LoopbackCluster, data_root: Path, work: Path, n: in
     """SIGKILL the search's driver once a trial has finished and another is between checkpoints,
     then ``python -m search.launch resume=<folder>`` (same cluster) finishes the search."""
     name = "driver_killed"
-    run = SearchRun(cluster, tiny_search_args(data_root, work, name, n, cluster.address), work / "out" / name).start()
-    try:
+    with SearchRun(cluster, tiny_search_args(data_root, work, name, n, cluster.address), work / "out" / name) as run:
         def mid_search():
             states = [_progress(d) for d in run.trial_dirs()]
             return any(done for _, done in states) and any(k and not done for k, done in states)
@@ -429,17 +431,10 @@ def kill_the_driver(cluster: LoopbackCluster, data_root: Path, work: Path, n: in
         _wait_for("a finished trial and one between checkpoints", run, mid_search, timeout)
         run.kill()
         killed_at = time.time() - run.t0
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
     if (run.out / "trials.parquet").exists():
         raise RuntimeError("the killed search wrote trials.parquet: it was not killed mid-search")
-    resumed = SearchRun(cluster, [f"resume={run.out}"], run.out).start()
-    try:
+    with SearchRun(cluster, [f"resume={run.out}"], run.out) as resumed:
         if resumed.wait(timeout) != 0:
             raise RuntimeError(f"the resumed search failed; {resumed.log} ends:\n{resumed.tail()}")
-    finally:
-        if resumed.proc.poll() is None:
-            resumed.kill()
     return outcome("driver SIGKILLed, then resume=", run, n, time.time() - run.t0,
                    notes=f"driver killed at {killed_at:.0f} s; resume took {time.time() - resumed.t0:.0f} s")

@@ -102,19 +102,13 @@ def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
     (``search.retime``): fills ``latency_ms`` and ``latency_ratio``; returns the summary metrics."""
     from search._session import retime_rounds
     from search.retime import retime_models
-    from trainables.models import build_model
-    from trainables.ray_trainable import load_trial_model
+    from trainables.ray_trainable import trial_base_model
 
     done = [r for r in rows if r["status"] == "COMPLETED" and r["_checkpoint"] is not None]
     if not cfg.measure.latency or not done:
         return {}
-    ctx = session.ctx
-    models = {}
-    for row in done:
-        with row["_checkpoint"].as_directory() as d:
-            models[row["trial_id"]], _ = load_trial_model(ctx, d)
-    base = build_model(ctx.model_name, num_classes=ctx.num_classes, **ctx.model_kwargs)
-    base.load_state_dict(ctx.base_state)
+    models = {row["trial_id"]: _trial_model(row, session.ctx)[0] for row in done}
+    base = trial_base_model(session.ctx)
     log(f"re-timing {len(models)} models serially against the base ({retime_rounds(cfg)} interleaved rounds) ...")
     timed = retime_models(models, base, input_shape=session.splits.input_shape, batch_size=cfg.measure.batch_size,
                           threads=cfg.measure.threads or cfg.trial_threads, rounds=retime_rounds(cfg),
@@ -128,6 +122,17 @@ def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
     if rho is not None:
         out["latency_halves_spearman"] = rho
     return out
+
+
+def _trial_model(row: dict, ctx) -> tuple:
+    """``(model, record)`` of a trial's final checkpoint, rebuilt once (pruning a large model
+    unit by unit takes seconds) and kept in the row for the re-timing and the front."""
+    if "_loaded" not in row:
+        from trainables.ray_trainable import load_trial_model
+
+        with row["_checkpoint"].as_directory() as d:
+            row["_loaded"] = load_trial_model(ctx, d)
+    return row["_loaded"]
 
 
 def _log_latency(rows: list[dict], tracker) -> None:
@@ -144,7 +149,6 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
 
     from data import iterate_batches
     from trainables.metrics import evaluate
-    from trainables.ray_trainable import load_trial_model
 
     front = [r for r in rows if r["pareto"]]
     if not front:
@@ -154,8 +158,8 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
         ckpt = row["_checkpoint"]
         if ckpt is None:
             continue
+        model, record = _trial_model(row, session.ctx)
         with ckpt.as_directory() as d:
-            model, record = load_trial_model(session.ctx, d)
             record_file = Path(d) / "record.json"
             if record_file.exists():
                 session.tracker.log_artifact(row["trial_id"], record_file)

@@ -88,3 +88,26 @@ def child_runs(out: Path, experiment: str) -> list:
         [client.get_experiment_by_name(experiment).experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{state['parent_run_id']}'",
     )
+
+
+def kill_after_first_finished_trial(cmd: list[str], out: Path, env: dict, cwd: Path, timeout: float = 300) -> None:
+    """Run ``cmd`` (a search or study writing under ``out``) in a session of its own and SIGKILL
+    that session once one trial has reported ``trial_done``: killing its process group ends
+    exactly the Ray it started. Fails if the command finished before it could be killed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if [p for p in (out / "ray").rglob("result.json") if '"trial_done": true' in p.read_text()]:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"{cmd[2]} finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ray
-from conftest import child_runs
+from conftest import child_runs, kill_after_first_finished_trial
 
 from search.launch import main
 from search.pareto import mark_pareto, read_trials
@@ -56,8 +54,8 @@ def test_tiny_search_writes_front_parquet_png_and_mlflow_runs(tiny_fmnist, tmp_p
         assert r["latency_ms_trial"] is not None or r["status"] != "COMPLETED"
     assert [r["pareto"] for r in mark_pareto(rows, "latency_ms")] == [r["pareto"] for r in rows]
     assert f"re-timing {len(completed)} models serially" in printed
-    parent = SearchTracker(json.loads((out / "launch_state.json").read_text())["tracking_uri"], "prunesearch")
-    summary = parent.client.get_run(json.loads((out / "launch_state.json").read_text())["parent_run_id"])
+    state = json.loads((out / "launch_state.json").read_text())
+    summary = SearchTracker(state["tracking_uri"], "prunesearch").client.get_run(state["parent_run_id"])
     assert summary.data.tags["objectives"] == "val_acc,latency" and summary.data.metrics["base_latency_ms"] > 0
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = child_runs(out, "prunesearch")
@@ -74,19 +72,7 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     out = tmp_path / "out" / "kr"
     cmd = [sys.executable, "-m", "search.launch", *_args(tiny_fmnist, tmp_path, "kr", 4, "search.max_concurrent_trials=1")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # A session of its own: killing its process group ends exactly the Ray this search started.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            done = [p for p in (out / "ray").rglob("result.json") if '"trial_done": true' in p.read_text()]
-            if done:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the search finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_finished_trial(cmd, out, env, ROOT)
     assert not (out / "trials.parquet").exists()
     # A kill can land after the callback opened a trial's run but before Tune saved that trial:
     # the resumed search never knows it. Plant such an orphan; the resume must delete it.

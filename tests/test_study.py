@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_refused, child_runs
+from conftest import assert_refused, child_runs, kill_after_first_finished_trial
 from scipy import stats
 
 from search.study import grid_cells, load_study_config, main, run_row
@@ -264,19 +262,7 @@ def test_killed_study_resumes_with_every_cell_once(tiny_fmnist, tmp_path):
     # 6 cells one at a time, each long enough that the kill lands between the first and the last
     args = _args(tiny_fmnist, tmp_path, "kr", "study.max_concurrent_trials=1", "study.seeds=[0,1,2]", "prune.q=2")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    # A session of its own: killing its process group ends exactly the Ray this study started.
-    proc = subprocess.Popen([sys.executable, "-m", "search.study", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if [p for p in (out / "ray").rglob("result.json") if '"trial_done": true' in p.read_text()]:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the study finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_after_first_finished_trial([sys.executable, "-m", "search.study", *args], out, env, ROOT)
     assert not (out / "runs.parquet").exists()
     resumed = subprocess.run([sys.executable, "-m", "search.study", f"resume={out}"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)

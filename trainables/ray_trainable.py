@@ -35,7 +35,7 @@ from trainables.protocol import run_protocol
 __all__ = [
     "RECOVERY_PHASES", "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
     "trial_fn",
-    "last_recovery_acc", "uses_fast_path", "with_recovery_acc",
+    "last_recovery_acc", "trial_base_model", "uses_fast_path", "with_cost", "with_recovery_acc",
 ]
 
 _STATE_FILE = "state.pt"
@@ -95,7 +95,8 @@ def trial_configs(ctx: TrialContext, config: dict) -> tuple[PruneConfig, Finetun
     return PruneConfig(**{k: v for k, v in prune.items() if k in known}), FinetuneConfig(**finetune), MeasureConfig(**ctx.measure)
 
 
-def _base_model(ctx: TrialContext) -> torch.nn.Module:
+def trial_base_model(ctx: TrialContext) -> torch.nn.Module:
+    """The unpruned base model every trial of ``ctx`` starts from."""
     model = build_model(ctx.model_name, num_classes=ctx.num_classes, **ctx.model_kwargs)
     model.load_state_dict(ctx.base_state)
     return model
@@ -104,7 +105,7 @@ def _base_model(ctx: TrialContext) -> torch.nn.Module:
 def load_trial_model(ctx: TrialContext, checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     """The pruned, fine-tuned model of a trial checkpoint and its record (or state)."""
     state = torch.load(Path(checkpoint_dir) / _STATE_FILE, map_location="cpu", weights_only=True)
-    model = _base_model(ctx)
+    model = trial_base_model(ctx)
     from trainables.surgery import prune_layer
 
     for rec in state["prune_log"]:
@@ -145,6 +146,14 @@ def with_recovery_acc(metrics: dict, carried: float | None = None) -> dict:
     return metrics if carried is None else {**metrics, "recovery_acc": carried}
 
 
+def with_cost(metrics: dict, cost_metric: str, carried: float = float("nan")) -> dict:
+    """``metrics`` plus ``cost``: the searched cost (``cost_metric``) if this result has it, else
+    ``carried``. Tune wants a searcher's metrics in every result, but params and latency are
+    measured only at the end; Optuna hears only a finished trial's (search.searcher), whose last
+    result has the final value."""
+    return {**metrics, "cost": metrics.get(cost_metric, carried)}
+
+
 class _Reporter:
     """Adapts the protocol's ``report``/``checkpoint`` callbacks to Tune or Train reports.
 
@@ -161,17 +170,14 @@ class _Reporter:
         self.last_state: dict = {}
         self.recovery_acc = recovery_acc  # carried forward between recovery points (see with_recovery_acc)
         self.checkpoint_s, self.n_checkpoints = 0.0, 0  # what writing checkpoints cost this trial
-        # Tune wants a searcher's metrics in every result, but params and latency are measured only
-        # at the end: `cost` carries the latest value (NaN before the first). Optuna hears only a
-        # finished trial's (search.searcher), whose last result has the final value.
-        self.cost_metric, self.cost = cost_metric, float("nan")
+        self.cost_metric, self.cost = cost_metric, float("nan")  # carried forward (see with_cost)
 
     def report(self, metrics: dict) -> None:
         self.flush()
         self.pending = with_recovery_acc({k: v for k, v in metrics.items() if v is not None}, self.recovery_acc)
         self.recovery_acc = self.pending.get("recovery_acc", self.recovery_acc)
-        self.cost = self.pending.get(self.cost_metric, self.cost)
-        self.pending["cost"] = self.cost
+        self.pending = with_cost(self.pending, self.cost_metric, self.cost)
+        self.cost = self.pending["cost"]
 
     def checkpoint(self, state: dict, record: dict | None = None) -> None:
         metrics, self.pending = self.pending or {}, None
@@ -224,10 +230,10 @@ def train_loop_per_worker(config: dict) -> dict:
         _data.cache_clear()
     splits = _data(json.dumps({**ctx.data_args, **({"fraction": trial["fraction"]} if "fraction" in trial else {})},
                               sort_keys=True, default=str))
-    seed = int(trial.get("seed", ctx.seed))
     data_s = time.perf_counter() - t0
+    seed = int(trial.get("seed", ctx.seed))
     prune, finetune, measure = trial_configs(ctx, trial)
-    model = _base_model(ctx)
+    model = trial_base_model(ctx)
     device = torch.device("cuda", torch.cuda.current_device()) if ctx.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
     resume = None
@@ -240,7 +246,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 # Killed after its final checkpoint: the protocol is finished, report it again.
                 record = json.loads(record_file.read_text())
                 final = with_recovery_acc({k: v for k, v in _final_metrics(record).items() if v is not None})
-                _on_this_node(api.report)({**final, "cost": final.get(ctx.cost_metric, float("nan"))})
+                _on_this_node(api.report)(with_cost(final, ctx.cost_metric))
                 return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
     reporter = _Reporter(_on_this_node(api.report), checkpoint_cls, write_checkpoints=rank == 0,
                          recovery_acc=last_recovery_acc(resume.get("curve", [])) if resume else None,
@@ -256,7 +262,7 @@ def train_loop_per_worker(config: dict) -> dict:
     # data_s and checkpoint_s: the framework's share of the trial (bench/trial_overhead.py)
     final.update(trial_done=True, wall_s=record["wall_s"], params=record["params_after"], data_s=data_s,
                  checkpoint_s=reporter.checkpoint_s, n_checkpoints=reporter.n_checkpoints)
-    final["cost"] = final.get(ctx.cost_metric, float("nan"))
+    final = with_cost(final, ctx.cost_metric)  # params joined only now
     # The final result carries the last checkpoint: the finished protocol state, the pruned
     # weights and the full record; a trial restored from it only reports it again.
     state = {**reporter.last_state, "done": True, "prune_log": record["prune_log"],
