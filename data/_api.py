@@ -25,14 +25,17 @@ _MAX_LISTED = 100
 class DataSplits:
     """The three splits of one dataset and what a model needs to know about them.
 
-    Every split has ``.targets``, an (N,) int64 tensor of label ids; in-memory splits are
+    For classification every split has ``.targets``, an (N,) int64 tensor of label ids. In
+    detection and segmentation a sample's target is padded boxes or a label mask (formats in
+    ``DatasetSpec``); in-memory splits hold them all in ``.targets``, file-backed ones (VOC,
+    COCO) read them per image and have no ``.targets``. In-memory splits are
     ``InMemoryDataset``s whose ``.images`` (N, C, H, W) ``iterate_batches`` slices directly.
     """
 
     train: Dataset  # the fine-tuning set (after `fraction`), disjoint from val, with training augmentation
     val: Dataset  # fixed validation split carved from the training set (seeded)
     test: Dataset  # the official test split; only read for final figures
-    num_classes: int  # width of the model head
+    num_classes: int  # width of the model head; detection and segmentation count background (id 0)
     class_names: list[str]  # names for label ids 0..num_classes-1
     input_shape: tuple[int, int, int]  # (C, H, W) of one image
     # With `remap_labels=False` and a class subset: the label ids to score on; else None.
@@ -51,6 +54,7 @@ class DataSplits:
     class_ids: list[int] | None = None
     # Classes of the whole data set, subset or not: the head width of a model trained on all of them.
     source_num_classes: int | None = None
+    task: str = "classification"  # one of data.TASKS: what the targets are
 
     def __post_init__(self) -> None:
         if self.train_eval is None:
@@ -71,6 +75,11 @@ def known_class_names(name: str) -> list[str] | None:
     (class-folder datasets learn theirs from the folder); for checks before any work."""
     known = DATASETS.get(name).known_class_names
     return list(known) if known is not None else None
+
+
+def dataset_task(name: str) -> str:
+    """What data set ``name`` is labelled for: classification, detection or segmentation."""
+    return DATASETS.get(name).task
 
 
 def dataset_options(name: str) -> dict[str, tuple[str, ...]]:
@@ -114,12 +123,21 @@ def get_data(
 
     ``options`` sets the data set's own settings (``dataset_options(name)``), e.g.
     ``{"colour": "label"}`` for ``coloured_fashion_mnist``; unset ones take their defaults.
+
+    Detection and segmentation sets (``task``) have no label per image to stratify by, so
+    validation and ``fraction`` are plain seeded random draws (same nesting), and ``classes``
+    is refused: every image may hold objects of several classes.
     """
     if not isinstance(name, str):
         raise ValueError(
             f"data.name must be a string naming one of {', '.join(list_datasets())}, but got {name!r}"
         )
     spec = DATASETS.get(name)
+    if classes is not None and spec.task != "classification":
+        raise ValueError(
+            f"data.classes selects classes of a classification data set; {name} is a {spec.task} "
+            f"data set (set data.classes=null), but got {classes!r}"
+        )
     requested = _check_args(name, root, download, val_size, seed, classes, remap_labels, fraction)
     if not _is_int(num_workers) or num_workers < 0:
         raise ValueError(f"data.num_workers must be an integer >= 0, but got {num_workers!r}")
@@ -141,7 +159,9 @@ def get_data(
 
     carve_all = split_before_subset and ids is not None
     parts = spec.load(folder, None if carve_all else ids, **chosen)
-    targets = targets_of(parts.train)
+    # One stratum for detection and segmentation: split_indices then draws plain random subsets.
+    classifying = spec.task == "classification"
+    targets = targets_of(parts.train) if classifying else torch.zeros(len(parts.train), dtype=torch.int64)
     n_val = _val_count(val_size, len(targets))
     train_idx, val_idx = split_indices(targets, n_val, fraction, seed)
     n_pool = len(targets) - n_val
@@ -168,10 +188,11 @@ def get_data(
         test=take(parts.test, test_idx, label_map),
         num_classes=len(ids) if remapped else len(all_names),
         class_names=[all_names[i] for i in ids] if remapped else all_names,
-        input_shape=spec.input_shape,
+        input_shape=parts.input_shape or spec.input_shape,
         eval_classes=list(ids) if ids is not None and not remapped else None,
         class_ids=list(ids) if ids is not None else None,
         source_num_classes=len(all_names),
+        task=spec.task,
     )
 
 
@@ -181,6 +202,7 @@ def _check_options(name: str, allowed: Mapping[str, tuple[str, ...]], options: o
         options = {}
     if not isinstance(options, Mapping):
         raise ValueError(f"data options must be a mapping of setting to value, but got {options!r}")
+    options = {key: _option_text(value) for key, value in options.items()}
     for key, value in options.items():
         if key not in allowed:
             valid = ", ".join(allowed) if allowed else "none"
@@ -188,6 +210,11 @@ def _check_options(name: str, allowed: Mapping[str, tuple[str, ...]], options: o
         if value not in allowed[key]:
             raise ValueError(f"data.{key} must be one of {', '.join(allowed[key])}, but got {value!r}")
     return {key: options.get(key, values[0]) for key, values in allowed.items()}
+
+
+def _option_text(value: object) -> object:
+    """Settings are strings; a command line's ``data.size=256`` arrives as an int, taken as "256"."""
+    return str(value) if _is_int(value) else value
 
 
 def _is_int(x: object) -> bool:

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 
 class InMemoryDataset(TensorDataset):
-    """Images and labels held as two tensors; ``iterate_batches`` slices them directly."""
+    """Images and targets held as two tensors; ``iterate_batches`` slices them directly."""
 
     def __init__(self, images: Tensor, targets: Tensor):
         if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} labels")
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
         super().__init__(images, targets)
 
     @property
@@ -27,7 +27,8 @@ class InMemoryDataset(TensorDataset):
 
     @property
     def targets(self) -> Tensor:
-        """(N,) int64 label ids."""
+        """(N, ...): one target per image, in the format of the data set's task (``DatasetSpec``):
+        (N,) int64 label ids, (N, M, 5) float32 padded boxes or (N, H, W) int64 label masks."""
         return self.tensors[1]
 
 
@@ -53,11 +54,16 @@ class LabelledSubset(Dataset):
 
 
 def targets_of(ds: Any) -> Tensor:
+    """The (N,) int64 label ids of a classification data set."""
     return torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
 def take(ds: Any, indices: Tensor | None, label_map: Tensor | None) -> Dataset:
-    """Rows ``indices`` of ``ds`` (all when None), relabelled by ``label_map`` when given."""
+    """Rows ``indices`` of ``ds`` (all when None), relabelled by ``label_map`` when given.
+
+    ``label_map`` applies to classification labels only. A file-backed data set without
+    ``.targets`` (detection and segmentation read theirs per image) becomes a plain ``Subset``.
+    """
     if isinstance(ds, InMemoryDataset):
         images = ds.images if indices is None else ds.images[indices]
         targets = ds.targets if indices is None else ds.targets[indices]
@@ -66,6 +72,8 @@ def take(ds: Any, indices: Tensor | None, label_map: Tensor | None) -> Dataset:
         if label_map is None:
             return ds
         indices = torch.arange(len(ds))
+    if label_map is None and not hasattr(ds, "targets"):
+        return Subset(ds, indices.tolist())
     return LabelledSubset(ds, indices, label_map)
 
 
@@ -180,7 +188,8 @@ def iterate_batches(
     skip: int = 0,
     device: torch.device | str | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(images, labels)`` batches covering ``ds`` once (one epoch).
+    """Yield ``(images, targets)`` batches covering ``ds`` once (one epoch); targets are labels,
+    padded boxes or masks, stacked along a first batch dimension (``DatasetSpec`` has the formats).
 
     In-memory datasets (any ``TensorDataset``) are indexed directly, which is far faster
     than per-item collation; others go through a ``DataLoader`` with ``num_workers``.

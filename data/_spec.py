@@ -9,6 +9,10 @@ from typing import Any
 
 from ._registry import Registry
 
+# What a data set's targets mean: a label id per image, boxes per image, or a label per pixel.
+# The sample formats of each are in ``DatasetSpec``'s docstring.
+TASKS = ("classification", "detection", "segmentation")
+
 
 class DatasetNotFoundError(ValueError):
     """The dataset's files are not where we looked; the message says where and how to fix it."""
@@ -33,6 +37,8 @@ class Parts:
     train: Any
     train_eval: Any
     test: Any
+    # (C, H, W) when it depends on the data set's options (``data.size``); else the spec's.
+    input_shape: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,20 @@ class DatasetSpec:
     ``known_class_names`` lets ``data.classes`` be checked before anything is read.
     ``options`` names the data set's own settings (``data.<key>`` in the config) and their
     allowed values, the first being the default; ``load`` receives them as keyword arguments.
+    ``input_shape`` is (C, H, W) under the default options; a ``load`` whose options change it
+    (``data.size``) reports the shape in ``Parts.input_shape``.
+
+    ``task`` says what a sample's target is (images are always float32 (C, H, W), normalised,
+    one size per data set, so a batch stays an ``(images, targets)`` pair of tensors):
+
+    * ``classification``: an int64 label id in 0..K-1;
+    * ``detection``: float32 (M, 5), rows ``[label, x1, y1, x2, y2]`` in pixel coordinates of
+      the image as served (x2 > x1, y2 > y1), labels 1..K-1, M fixed per data set, unused rows
+      all -1 (padding);
+    * ``segmentation``: int64 (H, W), a label per pixel, 255 where it is unknown (ignore).
+
+    Detection and segmentation reserve label 0 for background (torchvision's convention), so
+    their class names start with ``"background"`` and count it.
     """
 
     input_shape: tuple[int, int, int]
@@ -54,6 +74,11 @@ class DatasetSpec:
     can_download: bool = False
     known_class_names: tuple[str, ...] | None = None
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"DatasetSpec.task must be one of {', '.join(TASKS)}, but got {self.task!r}")
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")

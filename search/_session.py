@@ -197,7 +197,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     from trainables.compose import configs_of, data_args
     from trainables.metrics import count_flops, count_params
     from trainables.ray_trainable import TrialContext
-    from trainables.surgery import describe_units
+    from trainables.surgery import describe_units, select_units
 
     state_path = out / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -208,8 +208,8 @@ def start_search(cfg, out: Path, log=print) -> Session:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
     base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
-    units = describe_units(base)
     prune, finetune, measure, _ = configs_of(cfg)
+    units = select_units(base, describe_units(base), prune.units)  # what the trials prune (prune.units)
     from trainables.finetune import steps_per_epoch
 
     prune_trial, prune_full = trial_prune(cfg, prune, steps_per_epoch(splits, finetune, cfg.train.num_workers))

@@ -109,10 +109,33 @@ def load_search_config(argv: list[str]):
         return _resumed_config(resume, [a for a in argv if not a.startswith("resume=")])
     cfg = compose("launch", argv)
     check_config(cfg)
+    _narrow_criteria(cfg)
     check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
     _check_choices(cfg)
     trial_prune(cfg, configs_of(cfg)[0])  # prune_overrides and the proxy settings are valid
     return cfg
+
+
+def _narrow_criteria(cfg) -> None:
+    """Keep only the criteria that apply to the run's task in ``search.criteria`` (a detector has
+    no class logits for taylor or car), saying which were left out; none left is an error."""
+    from search.space import GREEDY_CAR
+    from trainables.compose import config_task
+    from trainables.criteria import list_criteria
+
+    task = config_task(cfg)
+    if task.criteria is None:
+        return
+    listed = list(cfg.search.criteria or [c for c in list_criteria() if c != "blended"])
+    kept = [c for c in listed if c in task.criteria and c != GREEDY_CAR]
+    dropped = [c for c in listed if c not in kept]
+    if not kept:
+        raise ValueError(f"search.criteria must include a criterion that applies to {task.name} "
+                         f"({', '.join(task.criteria)}), but got {listed}")
+    if dropped:
+        print(f"search.criteria: {', '.join(dropped)} do not apply to {task.name}; searching {', '.join(kept)}",
+              file=sys.stderr)
+        cfg.search.criteria = kept
 
 
 def _output_folder(cfg) -> Path:

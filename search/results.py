@@ -39,20 +39,21 @@ def _ratios(result, session, config: dict) -> list[float]:
         return [float(r) for r in record["ratios"]]
     prune, _, _ = trial_configs(session.ctx, config)
     ctx = session.ctx
-    return make_ratios(prune.schedule, _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs)),
+    return make_ratios(prune.schedule, _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs),
+                                                     prune.units),
                        ratio=prune.ratio, ratio_low=prune.ratio_low, ratio_high=prune.ratio_high,
                        ratios=prune.ratios)
 
 
 @lru_cache(maxsize=4)
-def _unit_filters(model_name: str, num_classes: int, model_kwargs: str) -> tuple[int, ...]:
-    """The base model's filter count per unit, input to output (the differential schedule reads
-    them); from the architecture alone, built once per search rather than once per trial."""
+def _unit_filters(model_name: str, num_classes: int, model_kwargs: str, part: str = "all") -> tuple[int, ...]:
+    """The base model's filter count per pruned unit (``prune.units``), input to output (the
+    differential schedule reads them); from the architecture alone, built once per search."""
     from trainables.models import build_model
-    from trainables.surgery import describe_units
+    from trainables.surgery import describe_units, select_units
 
     model = build_model(model_name, num_classes=num_classes, **json.loads(model_kwargs))
-    return tuple(u.n_filters for u in describe_units(model))
+    return tuple(u.n_filters for u in select_units(model, describe_units(model), part))
 
 
 def trial_ids(results) -> list[str]:
@@ -148,7 +149,7 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
     import torch
 
     from data import iterate_batches
-    from trainables.metrics import evaluate
+    from trainables.tasks import task_of
 
     front = [r for r in rows if r["pareto"]]
     if not front:
@@ -163,12 +164,14 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
             record_file = Path(d) / "record.json"
             if record_file.exists():
                 session.tracker.log_artifact(row["trial_id"], record_file)
-        batches = iterate_batches(splits.test, 1000, shuffle=False, num_workers=splits.num_workers)
-        test = evaluate(model, batches, classes=splits.eval_classes)
-        row["test_acc"] = test["top1"]
+        task = task_of(model)  # top-1, mAP@0.5 or mIoU (trainables.tasks)
+        batch = 1000 if task.name == "classification" else 32
+        batches = iterate_batches(splits.test, batch, shuffle=False, num_workers=splits.num_workers)
+        test = task.evaluate(model, batches, classes=splits.eval_classes)
+        row["test_acc"] = test["score"]
         example = torch.zeros(2, *splits.input_shape)
-        session.tracker.log_pruned_model(row["trial_id"], model, example, {**record, "final_test_acc": test["top1"]})
-        log(f"front trial {row['trial_id']}: test acc {100 * test['top1']:.2f}%, model logged to MLflow")
+        session.tracker.log_pruned_model(row["trial_id"], model, example, {**record, "final_test_acc": test["score"]})
+        log(f"front trial {row['trial_id']}: test {task.score_name} {100 * test['score']:.2f}%, model logged to MLflow")
 
 
 def _run_ids(results, tracker) -> dict[str, str | None]:

@@ -56,6 +56,7 @@ def check_study(cfg) -> None:
 
     from search.launch import check_trial_resources
     from search.study_report import METRICS
+    from trainables.compose import config_task
     from trainables.config import METHODS, require, require_int
     from trainables.criteria import list_criteria
     from trainables.schedules import check_ratio
@@ -65,7 +66,15 @@ def check_study(cfg) -> None:
     unknown = [c for c in criteria if c not in list_criteria()]
     if unknown:
         raise ValueError(f"study.criteria: unknown criterion '{unknown[0]}'; valid: {', '.join(list_criteria())}")
+    task = config_task(cfg)
+    if task.criteria is not None:
+        misfit = [c for c in criteria if c not in task.criteria]
+        if misfit:
+            raise ValueError(f"study.criteria: {', '.join(misfit)} do not apply to {task.name} (they need class "
+                             f"logits); valid for {task.name}: {', '.join(task.criteria)}")
     ratios, targets = study.get("ratios"), study.get("flops_targets")
+    require(targets is None or task.name == "classification", "study.flops_targets",
+            f"null for {task.name} (use study.ratios)", targets)
     require((ratios is None) != (targets is None), "study.ratios / study.flops_targets", "exactly one of them set",
             f"ratios={ratios}, flops_targets={targets}")
     if ratios is not None:
@@ -283,7 +292,7 @@ def _rows(results, session, cells: list[dict], delta: float, log) -> list[dict]:
 
 
 def _meta(cfg, session, cells: list[dict]) -> dict:
-    from trainables.compose import configs_of
+    from trainables.compose import config_task, configs_of
 
     prune, finetune, _, _ = configs_of(cfg)
     return {"model": cfg.model.name, "data": cfg.data.name + (f" ({cfg.subset})" if cfg.get("subset") else ""),
@@ -291,7 +300,7 @@ def _meta(cfg, session, cells: list[dict]) -> dict:
             "metric": cfg.study.metric, "margin": cfg.study.margin, "confidence": cfg.study.confidence,
             "recovery_delta": finetune.recovery_delta, "p": prune.p, "q": prune.q, "lr": finetune.lr,
             "schedule": prune.schedule, "base_val_acc": session.base_val_acc, "base_flops": session.base_flops,
-            "n_cells": len(cells), "base_seed": cfg.seed}
+            "n_cells": len(cells), "base_seed": cfg.seed, "score": config_task(cfg).score_name}
 
 
 def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print) -> dict:

@@ -476,7 +476,9 @@ def plot_data_efficiency(summary: list[Row], path: Path, meta: dict) -> None:
 
 
 def _metric_name(meta: dict) -> str:
-    return {"final_test_acc": "test accuracy", "final_val_acc": "val accuracy"}.get(meta.get("metric", ""), "accuracy")
+    # The task's headline score (trainables.tasks): accuracy, mAP@0.5 or mIoU.
+    score = {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}.get(meta.get("score", "top1"), "accuracy")
+    return {"final_test_acc": f"test {score}", "final_val_acc": f"val {score}"}.get(meta.get("metric", ""), score)
 
 
 def _pct(v: Any, digits: int = 2) -> str:

@@ -395,6 +395,8 @@ class SearchTracker:
         ``runs:/<run_id>/model/model.pt2``. ``model`` is left in the mode it came in.
         """
         run_id = self._require_run(trial_id)
+        if getattr(model, "task", "classification") == "detection":
+            return self._log_state_dict(run_id, model, record)
         was_training = model.training
         try:
             # Dim.AUTO, not Dim("batch"): export specialises a batch of 1 instead of failing.
@@ -410,6 +412,19 @@ class SearchTracker:
             (folder / "record.json").write_text(json.dumps(_plain(record), indent=2))
             self.client.log_artifacts(run_id, str(folder), artifact_path="model")
         return f"runs:/{run_id}/model/model.pt2"
+
+    def _log_state_dict(self, run_id: str, model: torch.nn.Module, record: Mapping[str, Any]) -> str:
+        """A detector as ``model/state_dict.pt`` + ``model/record.json``: ``torch.export`` cannot
+        trace torchvision's R-CNNs (data-dependent proposal counts), so the pruned model is rebuilt
+        instead: ``trainables.protocol.rebuild_pruned(build_model(name, num_classes), record,
+        state_dict)`` replays ``record["prune_log"]`` on the base architecture and loads the weights."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp, "model")
+            folder.mkdir()
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / "state_dict.pt")
+            (folder / "record.json").write_text(json.dumps(_plain(record), indent=2))
+            self.client.log_artifacts(run_id, str(folder), artifact_path="model")
+        return f"runs:/{run_id}/model/state_dict.pt"
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from trainables.schedules import make_ratios
 RUN_ROWS = [
     (["criterion=l3"], ["unknown criterion 'l3'", "valid: apoz, blended, bn_gamma, car"]),
     (["model=resnet5"], ["unknown model 'resnet5'", "valid: alexnet"]),
-    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, coloured_fashion_mnist, fashion_mnist, imagenet"]),
+    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, coco_detection, coloured_fashion_mnist, fashion_mnist, fmnist_detection"]),
     (["data=coloured_fashion_mnist", "data.colour=blue"], ["data.colour must be one of random, label, but got 'blue'"]),
     (["prune.ratio=1.5"], ["prune.ratio must be in [0, 1), but got 1.5"]),
     (["prune.ratio=-0.1"], ["prune.ratio must be in [0, 1), but got -0.1"]),

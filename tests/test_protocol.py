@@ -231,14 +231,17 @@ def test_eval_max_images_limits_intermediate_evaluations_only(base, splits, monk
     seen = []
     ft = dataclasses.replace(FAST, eval_max_images=30)
     model = copy.deepcopy(base)
-    original = finetune_module.evaluate
+    from trainables.tasks import TASKS
+
+    task = TASKS.get("classification")
 
     def spy(model, batches, classes=None):
-        out = original(model, batches, classes)
+        out = task.evaluate(model, batches, classes)
         seen.append(out["n"])
         return out
 
-    monkeypatch.setattr(finetune_module, "evaluate", spy)  # every evaluation goes through the Finetuner
+    # every evaluation goes through the Finetuner, which asks the model's task to evaluate
+    monkeypatch.setitem(TASKS._items, "classification", dataclasses.replace(task, evaluate=spy))
     record = run_protocol(model, splits, PruneConfig(p=0.2, q=0.2, score_batches=1), ft, measure=MEASURE)
     n_val, n_test = len(splits.val), len(splits.test)
     assert seen[0] == n_val and seen[-1] == n_test and seen[-2] == n_val  # base, final val, test: all images

@@ -1,5 +1,6 @@
 """The pruning core: plain PyTorch + torch-pruning, no Ray, Optuna or MLflow."""
 
+from trainables import dense_models  # noqa: F401  (registers Faster R-CNN and SegNet in the model registry)
 from trainables.criteria import (
     Criterion,
     ScoringContext,

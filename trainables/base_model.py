@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data import iterate_batches
 from trainables.compose import NO_WEIGHTS_FOR_EPOCHS_0, base_data_args, configs_of, data_args
 from trainables.config import PretrainConfig
-from trainables.metrics import evaluate
 from trainables.models import build_model, cut_head
+from trainables.tasks import task_of
 
 __all__ = [
     "base_model_key", "base_model_path", "file_digest", "get_base_model", "load_checkpoint", "load_weights", "prepare",
@@ -60,6 +59,11 @@ def base_model_path(cache_dir: str | Path, model: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / "base_models" / f"{model}-{key}.pt"
 
 
+# Validation batch per epoch of base training: small images classify cheaply in big batches; a
+# detector's or segmenter's activations are full-size maps per image.
+_EVAL_BATCH = {"classification": 1000, "detection": 32, "segmentation": 64}
+
+
 def train_base_model(
     model: nn.Module, splits: Any, pretrain: PretrainConfig, *, seed: int = 0, progress: bool = True, log=print
 ) -> dict:
@@ -73,6 +77,7 @@ def train_base_model(
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pretrain.lr, total_steps=total)
     device = next(model.parameters()).device
+    task = task_of(model)  # its loss and evaluation (trainables.tasks)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -86,7 +91,7 @@ def train_base_model(
             model.train()
             for x, y in iterate_batches(splits.train, pretrain.batch_size, shuffle=True, seed=seed * 7_919 + epoch,
                                         drop_last=True, num_workers=splits.num_workers):
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                loss = task.loss(model, x.to(device), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -94,8 +99,9 @@ def train_base_model(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"epoch {epoch + 1}/{pretrain.epochs} loss={loss.item():.3f}")
-            batches = iterate_batches(splits.val, 1000, shuffle=False, num_workers=splits.num_workers)
-            val = evaluate(model, batches, classes=splits.eval_classes)["top1"]
+            batches = iterate_batches(splits.val, _EVAL_BATCH[task.name], shuffle=False,
+                                      num_workers=splits.num_workers)
+            val = task.evaluate(model, batches, classes=splits.eval_classes)["score"]
             history.append({"epoch": epoch + 1, "val_acc": val, "elapsed_s": time.perf_counter() - t0})
             log(f"pretrain epoch {epoch + 1}/{pretrain.epochs}: val_acc={val:.4f} ({time.perf_counter() - t0:.0f}s)")
     if bar is not None:
@@ -231,7 +237,7 @@ def prepare(cfg: Any, log=print) -> tuple[nn.Module, Any, Path, dict]:
     if not own_data or given or "val_acc" not in meta:
         batches = iterate_batches(splits.val, int(cfg.data.eval_batch_size), shuffle=False,
                                   num_workers=splits.num_workers)
-        val = evaluate(model, batches, classes=splits.eval_classes)["top1"] if len(splits.val) else float("nan")
+        val = task_of(model).evaluate(model, batches, classes=splits.eval_classes)["score"] if len(splits.val) else float("nan")
         meta = {**meta, "base_data_val_acc": meta.get("val_acc"), "val_acc": val}
         log(f"base model: val_acc={val:.4f} on this run's validation split")
     return model, splits, path, meta

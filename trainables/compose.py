@@ -33,6 +33,7 @@ NO_WEIGHTS_FOR_EPOCHS_0 = ("an integer >= 1 when model.weights is null (give mod
 
 __all__ = [
     "CONF_DIR", "NO_WEIGHTS_FOR_EPOCHS_0", "SUBSET_BASES", "SUBSET_HEADS", "base_data_args", "check_config", "compose",
+    "config_task",
     "configs_of", "data_args", "load_run_config",
 ]
 
@@ -114,15 +115,60 @@ def check_config(cfg: Any) -> None:
     _check_subset(cfg)
     data_args(cfg)  # an unknown class subset fails here
     prune, _, _, pretrain = configs_of(cfg)  # constructing the configs validates every field
+    _check_task(cfg, prune)
     _check_weights(cfg, pretrain)
     # Scratch's budget is the base model's pretraining plus the fine-tuning: with no
     # pretraining epochs it would be compared on the fine-tuning budget alone.
     require(prune.method != "scratch" or pretrain.epochs >= 1, "model.pretrain.epochs",
             "an integer >= 1 for prune.method=scratch (its budget is pretraining + fine-tuning)", pretrain.epochs)
     _check_target_classes(cfg, prune)
-    if prune.schedule == "per_layer":
+    if prune.schedule == "per_layer" or prune.units != "all":
+        from trainables.surgery import select_units
+
         model = build_model(cfg.model.name, **(cfg.model.kwargs or {}))
-        check_ratio_count(prune.ratios, len(describe_units(model)), model=cfg.model.name)
+        units = select_units(model, describe_units(model), prune.units)
+        if prune.schedule == "per_layer":
+            check_ratio_count(prune.ratios, len(units), model=cfg.model.name)
+
+
+def config_task(cfg: Any) -> Any:
+    """The ``trainables.tasks.Task`` of a composed config, after checking that its model and its
+    data set solve the same one (both registries stamp the task on the entry)."""
+    from data import dataset_task
+    from trainables.models import MODELS
+    from trainables.tasks import check_pairing, get_task
+
+    task = get_task(MODELS.get(cfg.model.name).task)
+    check_pairing(cfg.model.name, task.name, cfg.data.name, dataset_task(cfg.data.name))
+    return task
+
+
+def _check_task(cfg: Any, prune: PruneConfig) -> None:
+    """The model and the data solve the same task, and the pruning settings apply to it."""
+    from trainables.tasks import check_criterion
+
+    task = config_task(cfg)
+    if task.name == "classification":
+        return
+    if prune.method not in ("control", "scratch", "greedy_car"):  # those score no filters
+        check_criterion(task, prune.criterion)
+    if prune.criterion == "blended" and prune.method not in ("control", "scratch", "greedy_car"):
+        for name in (prune.criterion_options.get("weights") or {}):
+            check_criterion(task, name)
+    require(prune.method != "greedy_car", "prune.method",
+            f"not greedy_car for {task.name} (greedy CAR ranks filters by classification accuracy)", prune.method)
+    require(task.name != "detection" or prune.adapt_bn_batches == 0, "prune.adapt_bn_batches",
+            "0 for detection (a detector in training mode needs targets, so BN is not re-estimated)",
+            prune.adapt_bn_batches)
+    require(cfg.get("subset") is None, "subset", f"null for {task.name} (class subsets are for classification)",
+            cfg.get("subset"))
+    classes = cfg.data.get("classes")
+    require(classes is None, "data.classes", f"null: {cfg.data.name} is a {task.name} data set (a scene holds "
+            "several classes)", None if classes is None else list(classes))
+    # The FLOPs planner follows classification graphs; a detector's heads and SegNet's coupled
+    # decoder convs are outside what it models.
+    require(prune.target_flops_reduction is None, "prune.target_flops_reduction",
+            f"null for {task.name} (set prune.ratio or prune.ratios instead)", prune.target_flops_reduction)
 
 
 def _check_subset(cfg: Any) -> None:
@@ -198,7 +244,8 @@ def data_args(cfg: Any, fraction: float | None = None) -> dict:
             extra = {"split_before_subset": True}  # only here, so the keys of every other config stay as they were
     # A data set's own settings (coloured_fashion_mnist's data.colour) only where it has them,
     # so the keys (and cached base models) of every other data set stay as they were.
-    own = {key: d.get(key) for key in dataset_options(d.name) if d.get(key) is not None}
+    # Options are strings (data.size=256 arrives from the command line as an int).
+    own = {key: str(d.get(key)) for key in dataset_options(d.name) if d.get(key) is not None}
     for key, value in own.items():
         allowed = dataset_options(d.name)[key]
         require(value in allowed, f"data.{key}", f"one of {', '.join(allowed)}", value)

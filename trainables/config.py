@@ -76,6 +76,7 @@ class PruneConfig:
     target_classes: list | None = None  # class names or ids for the class_specific criterion
     rescore_every: int = 1  # greedy_car: re-score the remaining filters after every r removals
     greedy_retrain_steps: int = 0  # greedy_car: SGD steps after every r removals (0: none; the paper retrains)
+    units: str = "all"  # which units are pruned: all, or a part the model declares (SegNet: encoder | decoder)
 
     def __post_init__(self) -> None:
         _one_of("prune.method", self.method, METHODS)

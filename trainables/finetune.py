@@ -9,14 +9,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from data import DataSplits, iterate_batches, take
 from trainables.config import FinetuneConfig, PruneConfig
-from trainables.metrics import count_flops, evaluate
+from trainables.metrics import count_flops
 from trainables.records import CurvePoint
+from trainables.tasks import task_of
 
 __all__ = ["Finetuner", "Report", "recalibrate_bn", "stage_eval_steps", "steps_per_epoch"]
 
@@ -114,6 +114,7 @@ class Finetuner:
         if math.ceil(len(splits.train) / ft.batch_size) < self.world:
             raise ValueError(f"data.fraction must leave at least one batch per worker ({self.world}), "
                              f"but got {len(splits.train)} training images")
+        self._task = task_of(model)  # the training loss and the evaluation (trainables.tasks)
         self.step = start_step
         self.curve: list[CurvePoint] = list(curve or [])
         self._stream = self._batches(start_step)
@@ -162,18 +163,19 @@ class Finetuner:
         return limit is not None and limit < len(self.splits.val)
 
     def val_acc(self, full: bool = False) -> float:
-        """Validation top-1 in [0, 1]; intermediate evaluations may use only the first
+        """Validation score in [0, 1] (the task's headline: top-1, mAP@0.5, mIoU); intermediate evaluations may use only the first
         ``eval_max_images`` validation images (a cheaper curve), ``full`` always uses all."""
         val = self.splits.val
         if not full and self.curve_on_subset:
             val = take(val, torch.arange(self.ft.eval_max_images), None)  # in-memory data stays in memory
-        return self.evaluate(val)["top1"]
+        return self.evaluate(val)["score"]
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """``trainables.metrics.evaluate`` on one split (top1, top5, loss, n) in eval order."""
+        """The task's evaluation on one split, in eval order: ``score`` (the headline: top-1,
+        mAP@0.5 or mIoU) and the task's named metrics (``trainables.tasks``)."""
         batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                                   device=self._device())
-        return evaluate(self.model, batches, classes=self.splits.eval_classes)
+        return task_of(self.model).evaluate(self.model, batches, classes=self.splits.eval_classes)
 
     def adapt_bn(self, prune: PruneConfig, salt: int) -> None:
         """Adaptive BN after a pruning step (``prune.adapt_bn_batches`` > 0).
@@ -194,8 +196,11 @@ class Finetuner:
         """Append a point to the curve and report it (``extra`` is reported, not kept)."""
         point: CurvePoint = {"step": self.step, "epoch": round(self.epoch, 4), "val_acc": val_acc, "phase": phase}
         self.curve.append(point)
+        # The headline score under its own name too (val_map50, val_miou): what MLflow shows a
+        # detection or segmentation user beside the task-neutral val_acc.
+        named = {} if self._task.score_name == "top1" else {f"val_{self._task.score_name}": val_acc}
         # Every report carries the current FLOPs, so a trial stopped early still has both objectives.
-        self.report({**point, "flops": count_flops(self.model), **extra})
+        self.report({**point, **named, "flops": count_flops(self.model), **extra})
 
     def finetune(self, epochs: float, phase: str, anneal: bool = False, **extra: Any) -> float:
         """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end.
@@ -251,7 +256,7 @@ class Finetuner:
     def _train_step(self, net: nn.Module, opt: torch.optim.Optimizer, sched: Any, device: torch.device) -> Tensor:
         """One SGD step on the next batch of the stream; returns the (undetached) loss."""
         x, y = next(self._stream)
-        loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+        loss = self._task.loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

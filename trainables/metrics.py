@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trainables.models import input_shape_of
 
-__all__ = ["count_flops", "count_flops_by_layer", "count_params", "measure_latency", "deployment_form", "evaluate"]
+__all__ = ["count_backbone_flops", "count_flops", "count_flops_by_layer", "count_params", "measure_latency", "deployment_form", "evaluate"]
 
 
 def count_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> int:
@@ -34,6 +34,16 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] | None = None) -> i
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+def count_backbone_flops(model: nn.Module) -> int | None:
+    """FLOPs of the model's feature extractor alone (one image), or None for a model that does
+    not name one. A detector stamps ``backbone_name``: its backbone is what filter pruning
+    shrinks, while the RPN and box heads keep their cost, so both figures are reported."""
+    name = getattr(model, "backbone_name", None)
+    if name is None:
+        return None
+    return count_flops(model.get_submodule(name), input_shape_of(model))
 
 
 def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int] | None = None) -> tuple[dict[nn.Module, int], int]:
@@ -83,22 +93,34 @@ def deployment_form(model: nn.Module, channels_last: bool = True) -> nn.Module:
     lets oneDNN/cuDNN pick their fastest convolution layouts (faster for every model measured
     in bench/RESULTS.md).
     """
-    from torch.fx.experimental.optimization import fuse
-
     deployed = copy.deepcopy(model).eval()
-    try:
-        deployed = fuse(deployed)
-    except Exception as err:  # fx cannot trace data-dependent control flow
-        warnings.warn(f"BatchNorm not folded ({type(err).__name__}: {err}); timing the unfused model", stacklevel=2)
+    backbone = getattr(model, "backbone_name", None)
+    if backbone is not None:
+        # A detector does not trace as a whole (torchvision's R-CNN has data-dependent proposal
+        # counts), but its backbone does, and that is where the convs and BatchNorms are.
+        deployed.set_submodule(backbone, _fused(deployed.get_submodule(backbone)))
     else:
-        if _pointwise_fusion_available(deployed):
-            _fuse_conv_pointwise(deployed)
+        deployed = _fused(deployed)
     if channels_last:
         deployed = deployed.to(memory_format=torch.channels_last)
     shape = getattr(model, "input_shape", None)
     if shape is not None:  # fx's GraphModule drops plain attributes; latency needs the stamp
         deployed.input_shape = tuple(shape)
     return deployed
+
+
+def _fused(module: nn.Module) -> nn.Module:
+    """``module`` with BatchNorm folded and conv + ReLU / add fused where fx can trace it."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(module)
+    except Exception as err:  # fx cannot trace data-dependent control flow
+        warnings.warn(f"BatchNorm not folded ({type(err).__name__}: {err}); timing the unfused model", stacklevel=3)
+        return module
+    if _pointwise_fusion_available(fused):
+        _fuse_conv_pointwise(fused)
+    return fused
 
 
 class _FusedConv2d(nn.Module):

@@ -2,8 +2,11 @@
 
 Every builder returns an ``nn.Module`` with an ``input_shape`` attribute ``(C, H, W)``
 so that graph tracing (torch-pruning), FLOP counting and latency measurement know the
-input size without being told, and a ``head_name`` attribute naming its output ``nn.Linear``
-(what ``cut_head`` cuts). ``num_classes`` sets the width of the classifier head.
+input size without being told, a ``head_name`` attribute naming its output ``nn.Linear``
+(what ``cut_head`` cuts; None for detectors and segmenters, which have none) and a ``task``
+attribute (``classification``, ``detection`` or ``segmentation``). ``num_classes`` sets the
+width of the output layer. The dense-prediction builders live in ``trainables.dense_models``
+and are registered when the ``trainables`` package is imported (which any import of this module does first).
 """
 
 from __future__ import annotations
@@ -20,19 +23,26 @@ __all__ = ["MODELS", "build_model", "cut_head", "head_of", "list_models", "regis
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-def register_model(name: str, input_shape: tuple[int, int, int], head: str = "classifier"):
-    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape`` and
-    ``head_name`` (the dotted name of the output ``nn.Linear``, ``num_classes`` wide)."""
+def register_model(name: str, input_shape: tuple[int, int, int], head: str | None = "classifier",
+                   task: str = "classification"):
+    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape``,
+    ``head_name`` (the dotted name of the output ``nn.Linear``, ``num_classes`` wide; None for a
+    model without one, such as a detector), ``task`` and ``model_name`` (``name``)."""
+    if head is None and task == "classification":
+        raise ValueError(f"model '{name}': a classification model needs its head's name, but got head=None")
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         def build(num_classes: int = 10, **kwargs) -> nn.Module:
             model = builder(num_classes=num_classes, **kwargs)
             model.input_shape = tuple(input_shape)
             model.head_name = head
+            model.task = task
+            model.model_name = name
             return model
 
         build.__doc__ = builder.__doc__
         build.input_shape = tuple(input_shape)
+        build.task = task
         MODELS.register(name, build)
         return builder
 
@@ -65,6 +75,10 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
 
 def head_of(model: nn.Module) -> tuple[str, nn.Linear]:
     """The output layer of ``model``: its ``head_name`` stamp, else its last ``nn.Linear``."""
+    task = getattr(model, "task", "classification")
+    if task != "classification":
+        raise ValueError(f"a {task} model ({getattr(model, 'model_name', type(model).__name__)}) has no "
+                         "nn.Linear classifier head to cut; class subsets apply to classification models only")
     name = getattr(model, "head_name", None)
     if name is None:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -287,3 +301,4 @@ class SmallAlexNet(nn.Module):
 def _small_alexnet(num_classes: int = 10, width: int = 64) -> nn.Module:
     """Small AlexNet-style CNN for 28x28 colour inputs (Coloured Fashion-MNIST)."""
     return SmallAlexNet(num_classes=num_classes, width=width)
+

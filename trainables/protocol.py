@@ -45,12 +45,13 @@ from trainables.config import METHODS, FinetuneConfig, MeasureConfig, PretrainCo
 from trainables.criteria import Criterion, ScoringContext, get_criterion
 from trainables.finetune import Finetuner, Report, recalibrate_bn
 from trainables.greedy_car import greedy_prune_unit
-from trainables.metrics import count_flops, count_params, measure_latency
+from trainables.metrics import count_backbone_flops, count_flops, count_params, measure_latency
 from trainables.planning import plan_ratios, select_keep
 from trainables.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
 from trainables.recovery import run_recovery, stage_recovery
 from trainables.schedules import kept_count
-from trainables.surgery import Unit, describe_units, prune_layer
+from trainables.surgery import Unit, describe_units, prune_layer, select_units
+from trainables.tasks import Task, task_of
 
 __all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "recalibrate_bn", "scoring_batches",
            "validation_batches"]
@@ -147,10 +148,11 @@ def run_protocol(
     if prune.method == "scratch" and (pretrain is None or pretrainer is None):
         raise ValueError("pretrain and pretrainer must be the base model's PretrainConfig and "
                          "trainables.base_model.train_base_model for prune.method=scratch, but got None")
-    units = describe_units(model)
+    task = task_of(model)
+    units = select_units(model, describe_units(model), prune.units)
     # control removes nothing: its planned ratios are all 0 (and a FLOPs target is not searched)
     ratios = [0.0] * len(units) if prune.method == "control" else plan_ratios(model, units, prune)
-    plan = _Plan(units, ratios, prune, finetune.recovery_delta, pretrain, pretrainer)
+    plan = _Plan(units, ratios, prune, finetune.recovery_delta, pretrain, pretrainer, task=task)
     stages = _stages(plan, splits, seed)
     state = _restore(model, resume) if resume else None
     tuner = Finetuner(model, splits, finetune, seed, report, progress, _total_epochs(prune, len(units)),
@@ -168,11 +170,14 @@ def run_protocol(
     drops = [s.pre_prune_val_acc - s.damage_val_acc for s in state.steps]
     record = RunRecord(
         base_val_acc=state.base_val, units=state.rows, curve=tuner.curve, final_val_acc=final_val,
-        final_test_acc=test["top1"] if test else None, ratios=ratios, unit_names=[u.name for u in units],
+        final_test_acc=test["score"] if test else None, ratios=ratios, unit_names=[u.name for u in units],
         before=state.before, after=_measure(model, measure), latency_batch_size=measure.batch_size,
         prune_log=state.prune_log, wall_s=time.perf_counter() - t0,
         config=config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed},
-        final_test_top5=test["top5"] if test and len(splits.class_names) > 10 else None,
+        final_test_top5=test["top5"] if test and "top5" in test and len(splits.class_names) > 10 else None,
+        task=task.name, score_name=task.score_name,
+        final_test_metrics=({k: v for k, v in test.items() if k not in ("score", "n", "loss")}
+                            if test and task.name != "classification" else None),
         method=prune.method, steps=state.steps, recovery_delta=finetune.recovery_delta,
         steps_to_recover=run_rec["steps_to_recover"], recovery_auc=run_rec["recovery_auc"],
         mean_damage=sum(drops) / len(drops) if drops else None,
@@ -195,9 +200,10 @@ def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
         return build(plan)
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
     plan.criterion = get_criterion(prune.criterion)
+    loss = plan.task.logits_loss if plan.task is not None else None
     plan.ctx = ScoringContext(
         batches=scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
-        options=dict(prune.criterion_options),
+        options=dict(prune.criterion_options), **({"loss_fn": loss} if loss is not None else {}),
     )
     return build(plan)
 
@@ -220,14 +226,23 @@ def _start(model: nn.Module, tuner: Finetuner, measure: MeasureConfig) -> Protoc
     return ProtocolState(before=before, base_val=base_val)
 
 
+def rebuild_pruned(model: nn.Module, record: dict, state_dict: dict | None = None) -> nn.Module:
+    """The pruned model of a run record, from a fresh copy of its base architecture: replays
+    ``record["prune_log"]`` on ``model`` in place, then loads ``state_dict`` if given (how a
+    detector logged to MLflow as weights + record is loaded back)."""
+    for rec in record["prune_log"]:
+        prune_layer(model, rec["unit"], rec["keep_idxs"])
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
+
+
 def _restore(model: nn.Module, resume: dict) -> ProtocolState:
     """Rebuild the pruned architecture from the log, load the weights, return the state."""
     if "model_state" not in resume:
         raise ValueError("resume: the checkpoint has no model_state; pass a state from checkpoint(state)")
     state = ProtocolState.from_dict(resume)
-    for rec in state.prune_log:
-        prune_layer(model, rec["unit"], rec["keep_idxs"])
-    model.load_state_dict(resume["model_state"])
+    rebuild_pruned(model, {"prune_log": state.prune_log}, resume["model_state"])
     return state
 
 
@@ -252,14 +267,16 @@ def _measure(model: nn.Module, measure: MeasureConfig) -> Measurement:
         latency = measure_latency(
             model, measure.batch_size, threads=measure.threads, repeats=measure.repeats, warmup=measure.warmup
         )["median_ms"]
-    return Measurement(flops=count_flops(model), params=count_params(model), latency_ms=latency)
+    return Measurement(flops=count_flops(model), params=count_params(model), latency_ms=latency,
+                       backbone_flops=count_backbone_flops(model))
 
 
 def _final_report(tuner: Finetuner, record: RunRecord) -> dict[str, Any]:
     """The last ``report``: final accuracies and both objectives (FLOPs, latency)."""
     return {"step": tuner.step, "epoch": round(tuner.epoch, 4), "val_acc": record.final_val_acc, "phase": "final",
             "test_acc": record.final_test_acc, "flops": record.after.flops, "params": record.after.params,
-            "latency_ms": record.after.latency_ms, "flops_before": record.before.flops}
+            "latency_ms": record.after.latency_ms, "flops_before": record.before.flops,
+            **{f"test_{k}": v for k, v in (record.final_test_metrics or {}).items()}}
 
 
 # ---- the methods: each turns a plan (units, ratios, criterion, ctx, prune) into a list of stages ----
@@ -280,6 +297,7 @@ class _Plan:
     pretrainer: Pretrainer | None = None  # scratch only
     criterion: Criterion | None = None
     ctx: ScoringContext | None = None
+    task: Task | None = None  # the model's task: its loss for gradient criteria
 
     def score(self, model: nn.Module, unit: Unit) -> Tensor:
         if self.criterion is None or self.ctx is None:

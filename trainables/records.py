@@ -64,13 +64,20 @@ class Measurement:
     flops: int
     params: int
     latency_ms: float | None  # median per batch of ``MeasureConfig.batch_size``; None: not measured
+    # FLOPs of the feature extractor alone, for models that name one (a detector's backbone):
+    # the part pruning shrinks, beside the whole model whose heads it leaves as they are.
+    backbone_flops: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"flops": self.flops, "params": self.params, "latency_ms": self.latency_ms}
+        d = {"flops": self.flops, "params": self.params, "latency_ms": self.latency_ms}
+        if self.backbone_flops is not None:
+            d["backbone_flops"] = self.backbone_flops
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
-        return cls(flops=d["flops"], params=d["params"], latency_ms=d["latency_ms"])
+        return cls(flops=d["flops"], params=d["params"], latency_ms=d["latency_ms"],
+                   backbone_flops=d.get("backbone_flops"))
 
 
 @dataclass
@@ -204,6 +211,12 @@ class RunRecord:
     recovery_auc: float | None = None
     mean_damage: float | None = None
     final_test_top5: float | None = None  # only recorded with more than 10 classes
+    # What the accuracies are (trainables.tasks): classification's top1, detection's map50
+    # (mAP@0.5), segmentation's miou. Every metric of the test evaluation, for tasks with more
+    # than one (detection: map50, map, map75; segmentation: miou, pixel_acc, class_acc).
+    task: str = "classification"
+    score_name: str = "top1"
+    final_test_metrics: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record's JSON shape: keys and order as consumers (run.py, search, bench) read them."""
@@ -234,4 +247,9 @@ class RunRecord:
         }
         if self.final_test_top5 is not None:
             record["final_test_top5"] = self.final_test_top5
+        if self.task != "classification":  # classification records keep their shape
+            record.update(task=self.task, score_name=self.score_name, final_test_metrics=self.final_test_metrics)
+            if self.before.backbone_flops is not None:
+                record.update(backbone_flops_before=self.before.backbone_flops,
+                              backbone_flops_after=self.after.backbone_flops)
         return record

@@ -23,6 +23,10 @@ from trainables.compose import configs_of, load_run_config
 __all__ = ["format_summary", "main", "run"]
 
 
+# How the summary names each task's headline score (record["score_name"]).
+_SCORE_NAMES = {"top1": "acc", "map50": "mAP@0.5", "miou": "mIoU"}
+
+
 def format_summary(record: dict) -> str:
     """A plain-text table of a run record."""
     pct = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"  # noqa: E731
@@ -34,14 +38,23 @@ def format_summary(record: dict) -> str:
                      f"{steps(u.get('steps_to_recover')) if u.get('damage_val_acc') is not None else '-':>16}")
     fr = record["flops_after"] / record["flops_before"]
     auc = record.get("recovery_auc")
+    score = _SCORE_NAMES.get(record.get("score_name", "top1"), record.get("score_name"))
     lines += [
         f"method {record.get('method', '?')}: back within {100 * record.get('recovery_delta', 0):.1f} points of base after "
         f"{steps(record.get('steps_to_recover'))} steps, recovery AUC {'-' if auc is None else f'{auc:.3f}'}",
-        f"base val acc    {pct(record['base_val_acc'])}%",
-        f"final val acc   {pct(record['final_val_acc'])}%   test acc {pct(record['final_test_acc'])}%",
+        f"base val {score:<9}{pct(record['base_val_acc'])}%",
+        f"final val {score:<8}{pct(record['final_val_acc'])}%   test {score} {pct(record['final_test_acc'])}%",
+    ]
+    extra = record.get("final_test_metrics") or {}
+    if extra:
+        lines.append("test metrics    " + "  ".join(f"{k}={100 * v:.2f}%" for k, v in extra.items()))
+    lines += [
         f"FLOPs           {record['flops_before'] / 1e6:.2f}M -> {record['flops_after'] / 1e6:.2f}M  (x{fr:.3f})",
         f"params          {record['params_before'] / 1e3:.1f}k -> {record['params_after'] / 1e3:.1f}k",
     ]
+    if record.get("backbone_flops_before"):
+        before, after = record["backbone_flops_before"], record["backbone_flops_after"]
+        lines.append(f"backbone FLOPs  {before / 1e6:.2f}M -> {after / 1e6:.2f}M  (x{after / before:.3f})")
     if record.get("latency_ms_before") is not None:
         lines.append(f"latency (b={record['latency_batch_size']}) {record['latency_ms_before']:.2f} ms -> "
                      f"{record['latency_ms_after']:.2f} ms (x{record['latency_ms_after'] / record['latency_ms_before']:.3f})")
