@@ -1,5 +1,6 @@
-"""Greedy CAR: the fast order equals the naive greedy order, rescore_every, ties by loss,
-bad inputs, the caller's model untouched, and the protocol method end to end."""
+"""Greedy CAR: the fast order equals the naive greedy order, rescore_every, ties by loss, the
+screening after the next conv (its bounds, exact tie-breaks and fallbacks), bad inputs, the
+caller's model untouched, and the protocol method end to end."""
 
 from __future__ import annotations
 
@@ -81,15 +82,127 @@ def test_the_cached_split_and_the_hook_fallback_give_the_same_order(bn_case, mon
     model, batches = bn_case
     unit = describe_units(model)[0]
     images = torch.cat([x for x, _ in batches])
-    assert isinstance(greedy._evaluator(model, unit, images, batches), greedy._SplitEvaluator)  # traced and cached
+    _, exact = greedy._evaluators(model, unit, images, batches, None)
+    assert isinstance(exact, greedy._SplitEvaluator)  # traced and cached
     cached = greedy_car_order(model, "0", batches, n_remove=5)
 
     def untraceable(*_a, **_k):
         raise RuntimeError("no fx")
 
     monkeypatch.setattr(greedy._SplitEvaluator, "__init__", untraceable)
-    assert isinstance(greedy._evaluator(model, unit, images, batches), greedy._HookEvaluator)
+    screen, exact = greedy._evaluators(model, unit, images, batches, None)
+    assert isinstance(exact, greedy._HookEvaluator) and screen is exact
     assert greedy_car_order(model, "0", batches, n_remove=5) == cached
+
+
+# ---- screening after the next conv (_DeltaEvaluator) ----
+
+def _rows(n_filters: int, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (candidate, image) row, candidate -1 (nothing removed) included."""
+    cands = torch.arange(-1, n_filters).repeat_interleave(n_images)
+    return cands, torch.arange(n_images).repeat(n_filters + 1)
+
+
+def test_a_first_layer_is_screened_after_the_next_conv_and_keeps_the_naive_order():
+    """small_cnn's first layer (conv, BN, ReLU, max-pool, conv, ...): the screening subtracts a
+    filter's share from the next conv's output; its logits match the masked network's to
+    float rounding, and the order is the naive one."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", width=8).eval()
+    batches = _self_labelled(model, 48, 24, seed=4, noise=0.2)
+    unit = describe_units(model)[0]
+    images = torch.cat([x for x, _ in batches])
+    screen, exact = greedy._evaluators(model, unit, images, batches, None)
+    assert isinstance(screen, greedy._DeltaEvaluator) and isinstance(exact, greedy._SplitEvaluator)
+    base = torch.ones(unit.n_filters)
+    base[3] = 0  # a filter already removed
+    cands, idx = _rows(unit.n_filters, 6)
+    with torch.no_grad():
+        screened, masked = screen.logits(base, cands, idx), exact.logits(base, cands, idx)
+    assert torch.allclose(screened, masked, rtol=0, atol=1e-4 * float(masked.abs().max()))
+    fast = greedy_car_order(model, unit.name, batches, n_remove=5)
+    assert fast == greedy_car_order_naive(model, unit.name, batches, n_remove=5)
+
+
+def test_the_screening_falls_back_to_exact_evaluations_where_it_does_not_apply(bn_case, resnet_case):
+    """Not after a lone plain conv (unit "3" feeds a pooling and the linear head), several
+    activation points (a residual-coupled unit), or a custom loss (no error bound): the
+    screening is the exact evaluator itself, and the order still the naive one."""
+    model, batches = bn_case
+    images = torch.cat([x for x, _ in batches])
+    first, second = describe_units(model)
+    assert greedy._evaluators(model, second, images, batches, None)[0].exact
+    assert greedy._evaluators(model, first, images, batches, nn.functional.cross_entropy)[0].exact
+    assert not greedy._evaluators(model, first, images, batches, None)[0].exact
+    resnet, rbatches = resnet_case
+    coupled = next(u for u in describe_units(resnet) if len(u.act_points) > 1)
+    assert greedy._evaluators(resnet, coupled, torch.cat([x for x, _ in rbatches]), rbatches, None)[0].exact
+    assert greedy_car_order(model, "3", batches, n_remove=5) == greedy_car_order_naive(model, "3", batches, n_remove=5)
+
+
+def _dead_filters_case() -> tuple[nn.Module, list]:
+    """``_bn_net`` with filters 2 and 5 of unit "0" dead (BN output -1, zero after the ReLU):
+    removing either changes nothing, so the two tie exactly and the index decides."""
+    model = _bn_net()
+    with torch.no_grad():
+        model[1].weight[[2, 5]] = 0
+        model[1].bias[[2, 5]] = -1.0
+    return model, _self_labelled(model, 64, 32, seed=0)
+
+
+def _count_exact(monkeypatch) -> list:
+    verified: list = []
+    original = greedy._Scoring._verify
+
+    def verify(self, ids):
+        verified.extend(self.cands[i] for i in ids)
+        return original(self, ids)
+
+    monkeypatch.setattr(greedy._Scoring, "_verify", verify)
+    return verified
+
+
+def test_screened_near_ties_are_decided_by_exact_evaluations(monkeypatch):
+    """The screened keys of the two dead filters are equal: within each other's error bounds,
+    so both are evaluated exactly, and the lower index goes first, as in the naive loop."""
+    model, batches = _dead_filters_case()
+    verified = _count_exact(monkeypatch)
+    order = greedy_car_order(model, "0", batches, n_remove=4)
+    assert order[:2] == [2, 5] and sorted(verified) == [2, 5]
+    assert order == greedy_car_order_naive(model, "0", batches, n_remove=4)
+
+
+def test_with_every_screened_value_in_doubt_the_order_is_still_the_naive_one(bn_case, monkeypatch):
+    monkeypatch.setattr(greedy, "_SAFETY", 1e9)  # eps so large that no screened value decides anything
+    model, batches = bn_case
+    verified = _count_exact(monkeypatch)
+    fast = greedy_car_order(model, "0", batches, n_remove=6, rescore_every=2)
+    assert verified and fast == greedy_car_order_naive(model, "0", batches, n_remove=6, rescore_every=2)
+
+
+def test_a_screening_error_beyond_its_bound_switches_to_exact_evaluations(monkeypatch):
+    """After calibration the screened logits of the two dead filters are skewed by far more
+    than eps (alike, so they still tie): the exact evaluation of the tie notices, warns, and
+    the unit is scored exactly, same order. (A skew that moved the ranking without a tie to
+    check would go unnoticed: the guard is the calibration, this check only backs it up.)"""
+    model, batches = _dead_filters_case()
+    calibrate = greedy._Race._calibrate
+
+    def skewed(self, base, cands):
+        calibrate(self, base, cands)
+        clean = self.screen.logits
+        skew = 1e-3 * torch.arange(10.0)  # moves the loss by far more than eps
+
+        def logits(b, c, i):
+            dead = ((c == 2) | (c == 5)).unsqueeze(1)
+            return clean(b, c, i) + dead * skew
+
+        self.screen.logits = logits
+
+    monkeypatch.setattr(greedy._Race, "_calibrate", skewed)
+    with pytest.warns(RuntimeWarning, match="off by more than its bound"):
+        order = greedy_car_order(model, "0", batches, n_remove=4)
+    assert order == greedy_car_order_naive(model, "0", batches, n_remove=4)
 
 
 @pytest.fixture(scope="module")
