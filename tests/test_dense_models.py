@@ -132,26 +132,27 @@ def test_segnet_coupling_is_needed_and_declared():
     model = _model("small_segnet")
     units = {u.name: u for u in describe_units(model)}
     # Every decoder conv whose output is unpooled with an encoder stage's indices follows it.
-    assert units["encoder.0.1.conv"].convs == ("encoder.0.1.conv", "decoder.1.1.conv")
-    assert units["encoder.1.1.conv"].convs == ("encoder.1.1.conv", "decoder.0.1.conv")
-    assert units["encoder.1.1.conv"].bns == ("encoder.1.1.bn", "decoder.0.1.bn")
-    assert units["encoder.2.1.conv"].convs == ("encoder.2.1.conv",)  # innermost: same tensor, no coupling
-    assert "decoder.0.1.conv" not in units and "decoder.1.1.conv" not in units and "classifier" not in units
-    assert len(units) == 9  # 6 encoder + 5 decoder convs, 2 of them followers
+    assert units["encoder.0.1.conv"].convs == ("encoder.0.1.conv", "decoder.2.1.conv")
+    assert units["encoder.1.1.conv"].convs == ("encoder.1.1.conv", "decoder.1.1.conv")
+    assert units["encoder.1.1.conv"].bns == ("encoder.1.1.bn", "decoder.1.1.bn")
+    assert units["encoder.2.1.conv"].convs == ("encoder.2.1.conv", "decoder.0.1.conv")
+    assert units["encoder.3.1.conv"].convs == ("encoder.3.1.conv",)  # innermost: same tensor, no coupling
+    assert not {"decoder.0.1.conv", "decoder.1.1.conv", "decoder.2.1.conv", "classifier"} & set(units)
+    assert len(units) == 12  # 8 encoder + 7 decoder convs, 3 of them followers
     with pytest.raises(ValueError, match=r"keeps the filters of unit 'encoder.1.1.conv'"):
-        prune_layer(model, "decoder.0.1.conv", [0])
+        prune_layer(model, "decoder.1.1.conv", [0])
 
     # Without the coupling: torch-pruning's own group for the leader leaves the decoder behind.
     alone = copy.deepcopy(model)
     graph = dependency_graph(alone)
     graph.get_pruning_group(alone.encoder[1][1].conv, tp.prune_conv_out_channels, idxs=[0, 5]).prune()
-    assert alone.decoder[0][1].conv.out_channels == 32
+    assert alone.decoder[1][1].conv.out_channels == 16
     with pytest.raises(RuntimeError, match="Expected shape of indices"):
         alone(torch.randn(1, 1, 128, 128))
 
-    prune_layer(model, "encoder.1.1.conv", [i for i in range(32) if i not in (0, 5)])
-    assert model.encoder[1][1].conv.out_channels == model.decoder[0][1].conv.out_channels == 30
-    assert model.decoder[1][0].conv.in_channels == 30
+    prune_layer(model, "encoder.1.1.conv", [i for i in range(16) if i not in (0, 5)])
+    assert model.encoder[1][1].conv.out_channels == model.decoder[1][1].conv.out_channels == 14
+    assert model.decoder[2][0].conv.in_channels == 14
     assert model(torch.randn(1, 1, 128, 128)).shape == (1, 11, 128, 128)
 
 
@@ -163,7 +164,7 @@ def test_select_units_partitions_segnet():
     assert {u.name for u in enc} | {u.name for u in dec} == {u.name for u in units}
     assert not {u.name for u in enc} & {u.name for u in dec}
     assert all(u.name.startswith("encoder.") for u in enc) and all(u.name.startswith("decoder.") for u in dec)
-    assert len(enc) == 6 and len(dec) == 3
+    assert len(enc) == 8 and len(dec) == 4
     with pytest.raises(ValueError, match=r"^prune.units must be one of all, decoder, encoder for small_segnet, "
                                          r"but got 'x'$"):
         select_units(model, units, "x")

@@ -34,7 +34,7 @@ def small_scenes(monkeypatch, tmp_path, tiny_fmnist):
 def _args(root: Path, tmp_path: Path, task: str, *more: str) -> list[str]:
     return [
         f"task={task}", f"data.root={root}", "data.val_size=16", "data.batch_size=8", "data.eval_batch_size=16",
-        "+model.kwargs.width=8", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
+        "++model.kwargs.width=8", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'out'}", "measure.batch_size=2", "measure.repeats=1", "measure.warmup=1",
         "progress=false", "prune.p=0.1", "prune.q=0.1", "prune.score_batch_size=8", "finetune.eval_max_images=null",
         *more,
@@ -106,7 +106,7 @@ def test_detection_search_logs_map_to_mlflow(tiny_fmnist, tmp_path):
     env = {**os.environ, "PRUNESEARCH_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "search.launch", "task=detection", f"data.root={tiny_fmnist}", "data.val_size=16",
-        "data.fraction=0.05", "data.batch_size=8", "data.eval_batch_size=16", "+model.kwargs.width=8",
+        "data.fraction=0.05", "data.batch_size=8", "data.eval_batch_size=16", "++model.kwargs.width=8",
         f"model.weights={weights}", "model.pretrain.epochs=0", "search.num_trials=2", "search.max_concurrent_trials=2",
         "search.p.low=0.0", "search.p.high=0.002", "search.q.low=0.002", "search.q.high=0.004",
         "search.criteria=[random,l1,taylor]", "search.schedules=[uniform]", "measure.batch_size=2",

@@ -297,9 +297,12 @@ class SegNet(nn.Module):
 
 
 @register_model("small_segnet", input_shape=(1, 128, 128), head=None, task="segmentation")
-def _small_segnet(num_classes: int = 11, width: int = 16, in_channels: int = 1) -> nn.Module:
-    """Small SegNet for 128x128 grey scenes: 3 stages of w/2w/4w, 2 convs each."""
-    return SegNet(num_classes, (width, 2 * width, 4 * width), (2, 2, 2), in_channels)
+def _small_segnet(num_classes: int = 11, width: int = 8, in_channels: int = 1) -> nn.Module:
+    """Small SegNet for 128x128 grey scenes: 4 stages of w/2w/4w/8w, 2 convs each. Four
+    stages, not three: naming a 48 px item's class needs a receptive field wider than the item
+    (three stages segmented foreground from background at 98% but named the class of 10% of
+    the foreground pixels after 2 epochs); the fourth stage runs at 16x16 and costs little."""
+    return SegNet(num_classes, (width, 2 * width, 4 * width, 8 * width), (2, 2, 2, 2), in_channels)
 
 
 @register_model("vgg16_segnet", input_shape=(3, 360, 480), head=None, task="segmentation")
