@@ -224,6 +224,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     storage = tune_storage(cfg.storage_path, out)
     ctx = TrialContext(
         model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs or {}), num_classes=splits.num_classes,
+        input_shape=tuple(splits.input_shape),
         base_state={k: v.clone() for k, v in base.state_dict().items()}, data_args=data_args(cfg),
         prune=prune_trial, finetune=asdict(finetune), measure=asdict(measure), seed=cfg.seed,
         threads=cfg.trial_threads, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

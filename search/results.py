@@ -170,7 +170,10 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
         test = task.evaluate(model, batches, classes=splits.eval_classes)
         row["test_acc"] = test["score"]
         example = torch.zeros(2, *splits.input_shape)
-        session.tracker.log_pruned_model(row["trial_id"], model, example, {**record, "final_test_acc": test["score"]})
+        ctx = session.ctx  # what rebuilds the architecture the prune log applies to (rebuild_pruned)
+        built = {"name": ctx.model_name, "kwargs": ctx.model_kwargs, "num_classes": ctx.num_classes}
+        session.tracker.log_pruned_model(row["trial_id"], model, example,
+                                         {**record, "final_test_acc": test["score"], "architecture": built})
         log(f"front trial {row['trial_id']}: test {task.score_name} {100 * test['score']:.2f}%, model logged to MLflow")
 
 

@@ -94,6 +94,8 @@ def check_study(cfg) -> None:
         require(_is_number(f) and 0 < f <= 1, f"study.fractions[{i}]", "in (0, 1]", f)
     for m in _list(study, "methods"):
         require(m in _PRUNING_METHODS, "study.methods", f"a list of {', '.join(_PRUNING_METHODS)}", m)
+        require(m != "greedy_car" or task.name == "classification", "study.methods",
+                f"a list without greedy_car for {task.name} (greedy CAR ranks filters by classification accuracy)", m)
     for name in _BASELINES:
         value = study.get(name)
         require(value in _SWITCH, f"study.{name}", "auto, true or false", value)

@@ -416,8 +416,9 @@ class SearchTracker:
     def _log_state_dict(self, run_id: str, model: torch.nn.Module, record: Mapping[str, Any]) -> str:
         """A detector as ``model/state_dict.pt`` + ``model/record.json``: ``torch.export`` cannot
         trace torchvision's R-CNNs (data-dependent proposal counts), so the pruned model is rebuilt
-        instead: ``trainables.protocol.rebuild_pruned(build_model(name, num_classes), record,
-        state_dict)`` replays ``record["prune_log"]`` on the base architecture and loads the weights."""
+        instead: ``rebuild_pruned(build_model(b["name"], num_classes=b["num_classes"], **b["kwargs"]),
+        record, state_dict)`` with ``b = record["architecture"]`` (``trainables.protocol``) replays
+        ``record["prune_log"]`` on the base architecture and loads the weights."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp, "model")
             folder.mkdir()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data._fashion_mnist as fmnist
 import data._scenes as scenes_mod
@@ -69,8 +70,16 @@ def test_segmentation_run_prunes_only_the_decoder_when_asked(small_scenes, tmp_p
     assert set(record["final_test_metrics"]) == {"miou", "pixel_acc", "class_acc"}
     assert record["unit_names"] and all(u.startswith("decoder.") for u in record["unit_names"])
     assert "mIoU" in out
-    # The encoder's convs kept every filter: the pruned model's encoder weights have the base shapes.
-    assert all(e["unit"].startswith("decoder.") for e in record["prune_log"])
+    # The encoder kept every filter: the pruned architecture's encoder convs have the base widths.
+    from trainables.models import build_model
+    from trainables.protocol import rebuild_pruned
+
+    base = build_model("small_segnet", num_classes=11, width=8)
+    pruned = rebuild_pruned(build_model("small_segnet", num_classes=11, width=8), record)
+    widths = lambda m, part: [c.out_channels for n, c in m.named_modules()  # noqa: E731
+                              if n.startswith(part) and isinstance(c, torch.nn.Conv2d)]
+    assert widths(pruned, "encoder.") == widths(base, "encoder.")
+    assert sum(widths(pruned, "decoder.")) < sum(widths(base, "decoder."))
 
 
 @pytest.mark.parametrize("args, musts", [
@@ -78,7 +87,6 @@ def test_segmentation_run_prunes_only_the_decoder_when_asked(small_scenes, tmp_p
     (["task=segmentation", "criterion=car"], ["criterion.name=car does not apply to segmentation"]),
     (["task=detection", "prune.method=greedy_car"], ["prune.method must be not greedy_car for detection"]),
     (["task=segmentation", "prune.units=middle"], ["prune.units", "'middle'", "decoder, encoder"]),
-    (["task=detection", "prune.adapt_bn_batches=2"], ["prune.adapt_bn_batches must be 0 for detection"]),
     (["data=fmnist_detection"], ["model.name=small_cnn is a classification model but data.name=fmnist_detection"]),
     (["task=segmentation", "model=small_frcnn"], ["small_frcnn is a detection model", "fmnist_segmentation is a segmentation"]),
     (["task=depth"], ["unknown task 'depth'", "classification, detection, segmentation"]),
@@ -95,8 +103,6 @@ def test_detection_search_logs_map_to_mlflow(tiny_fmnist, tmp_path):
     """`python -m search.launch task=detection`: two trials on a given (saved, untrained) detector;
     each trial's MLflow run carries val_map50 beside val_acc, and the front's models are logged
     as weights + record (torch.export cannot trace torchvision's R-CNNs)."""
-    import torch
-
     from trainables.models import build_model
 
     weights = tmp_path / "frcnn.pt"
@@ -121,8 +127,45 @@ def test_detection_search_logs_map_to_mlflow(tiny_fmnist, tmp_path):
     for run in runs:
         assert run.data.metrics["val_map50"] == run.data.metrics["val_acc"]
         assert run.data.params["criterion"] in ("random", "l1")
+    # The front's detectors are logged as weights + record, and load back into a working model.
+    import mlflow
+
+    from trainables.protocol import rebuild_pruned
+
+    front = [r for r in runs if r.data.tags.get("pareto") == "true"]
+    assert front
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    folder = Path(client.download_artifacts(front[0].info.run_id, "model", str(tmp_path / "dl")))
+    assert sorted(p.name for p in folder.iterdir()) == ["record.json", "state_dict.pt"]
+    logged = json.loads((folder / "record.json").read_text())
+    arch = logged["architecture"]
+    model = rebuild_pruned(build_model(arch["name"], num_classes=arch["num_classes"], **arch["kwargs"]), logged,
+                           torch.load(folder / "state_dict.pt", weights_only=True))
+    assert model.eval()(torch.zeros(1, 1, 128, 128))[0]["boxes"].shape[1] == 4
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
     assert all(r["flops_ratio"] < 1 for r in rows)
+
+
+@pytest.mark.parametrize("command, args, musts", [
+    ("search.study", ["task=detection", "study.methods=[greedy_car]"],
+     ["study.methods must be a list without greedy_car for detection"]),
+    ("search.study", ["task=detection", "study.criteria=[random,taylor]"],
+     ["study.criteria: taylor do not apply to detection", "valid for detection: random"]),
+    ("search.study", ["task=segmentation", "study.flops_targets=[0.5]", "study.ratios=null"],
+     ["study.flops_targets must be null for segmentation"]),
+    ("search.launch", ["task=detection", "search=blended"], ["search must not be blended for detection"]),
+    ("search.launch", ["task=detection", "search.criteria=[taylor,car]"],
+     ["search.criteria must include a criterion that applies to detection"]),
+    ("trainables.compress", ["model=small_segnet", "data=fmnist_segmentation", "criterion=l1"],
+     ["task must be classification for trainables.compress"]),
+])
+def test_search_study_and_compress_refuse_what_the_task_cannot_do(command, args, musts, tmp_path, capsys):
+    import importlib
+
+    main_of = importlib.import_module(command).main
+    code = main_of([*args, f"cache_dir={tmp_path / 'cache'}"])
+    assert_refused(capsys, code, musts)
+    assert not (tmp_path / "cache").exists()

@@ -27,7 +27,7 @@ from torch import nn
 from data import iterate_batches
 from trainables.compose import NO_WEIGHTS_FOR_EPOCHS_0, base_data_args, configs_of, data_args
 from trainables.config import PretrainConfig
-from trainables.models import build_model, cut_head
+from trainables.models import MODELS, build_model, cut_head
 from trainables.tasks import task_of
 
 __all__ = [
@@ -224,11 +224,18 @@ def prepare(cfg: Any, log=print) -> tuple[nn.Module, Any, Path, dict]:
     own_data = base_args == run_args  # False: an all-class base model for a class subset
     # What determines the weights; where the files are and how they are loaded does not.
     data_key = {k: v for k, v in base_args.items() if k not in ("root", "download", "fraction", "num_workers")}
+    registered = MODELS.get(cfg.model.name).input_shape
+    if registered[0] != run.input_shape[0]:  # before any training
+        raise ValueError(f"model.name={cfg.model.name} takes {registered[0]}-channel images but data.name={cfg.data.name} "
+                         f"has {run.input_shape[0]} channels; pick a model and a data set that agree")
     model, path, meta = get_base_model(
         cfg.model.name, dict(cfg.model.kwargs or {}), run.num_classes if own_data else run.source_num_classes,
         (lambda: run) if own_data else (lambda: get_data(**base_args)), data_key, pretrain, cfg.cache_dir,
         seed=cfg.seed, weights=cfg.model.get("weights"), progress=cfg.progress, log=log,
     )
+    # Count FLOPs, trace and time at the size the data is served at (VOC's data.size), not the
+    # size the model was registered with; compose already refused a channel mismatch.
+    model.input_shape = tuple(run.input_shape)
     if not own_data and run.num_classes != run.source_num_classes:  # subset_head=cut
         cut_head(model, run.class_ids)
         log(f"base model: head cut to the {run.num_classes} classes of subset {cfg.subset}")

@@ -157,9 +157,6 @@ def _check_task(cfg: Any, prune: PruneConfig) -> None:
             check_criterion(task, name)
     require(prune.method != "greedy_car", "prune.method",
             f"not greedy_car for {task.name} (greedy CAR ranks filters by classification accuracy)", prune.method)
-    require(task.name != "detection" or prune.adapt_bn_batches == 0, "prune.adapt_bn_batches",
-            "0 for detection (a detector in training mode needs targets, so BN is not re-estimated)",
-            prune.adapt_bn_batches)
     require(cfg.get("subset") is None, "subset", f"null for {task.name} (class subsets are for classification)",
             cfg.get("subset"))
     classes = cfg.data.get("classes")

@@ -54,9 +54,13 @@ def compress_config(cfg: Any) -> CompressConfig:
 def load_compress_config(overrides: list[str]) -> Any:
     """The composed ``conf/compress.yaml`` with every check run: the run config's, the
     ``compress`` section's, and the layers against the (untrained) model's units."""
+    from trainables.compose import config_task
     from trainables.models import build_model
 
     cfg = load_run_config(overrides, config_name="compress")
+    task = config_task(cfg).name
+    require(task == "classification", "task", "classification for trainables.compress (its stages are scored by "
+            "top-1 accuracy)", task)
     ccfg = compress_config(cfg)
     base_seed = cfg.get("base_seed")
     require(base_seed is None or (isinstance(base_seed, int) and not isinstance(base_seed, bool) and base_seed >= 0),

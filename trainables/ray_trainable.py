@@ -61,6 +61,7 @@ class TrialContext:
     storage_path: str | None = None  # Ray Train run storage (TorchTrainer path)
     path: str = "auto"  # auto | fast | torch_trainer (auto: TorchTrainer only for GPUs or several workers)
     evaluate_test: bool = False  # read the test split at the end of each trial: a study, never a search
+    input_shape: tuple[int, int, int] | None = None  # (C, H, W) of the data; None: the model's registered one
     pretrain: dict | None = None  # the base model's PretrainConfig fields: prune.method=scratch trains with them
     reuse_data: bool = True  # keep the loaded data in the worker for its next trial (False: load per trial)
     # a stage's checkpoint is written only if this many seconds passed since the last one (the
@@ -99,6 +100,8 @@ def trial_base_model(ctx: TrialContext) -> torch.nn.Module:
     """The unpruned base model every trial of ``ctx`` starts from."""
     model = build_model(ctx.model_name, num_classes=ctx.num_classes, **ctx.model_kwargs)
     model.load_state_dict(ctx.base_state)
+    if ctx.input_shape is not None:  # the data's image size, as the driver's base model has it
+        model.input_shape = tuple(ctx.input_shape)
     return model
 
 
