@@ -212,7 +212,7 @@ def test_segmentation_serves_the_same_scenes_with_masks(fake_fmnist):
     assert (seg.task, seg.num_classes, seg.class_names) == ("segmentation", 11, det.class_names)
     assert torch.equal(seg.val.images, det.val.images) and torch.equal(seg.test.images, det.test.images)
     images, masks = next(iterate_batches(seg.test, 8, shuffle=False))
-    assert images.shape == (8, 1, 128, 128) and masks.shape == (8, 128, 128) and masks.dtype == torch.int64
+    assert images.shape == (8, 1, 128, 128) and masks.shape == (8, 128, 128) and masks.dtype == torch.uint8  # uint8 in memory; the task widens it
     # Every object pixel lies in a box of its own label.
     boxes = det.test.targets[:8]
     for n in range(8):

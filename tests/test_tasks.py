@@ -139,3 +139,20 @@ def test_pairing_and_criterion_checks_are_one_line():
     check_criterion(get_task("classification"), "car")
     with pytest.raises(ValueError, match="criterion.name=car does not apply to segmentation"):
         check_criterion(get_task("segmentation"), "car")
+
+
+def test_segmentation_training_loss_is_median_frequency_balanced():
+    from trainables.tasks import median_frequency_weights
+
+    y = torch.zeros(1, 4, 10, dtype=torch.uint8)  # 40 pixels: 30 background, 8 of class 1, 2 of class 2
+    y[0, 0, :8] = 1
+    y[0, 1, :2] = 2
+    y[0, 3, :] = IGNORE_INDEX  # left out of the counts: 30 - 10 = 20 background pixels counted
+    w = median_frequency_weights(y.long(), 4)
+    # frequencies 20/30, 8/30, 2/30; median 8/30; class 3 absent -> 0
+    assert w.tolist() == pytest.approx([8 / 20, 1.0, 4.0, 0.0])
+    logits = torch.randn(1, 4, 4, 10)
+    loss = get_task("segmentation").loss(lambda x: logits, torch.zeros(1), y)
+    manual = nn.functional.cross_entropy(logits, y.long(), weight=w.float(), ignore_index=IGNORE_INDEX)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(nn.functional.cross_entropy(logits, y.long(), ignore_index=IGNORE_INDEX).item())
