@@ -111,3 +111,23 @@ def kill_after_first_finished_trial(cmd: list[str], out: Path, env: dict, cwd: P
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
+
+
+def train_small_cnn(splits, epochs: int = 1):
+    """small_cnn trained ``epochs`` plain SGD passes over the in-memory ``splits.train`` in
+    order (seed 0), in eval mode: a quick real base model for protocol and criterion tests."""
+    import torch
+
+    from trainables.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        for i in range(0, len(splits.train), 32):
+            x, y = splits.train.images[i : i + 32], splits.train.targets[i : i + 32]
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

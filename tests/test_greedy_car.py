@@ -14,6 +14,7 @@ from torch import nn
 
 import trainables.greedy_car as greedy
 from data import get_data
+from tests.conftest import train_small_cnn
 from trainables import build_model, describe_units
 from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
 from trainables.greedy_car import greedy_car_order, greedy_car_order_naive
@@ -337,15 +338,7 @@ def splits(tiny_fmnist):
 
 @pytest.fixture(scope="module")
 def base(splits):
-    torch.manual_seed(0)
-    model = build_model("small_cnn")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for i in range(0, len(splits.train), 32):
-        loss = nn.functional.cross_entropy(model(splits.train.images[i : i + 32]), splits.train.targets[i : i + 32])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_small_cnn(splits, epochs=1)
 
 
 @pytest.mark.parametrize("extra", [{}, {"rescore_every": 3, "greedy_retrain_steps": 2}])

@@ -13,7 +13,8 @@ import torch
 import trainables.finetune as finetune_module
 import trainables.protocol as protocol
 from data import InMemoryDataset, get_data, iterate_batches
-from trainables import build_model, count_flops, describe_units, get_criterion, prune_layer
+from tests.conftest import train_small_cnn
+from trainables import count_flops, describe_units, get_criterion, prune_layer
 from trainables.base_model import train_base_model
 from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
 from trainables.protocol import plan_ratios, run_protocol, scoring_batches, select_keep
@@ -47,17 +48,7 @@ def splits(tiny_fmnist):
 
 @pytest.fixture(scope="module")
 def base(splits):
-    torch.manual_seed(0)
-    model = build_model("small_cnn")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        for i in range(0, len(splits.train), 32):
-            x, y = splits.train.images[i : i + 32], splits.train.targets[i : i + 32]
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_small_cnn(splits, epochs=2)
 
 
 def _run(base, splits, **prune_kwargs):
