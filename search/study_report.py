@@ -349,7 +349,7 @@ def plot_recovery_curves(rows: list[Row], path: Path, meta: dict) -> None:
         ax.set_title(_level_name(meta, level))
         ax.set_xlabel("fine-tuning step (optimiser steps)")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("val accuracy (%, eval subset)")
+    axes[0].set_ylabel(f"val {_score_name(meta)} (%, eval subset)")
     _legend(fig, axes)
     fig.suptitle(f"Recovery curves: mean over seeds, band = min..max (data fraction {fraction:g})", fontsize=10)
     fig.savefig(path, bbox_inches="tight")
@@ -435,8 +435,8 @@ def plot_damage_vs_recovery(rows: list[Row], path: Path, meta: dict) -> None:
     handles.append(Line2D([], [], color="grey", lw=0.8, ls=":", label="no recovery (y = x)"))
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.axhline(0, color="black", lw=0.6)
-    ax.set_xlabel("damage: val accuracy lost right after pruning (points, mean over steps)")
-    ax.set_ylabel("val accuracy still lost after fine-tuning (points)")
+    ax.set_xlabel(f"damage: val {_score_name(meta)} lost right after pruning (points, mean over steps)")
+    ax.set_ylabel(f"val {_score_name(meta)} still lost after fine-tuning (points)")
     ax.grid(True, alpha=0.3)
     ax.set_title("Damage vs recovery, one point per run", fontsize=10)
     fig.savefig(path, bbox_inches="tight")
@@ -475,9 +475,13 @@ def plot_data_efficiency(summary: list[Row], path: Path, meta: dict) -> None:
 # ---- report.md -------------------------------------------------------------------------------------
 
 
+def _score_name(meta: dict) -> str:
+    """The task's headline score (trainables.tasks): accuracy, mAP@0.5 or mIoU."""
+    return {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}.get(meta.get("score", "top1"), "accuracy")
+
+
 def _metric_name(meta: dict) -> str:
-    # The task's headline score (trainables.tasks): accuracy, mAP@0.5 or mIoU.
-    score = {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}.get(meta.get("score", "top1"), "accuracy")
+    score = _score_name(meta)
     return {"final_test_acc": f"test {score}", "final_val_acc": f"val {score}"}.get(meta.get("metric", ""), score)
 
 
