@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 # What each study runs: criteria x ratios, and for segmentation the parts it prunes.
 GRIDS = {
     "detection": {"criteria": ["random", "l1", "mean_activation"], "ratios": [0.25, 0.5], "parts": ["all"]},
-    "segmentation": {"criteria": ["random", "l1"], "ratios": [0.5], "parts": ["all", "decoder"]},
+    "segmentation": {"criteria": ["random", "l1"], "ratios": [0.5], "parts": ["all", "encoder", "decoder"]},
 }
 # Criteria per part where they differ from the grid's (CPU time: the parts compare random only).
 PART_CRITERIA = {("segmentation", "encoder"): ["random"], ("segmentation", "decoder"): ["random"]}

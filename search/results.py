@@ -165,8 +165,7 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
             if record_file.exists():
                 session.tracker.log_artifact(row["trial_id"], record_file)
         task = task_of(model)  # top-1, mAP@0.5 or mIoU (trainables.tasks)
-        batch = 1000 if task.name == "classification" else 32
-        batches = iterate_batches(splits.test, batch, shuffle=False, num_workers=splits.num_workers)
+        batches = iterate_batches(splits.test, task.eval_batch_size, shuffle=False, num_workers=splits.num_workers)
         test = task.evaluate(model, batches, classes=splits.eval_classes)
         row["test_acc"] = test["score"]
         example = torch.zeros(2, *splits.input_shape)

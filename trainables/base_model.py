@@ -59,11 +59,6 @@ def base_model_path(cache_dir: str | Path, model: str, key: str) -> Path:
     return Path(cache_dir).expanduser() / "base_models" / f"{model}-{key}.pt"
 
 
-# Validation batch per epoch of base training: small images classify cheaply in big batches; a
-# detector's or segmenter's activations are full-size maps per image.
-_EVAL_BATCH = {"classification": 1000, "detection": 32, "segmentation": 64}
-
-
 def train_base_model(
     model: nn.Module, splits: Any, pretrain: PretrainConfig, *, seed: int = 0, progress: bool = True, log=print
 ) -> dict:
@@ -99,7 +94,7 @@ def train_base_model(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"epoch {epoch + 1}/{pretrain.epochs} loss={loss.item():.3f}")
-            batches = iterate_batches(splits.val, _EVAL_BATCH[task.name], shuffle=False,
+            batches = iterate_batches(splits.val, task.eval_batch_size, shuffle=False,
                                       num_workers=splits.num_workers)
             val = task.evaluate(model, batches, classes=splits.eval_classes)["score"]
             history.append({"epoch": epoch + 1, "val_acc": val, "elapsed_s": time.perf_counter() - t0})

@@ -61,6 +61,9 @@ class Task:
     criteria: tuple[str, ...] | None = None
     # The loss of the model's output against y for gradient criteria (None: not available).
     logits_loss: Callable[[Tensor, Tensor], Tensor] | None = F.cross_entropy
+    # Images per batch where an evaluation has no configured size (base training, the front):
+    # small images classify cheaply in big batches; dense tasks keep full-size maps per image.
+    eval_batch_size: int = 1000
 
 
 TASKS: Registry[Task] = Registry("task")
@@ -156,7 +159,7 @@ def _evaluate_detection(model: nn.Module, batches: Batches, classes: Sequence[in
 
 
 TASKS.register("detection", Task("detection", "map50", _detection_loss, _evaluate_detection,
-                                 criteria=FORWARD_ONLY, logits_loss=None))
+                                 criteria=FORWARD_ONLY, logits_loss=None, eval_batch_size=32))
 
 
 # --- segmentation ---------------------------------------------------------------------
@@ -234,5 +237,5 @@ def _evaluate_segmentation(model: nn.Module, batches: Batches, classes: Sequence
 
 TASKS.register("segmentation", Task(
     "segmentation", "miou", _segmentation_loss, _evaluate_segmentation,
-    criteria=(*FORWARD_ONLY, "sensitivity", "taylor"), logits_loss=_segmentation_logits_loss,
+    criteria=(*FORWARD_ONLY, "sensitivity", "taylor"), logits_loss=_segmentation_logits_loss, eval_batch_size=64,
 ))
