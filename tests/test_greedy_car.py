@@ -406,3 +406,22 @@ def test_the_study_runs_greedy_car_once_per_level_not_per_criterion():
     assert len(greedy_cells) == len(cfg.study.ratios) * len(cfg.study.seeds)
     assert all(c["arm"] == "greedy_car" and c["criterion"] == "car" for c in greedy_cells)
     assert len(cells) - len(greedy_cells) == len(cfg.study.criteria) * len(cfg.study.ratios) * len(cfg.study.seeds)
+
+
+def test_the_benchmarks_floor_is_at_most_what_the_fast_path_evaluates(bn_case, monkeypatch):
+    """bench/greedy_car.py reports the fewest rows any exact row-by-row method could evaluate
+    (knowing every outcome): a valid floor lies between a full evaluation of each step's winner
+    and what the fast path actually evaluates (its bounds are certificates too)."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    bench = importlib.import_module("greedy_car")
+    fewest_rows, rows_evaluated = bench.fewest_rows, bench.rows_evaluated
+
+    model, batches = bn_case
+    order = greedy_car_order(model, "0", batches, n_remove=4)
+    least, pairs = fewest_rows(model, "0", batches, order)
+    n = sum(len(y) for _, y in batches)
+    assert pairs == n * (8 + 7 + 6 + 5)
+    assert 4 * n < least <= rows_evaluated(model, "0", batches, 4) < pairs

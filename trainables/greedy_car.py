@@ -55,17 +55,19 @@ operations:
   the fewest wrong so far advance by ``_BLOCK`` images each, in one batch (the likeliest
   best by ``_LEAD`` blocks, to set a bar sooner). A candidate is evaluated only while it
   could still win. Its images go hardest first (highest loss of the current network),
-  those it got wrong in the last scoring before all. On a first layer this evaluates about
-  22% of the candidate x image pairs (the earlier racing: 32%; with the winner known in
-  advance: 20%).
+  those it got wrong in the last scoring before all. A candidate is ruled out by the images it
+  gets wrong, so the share of candidate x image pairs evaluated follows the model's error
+  rate: on small_cnn's first layer 15% for a base with 10% errors on the scoring images, 21%
+  for one with 14% (the fewest any exact method could evaluate, knowing every outcome in
+  advance: 12% and 17%; ``bench/greedy_car.py --floor``).
 - Re-scoring only the tail: after a removal the cache stays valid and the winner's
   evaluation is the next step's current network; only retraining between steps
   (``retrain``) changes the weights upstream, and rebuilds the cache.
-- Measured (``bench/RESULTS.md``, 1 thread, shared 2-core CPU): 49x on a deeper 64-filter
-  unit, 7.5x on a 32-filter first layer (256 images, 8 steps; 7.1x at 512 images, 16
-  steps). The first layer stays below 10x: per row the three convs after the next one still
-  run (at the CPU's fp32 peak, 80% of the time), and about 20% of the pairs must be
-  evaluated even with the winner known in advance.
+- Measured (``bench/RESULTS.md``, 1 thread, 2-core CPU): 61x on a deeper 64-filter unit;
+  on a 32-filter first layer 10.1-10.3x for a base trained as the project trains them (256
+  images, 8 steps; 8.3x at 512 images, 16 steps) and 6.7x for a weaker one. A first layer
+  gains least: per row the three convs after the next one still run (at the CPU's fp32
+  peak, 80% of the time).
 
 Identity with the naive order needs each image's logits from the exact paths to be the
 same bits whatever the batch around it: true of PyTorch's CPU kernels for batches of 2 or
