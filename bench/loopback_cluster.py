@@ -291,8 +291,10 @@ def restarts(results: list[dict]) -> list[int]:
     ``t`` starts at ``t + 1``, one from scratch at 1.
 
     Lines before a restart are not a full history: on a retry Tune brings the trial's folder
-    back from storage as last synced, which can drop the last results before the failure."""
-    return [r["training_iteration"] for i, r in enumerate(results) if i and r.get("iterations_since_restore") == 1]
+    back from storage as last synced, which can drop the last results before the failure, or
+    all of them: a first line that already starts past iteration 1 is a restart too."""
+    return [r["training_iteration"] for i, r in enumerate(results)
+            if r.get("iterations_since_restore") == 1 and (i or r.get("training_iteration", 1) > 1)]
 
 
 @dataclass
