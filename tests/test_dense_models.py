@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 import torch_pruning as tp
-from test_surgery import _random_keep, _randomise_bn
+from test_surgery import _masked_and_pruned, _random_keep, _randomise_bn
 from torch import nn
 
 from trainables.metrics import count_flops
@@ -106,17 +106,6 @@ def test_detector_eval_and_flops():
     assert 0 < backbone < total
 
 
-def _masked_and_pruned(model: nn.Module, gen: torch.Generator):
-    """Random keep sets for every unit; a copy with the rest masked and one with them removed."""
-    units = describe_units(model)
-    keeps = {u.name: _random_keep(u.n_filters, gen) for u in units}
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    for u in units:
-        mask_filters(masked, u, keeps[u.name])
-        prune_layer(pruned, u.name, keeps[u.name])
-    return units, keeps, masked, pruned
-
-
 # --- surgery: SegNet ----------------------------------------------------------------------
 
 
@@ -124,7 +113,7 @@ def _masked_and_pruned(model: nn.Module, gen: torch.Generator):
 def test_segnet_pruned_equals_masked_every_unit(seed):
     model = _model("small_segnet", seed)
     gen = torch.Generator().manual_seed(100 + seed)
-    units, keeps, masked, pruned = _masked_and_pruned(model, gen)
+    units, keeps, masked, pruned, _ = _masked_and_pruned(model, gen)
     for u in units:
         assert all(pruned.get_submodule(c).out_channels == len(keeps[u.name]) for c in u.convs)
     x = torch.randn(2, 1, 128, 128, generator=gen)
@@ -199,7 +188,7 @@ def test_detector_units_are_backbone_convs_and_last_reaches_the_heads():
 def test_detector_pruned_equals_masked_every_unit(seed):
     model = _model("small_frcnn", seed)
     gen = torch.Generator().manual_seed(200 + seed)
-    units, keeps, masked, pruned = _masked_and_pruned(model, gen)
+    units, keeps, masked, pruned, _ = _masked_and_pruned(model, gen)
     x = torch.randn(2, 1, 128, 128, generator=gen)
     xy = torch.rand(5, 2, generator=gen) * 80
     boxes = torch.cat([xy, xy + 16 + torch.rand(5, 2, generator=gen) * 32], dim=1)  # (5, 4)

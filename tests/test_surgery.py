@@ -40,6 +40,20 @@ def _random_keep(n: int, gen: torch.Generator) -> list[int]:
     return sorted(torch.randperm(n, generator=gen)[:k].tolist())
 
 
+def _masked_and_pruned(model: nn.Module, gen: torch.Generator):
+    """Random keep sets for every unit (drawn from ``gen``), then two copies of ``model``: one
+    with the other filters masked, one with them removed unit by unit from the input side
+    (a unit's keep indices are unaffected by pruning other units). Returns ``(units, keeps,
+    masked, pruned, records)``, ``records`` being ``prune_layer``'s."""
+    units = describe_units(model)
+    keeps = {u.name: _random_keep(u.n_filters, gen) for u in units}
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    for u in units:
+        mask_filters(masked, u, keeps[u.name])
+    records = [prune_layer(pruned, u.name, keeps[u.name]) for u in units]
+    return units, keeps, masked, pruned, records
+
+
 def _setup(arch: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -53,15 +67,7 @@ def _setup(arch: str, seed: int):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_pruned_equals_masked_all_units(arch):
     model, x, gen = _setup(arch, seed=0)
-    units = describe_units(model)
-    keeps = {u.name: _random_keep(u.n_filters, gen) for u in units}
-
-    masked = copy.deepcopy(model)
-    for u in units:
-        mask_filters(masked, u, keeps[u.name])
-    pruned = copy.deepcopy(model)
-    # Input to output: the keep indices of a unit are unaffected by pruning other units.
-    records = [prune_layer(pruned, u.name, keeps[u.name]) for u in units]
+    units, keeps, masked, pruned, records = _masked_and_pruned(model, gen)
 
     with torch.no_grad():
         ref, out = masked(x), pruned.eval()(x)

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from test_surgery import _random_keep, _randomise_bn
+from test_surgery import _masked_and_pruned, _randomise_bn
 from torch import nn
 
-from trainables import describe_units, mask_filters, prunable_layers, prune_layer
+from trainables import describe_units, prunable_layers, prune_layer
 
 
 def _conv_bn(c_in: int, c_out: int, k: int = 1, groups: int = 1) -> nn.Sequential:
@@ -75,12 +75,7 @@ def _prepared(model: nn.Module, seed: int) -> tuple[nn.Module, torch.Tensor, tor
 
 
 def _assert_pruned_equals_masked(model: nn.Module, x: torch.Tensor, gen: torch.Generator) -> None:
-    units = describe_units(model)
-    keeps = {u.name: _random_keep(u.n_filters, gen) for u in units}
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    for u in units:
-        mask_filters(masked, u, keeps[u.name])
-        prune_layer(pruned, u.name, keeps[u.name])
+    _, _, masked, pruned, _ = _masked_and_pruned(model, gen)
     with torch.no_grad():
         ref, out = masked(x), pruned(x)
     assert (out - ref).abs().max() / ref.abs().max().clamp_min(1e-6) < 1e-4
