@@ -30,7 +30,6 @@ counts the rows the fast path evaluates against the fewest any exact method coul
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -139,8 +138,7 @@ def fewest_rows(model: nn.Module, unit: str, batches: list, order: list[int]) ->
     could be wrong); a loser needs a certificate that its (wrong, loss) key is above the
     winner's: one more wrong image than the winner has, or as many wrong images plus the
     highest losses among its right ones until its loss sum passes the winner's."""
-    from trainables.greedy_car import _outcome
-    from trainables.surgery import mask_filters
+    from trainables.greedy_car import ablated_outcome
 
     u = next(v for v in describe_units(model) if v.name == unit)
     removed: list[int] = []
@@ -149,10 +147,8 @@ def fewest_rows(model: nn.Module, unit: str, batches: list, order: list[int]) ->
         cands = [j for j in range(u.n_filters) if j not in removed]
         keys = {}
         for j in cands:
-            ablated = copy.deepcopy(model).eval()
-            mask_filters(ablated, u, [i for i in cands if i != j])
-            outs = [_outcome(ablated(x), y, None) for x, y in batches]
-            keys[j] = (torch.cat([w for w, _ in outs]), torch.cat([lo for _, lo in outs]).double())
+            wrong, loss = ablated_outcome(model, u, [i for i in cands if i != j], batches)
+            keys[j] = (wrong, loss.double())
         n = len(keys[winner][0])
         w_best, l_best = int(keys[winner][0].sum()), float(keys[winner][1].sum())
         rows += n

@@ -170,12 +170,21 @@ def greedy_car_order_naive(model: nn.Module, unit_name: str, batches: Batches, *
     while len(removed) < n_remove:
         scores = {}
         for j in (j for j in range(unit.n_filters) if j not in removed):
-            ablated = copy.deepcopy(model).eval()
-            mask_filters(ablated, unit, [i for i in range(unit.n_filters) if i not in removed and i != j])
-            outcomes = [_outcome(ablated(x), y, loss_fn) for x, y in data]
-            scores[j] = _score(torch.cat([w for w, _ in outcomes]), torch.cat([lo for _, lo in outcomes]))
+            keep = [i for i in range(unit.n_filters) if i not in removed and i != j]
+            scores[j] = _score(*ablated_outcome(model, unit, keep, data, loss_fn))
         removed += _pick(scores, min(rescore_every, n_remove - len(removed)))
     return removed
+
+
+@torch.no_grad()
+def ablated_outcome(model: nn.Module, unit: Unit, keep: list[int], data: Batches,
+                    loss_fn: LossFn | None = None) -> tuple[Tensor, Tensor]:
+    """Per image of ``data``, in order: wrong (bool) and loss (float32) of a copy of ``model``
+    with only the filters ``keep`` of ``unit`` left (the rest masked): one naive evaluation."""
+    ablated = copy.deepcopy(model).eval()
+    mask_filters(ablated, unit, keep)
+    outcomes = [_outcome(ablated(x), y, loss_fn) for x, y in data]
+    return torch.cat([w for w, _ in outcomes]), torch.cat([lo for _, lo in outcomes])
 
 
 # ---- evaluators: logits of rows (candidate, image), each row with its own mask on the unit ----
