@@ -229,7 +229,7 @@ def prepare(cfg: Any, log=print) -> tuple[nn.Module, Any, Path, dict]:
         seed=cfg.seed, weights=cfg.model.get("weights"), progress=cfg.progress, log=log,
     )
     # Count FLOPs, trace and time at the size the data is served at (VOC's data.size), not the
-    # size the model was registered with; compose already refused a channel mismatch.
+    # size the model was registered with (a channel mismatch was refused above).
     model.input_shape = tuple(run.input_shape)
     if not own_data and run.num_classes != run.source_num_classes:  # subset_head=cut
         cut_head(model, run.class_ids)
