@@ -397,7 +397,7 @@ def plot_accuracy_vs_level(summary: list[Row], path: Path, meta: dict) -> None:
     ax.set_xlabel("FLOPs reduction target" if meta.get("level") == "target_flops_reduction" else "pruning ratio (share of filters removed)")
     ax.set_ylabel(f"{_metric_name(meta)} (%)")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"Final accuracy: mean and {100 * meta.get('confidence', 0.95):g}% t-CI over seeds "
+    ax.set_title(f"Final {_score_name(meta)}: mean and {100 * meta.get('confidence', 0.95):g}% t-CI over seeds "
                  f"(data fraction {fraction:g}; points offset sideways to stay apart)", fontsize=9)
     _legend(fig, [ax])
     fig.savefig(path, bbox_inches="tight")
