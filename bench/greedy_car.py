@@ -24,7 +24,9 @@ the model's conf/model/<name>.yaml pretraining, cached); the speedup depends on 
 candidate is ruled out by the images it gets wrong, so a model with fewer errors needs fewer
 (candidate, image) rows (the table gives the base's wrong predictions on the scoring
 images). Scored on the first ``--images`` validation images, batches of 64. ``--floor`` also
-counts the rows the fast path evaluates against the fewest any exact method could.
+counts the rows the fast path evaluates against the fewest any exact method could, in all and
+per kind of candidate (step winners, losers with more wrong predictions than the winner, and
+losers with as many, which their loss sums decide).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ HEADER = ["| model | base | base wrong | unit (filters) | images | greedy steps 
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 CASES = {"first": ("small_cnn", 32, "features.0"), "deeper": ("small_cnn", 16, "features.11"),
          "colour": ("small_alexnet", 64, "features.0")}  # model, width, unit
+KINDS = ("step winners", "losers with more wrong than the winner", "losers with as many wrong (loss decides)")
 DATA = {"small_cnn": "fashion_mnist", "small_alexnet": "coloured_fashion_mnist"}
 
 
@@ -112,37 +115,47 @@ def run_case(model: nn.Module, unit: str, batches: list, steps: int,
     return naive_s, fast_s, fast
 
 
-def rows_evaluated(model: nn.Module, unit: str, batches: list, steps: int) -> int:
-    """(candidate, image) rows the fast path evaluates (any evaluator, calibration included)."""
+def rows_evaluated(model: nn.Module, unit: str, batches: list, steps: int) -> tuple[int, list[dict[int, int]]]:
+    """(candidate, image) rows the fast path evaluates (any evaluator, calibration included),
+    and per greedy step, per candidate (unit index), the images it was evaluated on."""
     from trainables import greedy_car
 
-    count, rows = [0], greedy_car._Race._rows
+    count, rows, run = [0], greedy_car._Race._rows, greedy_car._Scoring.run
+    per_step: list[dict[int, int]] = []
 
     def counted(self, ev, base, cands, idx, chunk=None):
         count[0] += len(idx)
         return rows(self, ev, base, cands, idx, chunk)
 
-    greedy_car._Race._rows = counted
+    def recorded(self, need):
+        out = run(self, need)
+        per_step.append(dict(zip(self.cands, self.seen, strict=True)))
+        return out
+
+    greedy_car._Race._rows, greedy_car._Scoring.run = counted, recorded
     try:
         greedy_car_order(model, unit, batches, n_remove=steps)
     finally:
-        greedy_car._Race._rows = rows
-    return count[0]
+        greedy_car._Race._rows, greedy_car._Scoring.run = rows, run
+    return count[0], per_step
 
 
 @torch.no_grad()
-def fewest_rows(model: nn.Module, unit: str, batches: list, order: list[int]) -> tuple[int, int]:
-    """(rows, pairs): the fewest (candidate, image) rows any exact method that evaluates rows
-    one by one needs to prove each step's winner of ``order``, knowing every outcome in
-    advance, and all candidate x image pairs. The winner needs every image (an image left out
-    could be wrong); a loser needs a certificate that its (wrong, loss) key is above the
-    winner's: one more wrong image than the winner has, or as many wrong images plus the
-    highest losses among its right ones until its loss sum passes the winner's."""
+def fewest_rows(model: nn.Module, unit: str, batches: list,
+                order: list[int]) -> tuple[int, int, list[dict[int, tuple[str, int]]]]:
+    """(rows, pairs, per step): the fewest (candidate, image) rows any exact method that
+    evaluates rows one by one needs to prove each step's winner of ``order``, knowing every
+    outcome in advance; all candidate x image pairs; and per greedy step, per candidate, its
+    kind (one of ``KINDS``) and its share of that floor. The winner needs every image (an
+    image left out could be wrong); a loser needs a certificate that its (wrong, loss) key is
+    above the winner's: one more wrong image than the winner has, or as many wrong images
+    plus the highest losses among its right ones until its loss sum passes the winner's."""
     from trainables.greedy_car import ablated_outcome
 
     u = next(v for v in describe_units(model) if v.name == unit)
     removed: list[int] = []
     rows = pairs = 0
+    per_step: list[dict[int, tuple[str, int]]] = []
     for winner in order:
         cands = [j for j in range(u.n_filters) if j not in removed]
         keys = {}
@@ -151,7 +164,7 @@ def fewest_rows(model: nn.Module, unit: str, batches: list, order: list[int]) ->
             keys[j] = (wrong, loss.double())
         n = len(keys[winner][0])
         w_best, l_best = int(keys[winner][0].sum()), float(keys[winner][1].sum())
-        rows += n
+        step = {winner: (KINDS[0], n)}
         pairs += n * len(cands)
         for j in cands:
             if j == winner:
@@ -166,9 +179,25 @@ def fewest_rows(model: nn.Module, unit: str, batches: list, order: list[int]) ->
                     need.append(w_best)
                 elif len(over):
                     need.append(w_best + int(over[0]) + 1)
-            rows += min(need, default=n)
+            step[j] = (KINDS[1] if int(wrong.sum()) > w_best else KINDS[2], min(need, default=n))
+        rows += sum(r for _, r in step.values())
+        per_step.append(step)
         removed.append(winner)
-    return rows, pairs
+    return rows, pairs, per_step
+
+
+def floor_table(done: int, evaluated: list[dict[int, int]], least: list[dict[int, tuple[str, int]]]) -> list[str]:
+    """Markdown rows: per kind of candidate, how many, the rows the fast path evaluated on
+    them and the floor's; the rest of ``done`` (calibration, the first network's losses,
+    exact re-evaluations of screened rows) on a line of its own."""
+    out = ["  | candidates (all steps) | count | rows evaluated | fewest possible |", "  |---|---|---|---|"]
+    counted = 0
+    for kind in KINDS:
+        mine = [(evaluated[s][j], r) for s, step in enumerate(least) for j, (k, r) in step.items() if k == kind]
+        counted += sum(e for e, _ in mine)
+        out.append(f"  | {kind} | {len(mine)} | {sum(e for e, _ in mine)} | {sum(r for _, r in mine)} |")
+    out.append(f"  | calibration, the first network's losses, exact re-evaluations | | {done - counted} | 0 |")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method and case (medians reported)")
     ap.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["first", "deeper"])
     ap.add_argument("--floor", action="store_true",
-                    help="also count the rows the fast path evaluates and the fewest an exact method could")
+                    help="also count the rows the fast path evaluates and the fewest an exact method could, "
+                         "per kind of candidate")
     ap.add_argument("--quick", action="store_true", help="64 images, 3 steps, 50 training steps, 1 repeat")
     ap.add_argument("--write", action="store_true",
                     help="replace the whole section of bench/RESULTS.md, its hand-written notes included")
@@ -225,11 +255,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"{fast:.2f} | {naive / fast:.1f}x | {ratios} | {load:.1f} / {os.getloadavg()[0]:.1f} | yes |")
         notes.append(f"- {name} width {width} `{unit}`: removal order {order}.")
         if args.floor:
-            done = rows_evaluated(model, unit, batches, steps)
-            least, pairs = fewest_rows(model, unit, batches, order)
+            done, evaluated = rows_evaluated(model, unit, batches, steps)
+            least, pairs, kinds = fewest_rows(model, unit, batches, order)
             notes.append(f"  Rows evaluated: {done} of {pairs} candidate x image pairs ({done / pairs:.1%}, "
                          f"calibration and the current network's losses included); the fewest any exact row-by-row "
                          f"method could evaluate, knowing every outcome in advance: {least} ({least / pairs:.1%}).")
+            notes += ["", *floor_table(done, evaluated, kinds), ""]
         print(rows[-1], flush=True)
     extra = (f"{torch.get_num_threads()} thread(s); per case {args.repeats} run(s) per method, interleaved, fast "
              "first; speedup = median naive / median fast; load = 1-minute load average before / after the case.")

@@ -421,7 +421,18 @@ def test_the_benchmarks_floor_is_at_most_what_the_fast_path_evaluates(bn_case, m
 
     model, batches = bn_case
     order = greedy_car_order(model, "0", batches, n_remove=4)
-    least, pairs = fewest_rows(model, "0", batches, order)
+    least, pairs, kinds = fewest_rows(model, "0", batches, order)
+    done, evaluated = rows_evaluated(model, "0", batches, 4)
     n = sum(len(y) for _, y in batches)
     assert pairs == n * (8 + 7 + 6 + 5)
-    assert 4 * n < least <= rows_evaluated(model, "0", batches, 4) < pairs
+    assert 4 * n < least <= done < pairs
+    # per step and candidate: the winner on every image, each loser on at least its share of the floor
+    assert [sorted(s) for s in evaluated] == [sorted(s) for s in kinds] and len(kinds) == 4
+    assert sum(r for step in kinds for _, r in step.values()) == least
+    for step, seen, winner in zip(kinds, evaluated, order, strict=True):
+        assert step[winner] == (bench.KINDS[0], n) and seen[winner] == n
+        assert all(seen[j] >= r for j, (_, r) in step.items())
+    table = bench.floor_table(done, evaluated, kinds)
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    assert [c[0] for c in cells[:3]] == list(bench.KINDS) and sum(int(c[2]) for c in cells) == done
+    assert sum(int(c[3]) for c in cells) == least

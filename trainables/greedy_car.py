@@ -65,9 +65,9 @@ operations:
   (``retrain``) changes the weights upstream, and rebuilds the cache.
 - Measured (``bench/RESULTS.md``, 1 thread, 2-core CPU): 61x on a deeper 64-filter unit;
   on a 32-filter first layer 10.1-10.3x for a base trained as the project trains them (256
-  images, 8 steps; 8.3x at 512 images, 16 steps) and 6.7x for a weaker one. A first layer
-  gains least: per row the three convs after the next one still run (at the CPU's fp32
-  peak, 80% of the time).
+  images, 8 steps; 8.6-8.9x at 256 images, 16 steps; 7.5-9.2x at 512 images, 16 steps) and
+  6.7x for a weaker one. A first layer gains least: per row the three convs after the next
+  one still run (at the CPU's fp32 peak, 80% of the time).
 
 Identity with the naive order needs each image's logits from the exact paths to be the
 same bits whatever the batch around it: true of PyTorch's CPU kernels for batches of 2 or
