@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -89,7 +90,10 @@ def test_killed_search_resumes_with_every_trial_once(tiny_fmnist, tmp_path):
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(r["trial_id"] for r in rows)  # one run per trial
     assert all(r.info.status == "FINISHED" for r in runs)
     assert planted.client.get_run(orphan).info.lifecycle_stage == "deleted"
-    assert "deleted 1 MLflow run" in resumed.stdout + resumed.stderr
+    # the planted orphan is named; the kill itself may have left one more (a trial's run opened
+    # just before the kill, which Tune never saved), so the count is not always 1
+    said = re.search(r"deleted (\d+) MLflow run\(s\) [^:]*: (.*)", resumed.stdout + resumed.stderr)
+    assert said and int(said.group(1)) >= 1 and "unsaved0" in said.group(2).split(", ")
 
 
 def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path, ray_session):
