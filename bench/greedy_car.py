@@ -170,8 +170,9 @@ def fewest_rows(model: nn.Module, unit: str, batches: list,
             if j == winner:
                 continue
             wrong, loss = keys[j]
-            need = [w_best + 1] if int(wrong.sum()) > w_best else []
-            if int(wrong.sum()) >= w_best:
+            n_wrong = int(wrong.sum())
+            need = [w_best + 1] if n_wrong > w_best else []
+            if n_wrong >= w_best:
                 held = float(loss[wrong].sort(descending=True).values[:w_best].sum())
                 more = torch.cumsum(loss[~wrong].sort(descending=True).values, 0) + held
                 over = (more > l_best).nonzero()
@@ -179,7 +180,7 @@ def fewest_rows(model: nn.Module, unit: str, batches: list,
                     need.append(w_best)
                 elif len(over):
                     need.append(w_best + int(over[0]) + 1)
-            step[j] = (KINDS[1] if int(wrong.sum()) > w_best else KINDS[2], min(need, default=n))
+            step[j] = (KINDS[1] if n_wrong > w_best else KINDS[2], min(need, default=n))
         rows += sum(r for _, r in step.values())
         per_step.append(step)
         removed.append(winner)
