@@ -367,6 +367,20 @@ def _legend(fig, axes) -> None:
                         fontsize=8, frameon=False)
 
 
+def _possible(low: float, high: float) -> tuple[float, float]:
+    """A CI's ends as drawn: every study score (accuracy, mAP, mIoU) is a share in [0, 1], and
+    a t-CI over 2-3 seeds can reach far past both ends (the tables keep the raw interval)."""
+    return max(low, 0.0), min(high, 1.0)
+
+
+def _error_bars(pts: list[Row]) -> list[list[float]]:
+    """``errorbar``'s yerr in percentage points: below and above each mean, to its CI's ends as
+    drawn (``_possible``); 0 where a row has no CI (one seed)."""
+    ends = [_possible(s["ci_low"], s["ci_high"]) if s["ci_low"] is not None else (s["mean"], s["mean"]) for s in pts]
+    return [[100 * (s["mean"] - lo) for s, (lo, _) in zip(pts, ends, strict=True)],
+            [100 * (hi - s["mean"]) for s, (_, hi) in zip(pts, ends, strict=True)]]
+
+
 def plot_accuracy_vs_level(summary: list[Row], path: Path, meta: dict) -> None:
     """The metric (mean, t CI over seeds) against the pruning level, one line per arm; the
     control as a horizontal band (at the largest data fraction)."""
@@ -385,13 +399,12 @@ def plot_accuracy_vs_level(summary: list[Row], path: Path, meta: dict) -> None:
             for s in pts:
                 ax.axhline(100 * s["mean"], color=colour[arm], ls="--", lw=1.2, label=_label(arm, method, methods))
                 if s["ci_low"] is not None:
-                    ax.axhspan(100 * s["ci_low"], 100 * s["ci_high"], color=colour[arm], alpha=0.12, lw=0)
+                    ax.axhspan(*(100 * v for v in _possible(s["ci_low"], s["ci_high"])), color=colour[arm],
+                               alpha=0.12, lw=0)
             continue
         xs = [s["level"] + offsets[(arm, method)] for s in pts]
         ys = [100 * s["mean"] for s in pts]
-        err = [[100 * (s["mean"] - s["ci_low"]) if s["ci_low"] is not None else 0 for s in pts],
-               [100 * (s["ci_high"] - s["mean"]) if s["ci_high"] is not None else 0 for s in pts]]
-        ax.errorbar(xs, ys, yerr=err, color=colour[arm], marker="o", ms=4, lw=1.3, capsize=3,
+        ax.errorbar(xs, ys, yerr=_error_bars(pts), color=colour[arm], marker="o", ms=4, lw=1.3, capsize=3,
                     label=_label(arm, method, methods))
     ax.set_xticks(sorted({s["level"] for s in rows if s["level"] is not None and s["arm"] != ARM_CONTROL}))
     ax.set_xlabel("FLOPs reduction target" if meta.get("level") == "target_flops_reduction" else "pruning ratio (share of filters removed)")
@@ -456,9 +469,7 @@ def plot_data_efficiency(summary: list[Row], path: Path, meta: dict) -> None:
                 lines[(s["arm"], s["method"])].append(s)
         for (arm, method), pts in sorted(lines.items(), key=lambda kv: _arm_order(kv[0][0])):
             pts = sorted(pts, key=lambda s: s["fraction"])
-            err = [[100 * (s["mean"] - s["ci_low"]) if s["ci_low"] is not None else 0 for s in pts],
-                   [100 * (s["ci_high"] - s["mean"]) if s["ci_high"] is not None else 0 for s in pts]]
-            ax.errorbar([s["fraction"] for s in pts], [100 * s["mean"] for s in pts], yerr=err, color=colour[arm],
+            ax.errorbar([s["fraction"] for s in pts], [100 * s["mean"] for s in pts], yerr=_error_bars(pts), color=colour[arm],
                         marker="o", ms=4, lw=1.3, capsize=3, ls="--" if arm == ARM_CONTROL else "-",
                         label=_label(arm, method, methods))
         ax.set_xscale("log")

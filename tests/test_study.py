@@ -292,3 +292,13 @@ def test_control_and_scratch_runs_are_arms_without_a_criterion(tiny_fmnist, tmp_
     assert {r["flops_after"] for r in rows if r["arm"] == "scratch"} == pruned  # same architecture as pruning gives
     report = (tmp_path / "out" / "base" / "report.md").read_text()
     assert "| unpruned | control | 2 |" in report and "| ratio 0.5 | scratch | 2 |" in report
+
+
+def test_error_bars_are_drawn_only_over_possible_scores():
+    from search.study_report import _error_bars
+
+    pts = [{"mean": 0.3, "ci_low": -2.2, "ci_high": 2.8},  # two seeds far apart: a t-CI past both ends
+           {"mean": 0.9, "ci_low": 0.85, "ci_high": 0.95},  # inside: unchanged
+           {"mean": 0.5, "ci_low": None, "ci_high": None}]  # one seed: no bar
+    below, above = _error_bars(pts)
+    assert below == pytest.approx([30.0, 5.0, 0.0]) and above == pytest.approx([70.0, 5.0, 0.0])
