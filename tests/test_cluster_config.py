@@ -453,6 +453,20 @@ def test_every_command_is_valid_bash(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("git") is None, reason="needs bash and git")
+def _python_stand_in(path: Path) -> None:
+    """A ``python`` on a test's PATH that is the interpreter running the tests.
+
+    A script that execs ``sys.executable``, not a symlink to it: a virtualenv's python reached
+    through a symlink in another folder finds no ``pyvenv.cfg`` beside it, starts as the base
+    interpreter and misses the venv's packages (pyarrow, for the lock commands).
+    """
+    import shlex
+    import sys
+
+    path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    path.chmod(0o755)
+
+
 def test_lock_commands_round_trip_on_this_machine(config: dict[str, Any], tmp_path: Path) -> None:
     # The head's check and publish and the worker's fetch and compare, run for real (pyarrow,
     # git, bash) with a stand-in `pip` whose `freeze` prints a fixed package list (the installs
@@ -469,7 +483,7 @@ def test_lock_commands_round_trip_on_this_machine(config: dict[str, Any], tmp_pa
     installed.write_text("\n".join(freeze) + "\n")
     (bin_dir / "pip").write_text(f'#!/bin/bash\n[ "$*" = "freeze --exclude-editable" ] && cat {installed}\n')
     (bin_dir / "pip").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    _python_stand_in(bin_dir / "python")
     (repo / "constraints.txt").write_text("\n".join(["attrs==26.1.0", *freeze]) + "\n")
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -477,6 +491,10 @@ def test_lock_commands_round_trip_on_this_machine(config: dict[str, Any], tmp_pa
     subprocess.run([*git, "commit", "-q", "-m", "pins"], check=True)
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "PRUNESEARCH_STORAGE": str(storage)}
+    # The commands' `python` is this interpreter with its own packages (a venv's too).
+    probe = subprocess.run(["python", "-c", "import sys; print(sys.prefix)"], env=env, capture_output=True,
+                           text=True, check=True)
+    assert probe.stdout.strip() == sys.prefix
 
     def run(key: str, needle: str) -> subprocess.CompletedProcess:
         [command] = [c for c in config[key] if needle in c]
@@ -499,3 +517,27 @@ def test_lock_commands_round_trip_on_this_machine(config: dict[str, Any], tmp_pa
     # A head package that constraints.txt does not pin at that version: the head stops, naming it.
     unpinned = run("head_setup_commands", "comm -13")
     assert unpinned.returncode != 0 and "numpy==2.3.0" in unpinned.stdout and "not pinned" in unpinned.stderr
+
+
+def test_lock_commands_round_trip_from_a_virtualenv(tmp_path: Path) -> None:
+    # How many users install: into a virtualenv. The round trip above, run by a fresh venv's
+    # python, whose `python` stand-in must still be that venv (its sys.prefix). The venv sees
+    # this interpreter's packages through a .pth file (no install): that works from the system
+    # python and from a venv alike, where --system-site-packages would reach only the base's.
+    import site
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    [purelib] = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    # addsitedir, not a bare path line: it also runs those folders' .pth files (the editable install).
+    lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
+    (Path(purelib) / "outer_site.pth").write_text("\n".join(lines) + "\n")
+    node = f"{Path(__file__).name}::test_lock_commands_round_trip_on_this_machine"
+    done = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+        cwd=Path(__file__).parent, capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
