@@ -100,7 +100,7 @@ def load_search_config(argv: list[str]):
     from omegaconf import OmegaConf
 
     from search._session import trial_prune
-    from search.space import check_space
+    from search.space import check_global_choice, check_space
     from trainables.compose import check_config, compose, configs_of
     from trainables.criteria import list_criteria
 
@@ -112,7 +112,8 @@ def load_search_config(argv: list[str]):
     _narrow_criteria(cfg)
     check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
     _check_choices(cfg)
-    trial_prune(cfg, configs_of(cfg)[0])  # prune_overrides and the proxy settings are valid
+    trial, _ = trial_prune(cfg, configs_of(cfg)[0])  # prune_overrides and the proxy settings are valid
+    check_global_choice(OmegaConf.to_container(cfg.search, resolve=True), trial)
     return cfg
 
 

@@ -38,6 +38,8 @@ def _ratios(result, session, config: dict) -> list[float]:
     if record is not None:
         return [float(r) for r in record["ratios"]]
     prune, _, _ = trial_configs(session.ctx, config)
+    if prune.schedule == "global":  # its ratios come from the criterion's scores: only its record knows them
+        return []
     ctx = session.ctx
     return make_ratios(prune.schedule, _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs),
                                                      prune.units),

@@ -2,7 +2,8 @@
 
 ``define_space(space, n_units)`` returns the function OptunaSearch calls with an
 ``optuna.Trial``: it suggests the criterion, the ratio schedule and its ratios (one for
-uniform, low/high for both differential ones, one per unit for per_layer), p, q and the learning
+uniform and for global (the share of all filters), low/high for both differential ones, one per
+unit for per_layer), p, q and the learning
 rate, with bounds from ``conf/search/*.yaml``; a key set to null is not searched (the run
 config's value holds). For the blended criterion it also suggests one calibration factor
 ``weight_<candidate>`` per candidate. The values it suggests become the trial's config,
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["SearchSpace", "define_space", "check_space"]
+__all__ = ["SearchSpace", "define_space", "check_global_choice", "check_space"]
 
 # The inverted differential schedules are not searched: the space samples ratio_low <= ratio_high.
-_SCHEDULES = ("uniform", "differential", "differential_depth", "per_layer")
+# global ranks the criterion's scores over all units (trainables.schedules), one overall ratio.
+_SCHEDULES = ("uniform", "differential", "differential_depth", "per_layer", "global")
+_GLOBAL_METHODS = ("layer_by_layer", "one_shot")  # the methods that plan with the criterion's scores
 # A method offered among the criteria: a trial that draws it runs prune.method=greedy_car (greedy CAR
 # chooses the filters itself) and records criterion=car; never in the default pool (criteria=null).
 GREEDY_CAR = "greedy_car"
@@ -40,6 +43,9 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
     if not space["schedules"] or bad:
         raise ValueError(f"search.schedules must be a non-empty subset of {', '.join(_SCHEDULES)}, "
                          f"but got {list(space['schedules'] or [])}")
+    if "global" in space["schedules"] and GREEDY_CAR in (space["criteria"] or []):
+        raise ValueError("search.schedules must not include global when search.criteria includes greedy_car "
+                         "(greedy CAR has no criterion scores to rank globally), but got both")
     if "blended" in (space["criteria"] or []) and not space.get("blend"):
         raise ValueError("search.criteria includes 'blended' but search.blend is missing; use search=blended")
     if not _searched(space, "ratio") and [s for s in space["schedules"] if s != "uniform"]:
@@ -73,6 +79,25 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
                              f"but got low={low}, high={high}")
 
 
+def check_global_choice(space: Mapping, prune: Mapping) -> None:
+    """With ``global`` among the schedules, the trials' fixed prune settings (``prune``: the
+    PruneConfig fields a trial starts from) must let it run: a method that plans with the
+    criterion's scores, and a ratio range its per-unit floor allows."""
+    if "global" not in (space.get("schedules") or []):
+        return
+    method = prune.get("method", "layer_by_layer")
+    if method not in _GLOBAL_METHODS:
+        raise ValueError(f"search.schedules must not include global with prune.method={method} (only "
+                         f"{' and '.join(_GLOBAL_METHODS)} plan with the criterion's scores), but got "
+                         f"{list(space['schedules'])}")
+    min_keep = float(prune.get("global_min_keep", 0.1))
+    if _searched(space, "ratio") and prune.get("target_flops_reduction") is None:
+        high = _bounds(space, "ratio")[1]
+        if high > 1 - min_keep:
+            raise ValueError(f"search.ratio.high must be <= 1 - prune.global_min_keep = {1 - min_keep:g} with "
+                             f"global in search.schedules, but got {high}")
+
+
 class SearchSpace:
     """The define-by-run function for ``OptunaSearch(space=...)``; a class so that Tune can
     pickle it into the searcher's checkpoint (a closure cannot be pickled)."""
@@ -100,7 +125,7 @@ class SearchSpace:
         if _searched(self.space, "ratio"):
             schedule = trial.suggest_categorical("schedule", self.schedules)
             low, high, _ = _bounds(self.space, "ratio")
-            if schedule == "uniform":
+            if schedule in ("uniform", "global"):  # global: the share of all filters, one ranking
                 trial.suggest_float("ratio", low, high)
             elif schedule in ("differential", "differential_depth"):
                 ratio_low = trial.suggest_float("ratio_low", low, high)

@@ -239,3 +239,12 @@ def test_loaders_refuse_what_the_command_refuses(module: str, args: list[str]) -
     """A loader that accepted anything would let every documented command pass."""
     with pytest.raises(ValueError):
         LOADERS[module](args)
+
+
+def test_readme_links_resolve() -> None:
+    """The README is read on GitHub, outside the site: its relative links must name real files."""
+    text = (ROOT / "README.md").read_text()
+    targets = [m[1].split("#")[0] for m in re.finditer(r"\]\(([^)\s]+)\)", text) if "://" not in m[1]]
+    assert targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, missing

@@ -109,7 +109,7 @@ def test_schedules_other_than_differential_ignore_an_inverted_pair():
 
 def test_the_registry_names():
     assert list_schedules() == ["differential", "differential_depth", "differential_depth_inverted",
-                                "differential_inverted", "per_layer", "uniform"]
+                                "differential_inverted", "global", "per_layer", "uniform"]
 
 
 def test_per_layer_with_the_wrong_length_fails_as_before():

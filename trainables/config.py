@@ -14,7 +14,7 @@ from typing import Any
 
 from trainables.criteria import list_criteria
 from trainables.criteria.blended import check_blend_options
-from trainables.schedules import check_ramp, check_ratio, list_schedules
+from trainables.schedules import GLOBAL, check_min_keep, check_ramp, check_ratio, list_schedules
 
 __all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require", "require_int"]
 
@@ -59,8 +59,9 @@ class PruneConfig:
     method: str = "layer_by_layer"  # layer_by_layer | one_shot | iterative (global ranking) | control | scratch
     criterion: str = "l1"  # a registered criterion name
     criterion_options: dict = field(default_factory=dict)  # extra settings for the criterion
-    schedule: str = "uniform"  # uniform | differential | differential_depth | *_inverted | per_layer
-    ratio: float = 0.5  # uniform: share of filters removed from every unit, in [0, 1)
+    schedule: str = "uniform"  # uniform | differential | differential_depth | *_inverted | per_layer | global
+    ratio: float = 0.5  # uniform: share of filters removed from every unit, in [0, 1) (global: of all filters)
+    global_min_keep: float = 0.1  # global: the least share of its filters any unit keeps, in (0, 1)
     ratio_low: float = 0.25  # differential: ratio of the units with fewest filters (_depth: the first unit)
     ratio_high: float = 0.75  # ... with most filters (_depth: the last); >= ratio_low unless *_inverted
     ratios: list[float] | None = None  # per_layer: one ratio per unit, input to output
@@ -95,6 +96,7 @@ class PruneConfig:
                 check_ratio(f"prune.ratios[{i}]", r)
         require(self.schedule != "per_layer" or bool(self.ratios), "prune.ratios",
                 "a list with one ratio per unit when prune.schedule=per_layer", self.ratios)
+        self._check_global()
         for key in ("p", "q"):
             _number_at_least(f"prune.{key}", getattr(self, key), 0)
         target = self.target_flops_reduction
@@ -110,6 +112,26 @@ class PruneConfig:
         if self.criterion == "class_specific":
             require(bool(self.target_classes), "prune.target_classes",
                     "a non-empty list of class names or ids for criterion=class_specific", self.target_classes)
+
+    def _check_global(self) -> None:
+        """schedule=global ranks the criterion's scores: only methods that score filters with
+        the criterion and take a per-unit plan can use it (rule in trainables.schedules)."""
+        check_min_keep("prune.global_min_keep", self.global_min_keep)
+        if self.schedule != GLOBAL:
+            require(self.global_min_keep == _DEFAULT_MIN_KEEP, "prune.global_min_keep",
+                    f"{_DEFAULT_MIN_KEEP} (unused) unless prune.schedule=global", self.global_min_keep)
+            return
+        require(self.method in ("layer_by_layer", "one_shot"), "prune.method",
+                "layer_by_layer or one_shot with prune.schedule=global (control, scratch and greedy_car score no "
+                "filters with the criterion; iterative ranks all units globally itself: use schedule=uniform)",
+                self.method)
+        if self.target_flops_reduction is None:
+            require(self.ratio <= 1 - self.global_min_keep, "prune.ratio",
+                    f"<= 1 - prune.global_min_keep = {1 - self.global_min_keep:g} with prune.schedule=global",
+                    self.ratio)
+
+
+_DEFAULT_MIN_KEEP = PruneConfig.global_min_keep
 
 
 @dataclass(kw_only=True)

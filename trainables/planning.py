@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from trainables.config import PruneConfig
 from trainables.metrics import count_flops_by_layer
 from trainables.models import input_shape_of
-from trainables.schedules import kept_count, make_ratios
+from trainables.schedules import GLOBAL, global_floors, kept_count, make_ratios
 from trainables.surgery import Unit
 
 __all__ = ["FlopsModel", "plan_ratios", "select_keep"]
@@ -185,14 +185,21 @@ def _channels_per_filter(n_idxs: int, unit: Unit) -> int:
     return n_idxs // unit.n_filters
 
 
-def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig) -> list[float]:
+def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig,
+                scorer: Callable[[Unit], Tensor] | None = None) -> list[float]:
     """One ratio (share of filters removed) per unit, input to output, from the schedule, or
     scaled to meet a FLOPs target.
 
     With ``target_flops_reduction`` the schedule's shape is kept and scaled by a bisection
     until the pruned FLOPs are within 2 points of the target reduction; each step evaluates
     a ``FlopsModel`` (exact, microseconds) instead of pruning a copy.
+
+    ``prune.schedule=global`` needs ``scorer`` (the criterion on ``model``, higher = keep): every
+    unit is scored once, and a FLOPs target is met by bisecting the overall ratio of that one
+    ranking instead of scaling a shape.
     """
+    if prune.schedule == GLOBAL:
+        return _plan_global(model, units, prune, scorer)
     ratios = make_ratios(
         prune.schedule, [u.n_filters for u in units], ratio=prune.ratio, ratio_low=prune.ratio_low,
         ratio_high=prune.ratio_high, ratios=prune.ratios,
@@ -208,6 +215,32 @@ def plan_ratios(model: nn.Module, units: list[Unit], prune: PruneConfig) -> list
 
     scale = _bisect_scale(reduction, prune.target_flops_reduction, _MAX_UNIT_RATIO / max(shape), prune.round_to)
     return [s * scale for s in shape]
+
+
+def _plan_global(model: nn.Module, units: list[Unit], prune: PruneConfig,
+                 scorer: Callable[[Unit], Tensor] | None) -> list[float]:
+    """``global``'s ratios: the unpruned model's scores ranked once, at ``prune.ratio`` overall
+    or at the overall ratio whose FLOPs meet the target."""
+    if scorer is None:
+        raise ValueError(f"prune.schedule=global ranks the criterion's scores, but prune.method={prune.method} "
+                         "scores no filters; use layer_by_layer or one_shot")
+    scores = [scorer(u).detach().cpu() for u in units]
+    n_filters = [u.n_filters for u in units]
+
+    def ratios_at(ratio: float) -> list[float]:
+        return make_ratios(GLOBAL, n_filters, ratio=ratio, scores=scores, min_keep=prune.global_min_keep)
+
+    if prune.target_flops_reduction is None:
+        return ratios_at(prune.ratio)
+    flops = FlopsModel(model, units)
+    # The largest overall ratio the per-unit floors allow (global_kept's own limit), kept below 1.
+    floors = sum(global_floors(n_filters, prune.global_min_keep))
+    cap = min(1.0 - floors / sum(n_filters), _MAX_UNIT_RATIO)
+
+    def reduction(ratio: float) -> float:
+        return 1.0 - flops.flops_with_ratios(ratios_at(ratio), prune.round_to) / flops.base
+
+    return ratios_at(_bisect_scale(reduction, prune.target_flops_reduction, cap, prune.round_to))
 
 
 def _bisect_scale(reduction: Callable[[float], float], target: float, cap: float, round_to: int) -> float:

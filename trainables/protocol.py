@@ -49,7 +49,9 @@ from trainables.metrics import count_backbone_flops, count_flops, count_params, 
 from trainables.planning import plan_ratios, select_keep
 from trainables.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
 from trainables.recovery import run_recovery, stage_recovery
+from trainables.schedules import global_drop as _global_drop
 from trainables.schedules import kept_count
+from trainables.schedules import unit_normalised as _unit_normalised
 from trainables.surgery import Unit, describe_units, prune_layer, select_units
 from trainables.tasks import Task, task_of
 
@@ -150,10 +152,14 @@ def run_protocol(
                          "trainables.base_model.train_base_model for prune.method=scratch, but got None")
     task = task_of(model)
     units = select_units(model, describe_units(model), prune.units)
-    # control removes nothing: its planned ratios are all 0 (and a FLOPs target is not searched)
-    ratios = [0.0] * len(units) if prune.method == "control" else plan_ratios(model, units, prune)
-    plan = _Plan(units, ratios, prune, finetune.recovery_delta, pretrain, pretrainer, task=task)
-    stages = _stages(plan, splits, seed)
+    plan = _Plan(units, [], prune, finetune.recovery_delta, pretrain, pretrainer, task=task)
+    _bind_scoring(plan, splits, seed)
+    # control removes nothing: its planned ratios are all 0 (and a FLOPs target is not searched).
+    # schedule=global ranks the criterion's scores of the unpruned model, so it plans after binding.
+    scorer = (lambda unit: plan.score(model, unit)) if plan.criterion is not None else None
+    ratios = [0.0] * len(units) if prune.method == "control" else plan_ratios(model, units, prune, scorer=scorer)
+    plan.ratios = ratios
+    stages = _METHODS[prune.method](plan)
     state = _restore(model, resume) if resume else None
     tuner = Finetuner(model, splits, finetune, seed, report, progress, _total_epochs(prune, len(units)),
                       start_step=state.step if state else 0, curve=state.curve if state else None,
@@ -186,18 +192,17 @@ def run_protocol(
     return record.to_dict()
 
 
-def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
-    """The stages of ``prune.method``, with the criterion and its scoring batches bound in
-    (control and scratch ignore the criterion: nothing is scored)."""
+def _bind_scoring(plan: _Plan, splits: DataSplits, seed: int) -> None:
+    """Bind the criterion and its scoring batches to ``plan`` (control and scratch ignore the
+    criterion: nothing is scored; greedy CAR scores validation batches itself)."""
     prune = plan.prune
-    build = _METHODS.get(prune.method)
-    if build is None:  # only a config mutated after construction gets here; same words as its own check
+    if prune.method not in _METHODS:  # only a config mutated after construction gets here; same words as its own check
         raise ValueError(f"prune.method must be one of {', '.join(METHODS)}, but got {prune.method!r}")
     if prune.method in _UNSCORED:
-        return build(plan)
+        return
     if prune.method == "greedy_car":  # its own score on validation batches: no criterion
         plan.ctx = ScoringContext(batches=validation_batches(splits, prune, seed), seed=seed)
-        return build(plan)
+        return
     target_ids = resolve_classes(prune.target_classes, splits.class_names)
     plan.criterion = get_criterion(prune.criterion)
     loss = plan.task.logits_loss if plan.task is not None else None
@@ -205,7 +210,6 @@ def _stages(plan: _Plan, splits: DataSplits, seed: int) -> list[Stage]:
         batches=scoring_batches(splits, prune, seed), seed=seed, target_classes=target_ids,
         options=dict(prune.criterion_options), **({"loss_fn": loss} if loss is not None else {}),
     )
-    return build(plan)
 
 
 def _total_epochs(prune: PruneConfig, n_units: int) -> float:
@@ -560,27 +564,6 @@ def _surviving_filters(first: dict[str, int], state: ProtocolState) -> dict[str,
     for rec in state.prune_log:
         alive[rec["unit"]] = [alive[rec["unit"]][i] for i in rec["keep_idxs"]]
     return alive
-
-
-def _unit_normalised(scores: Tensor) -> Tensor:
-    """Scores divided by their mean |score|, so that units with different scales compete fairly."""
-    s = scores.double()
-    return s / s.abs().mean().clamp_min(1e-12)
-
-
-def _global_drop(scores: dict[str, Tensor], current: dict[str, int], floor: dict[str, int],
-                 n_drop: int) -> dict[str, set[int]]:
-    """The ``n_drop`` lowest-scoring filters over all units (current indices per unit), never
-    taking a unit below ``floor`` filters; ties go by unit name, then index."""
-    entries = [(float(v), name, i) for name, s in scores.items() for i, v in enumerate(s)]
-    dropped: dict[str, set[int]] = {name: set() for name in scores}
-    for _score, name, i in sorted(entries):  # lowest normalised scores go first
-        if n_drop <= 0:
-            break
-        if current[name] - len(dropped[name]) > floor[name]:
-            dropped[name].add(i)
-            n_drop -= 1
-    return dropped
 
 
 def _resized(unit: Unit, n: int) -> Unit:

@@ -16,6 +16,11 @@ Schedules, by registry name:
   ``ratio_low >= ratio_high`` (prune less where there are more filters, or near the output).
   The plain names refuse such an inverted ramp: it is almost always a swapped pair.
 - ``per_layer``: ``ratios``, one per unit.
+- ``global``: one threshold over all units' criterion scores, each unit's scores divided by
+  their mean |score| (torch-pruning's global pruning): ``ratio`` of all filters go, the
+  lowest normalised scores first, but every unit keeps at least ``min_keep`` of its filters.
+  It needs the scores (``make_ratios(..., scores=...)``; ``trainables.planning.plan_ratios``
+  scores the unpruned model), so it is the one schedule that depends on the criterion.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
+from torch import Tensor
+
 from data import Registry
 
 __all__ = [
-    "SCHEDULES", "check_n_filters", "check_ramp", "check_ratio", "check_ratio_count", "kept_count",
-    "list_schedules", "make_ratios",
+    "GLOBAL", "SCHEDULES", "check_min_keep", "check_n_filters", "check_ramp", "check_ratio", "check_ratio_count",
+    "global_drop", "global_floors", "global_kept", "kept_count", "list_schedules", "make_ratios", "unit_normalised",
 ]
+
+GLOBAL = "global"  # the schedule that reads the criterion's scores
 
 ScheduleFn = Callable[..., list[float]]
 SCHEDULES: Registry[ScheduleFn] = Registry("ratio schedule")
@@ -139,6 +148,83 @@ for _name in _RAMPS:
 SCHEDULES.register("per_layer", _per_layer)
 
 
+def check_min_keep(key: str, value: float) -> float:
+    """``value`` as a float if it is a kept share in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{key} must be in (0, 1), but got {value!r}")
+    return float(value)
+
+
+def unit_normalised(scores: Tensor) -> Tensor:
+    """Scores divided by their mean |score|, so that units with different scales compete fairly
+    (a unit of 512 filters with L1 norms near 3 against one of 64 near 0.3)."""
+    s = scores.double()
+    return s / s.abs().mean().clamp_min(1e-12)
+
+
+def global_drop(scores: dict[str, Tensor], current: dict[str, int], floor: dict[str, int],
+                n_drop: int) -> dict[str, set[int]]:
+    """The ``n_drop`` lowest-scoring filters over all units (current indices per unit), never
+    taking a unit below ``floor`` filters; ties go by unit name, then index."""
+    entries = [(float(v), name, i) for name, s in scores.items() for i, v in enumerate(s)]
+    dropped: dict[str, set[int]] = {name: set() for name in scores}
+    for _score, name, i in sorted(entries):  # lowest normalised scores go first
+        if n_drop <= 0:
+            break
+        if current[name] - len(dropped[name]) > floor[name]:
+            dropped[name].add(i)
+            n_drop -= 1
+    return dropped
+
+
+def global_floors(n_filters: Sequence[int], min_keep: float) -> list[int]:
+    """The fewest filters ``global`` leaves each unit: ``ceil(min_keep x n)``, at least one.
+
+    ceil, not round: "at least min_keep of its filters" must hold for every unit; the epsilon
+    keeps 0.1 x 30 (3.0000000000000004 in floats) at 3.
+    """
+    return [min(n, max(1, math.ceil(min_keep * n - 1e-9))) for n in n_filters]
+
+
+def global_kept(scores: Sequence[Tensor], ratio: float, min_keep: float) -> list[int]:
+    """Kept filters per unit when ``ratio`` of all filters go by one ranking of the unit-normalised
+    ``scores`` (one tensor per unit, higher = keep), each unit keeping >= ``min_keep`` of its own.
+
+    The total kept is ``round(sum(n) x (1 - ratio))`` (half up, as ``kept_count``); a ratio the
+    floors cannot give is refused rather than silently pruned less.
+    """
+    ratio, min_keep = check_ratio("prune.ratio", ratio), check_min_keep("prune.global_min_keep", min_keep)
+    counts = [int(s.numel()) for s in scores]
+    check_n_filters(counts)
+    total = sum(counts)
+    keep_total = math.floor(total * (1.0 - ratio) + 0.5)
+    floors = global_floors(counts, min_keep)
+    if sum(floors) > keep_total:
+        most = 1.0 - sum(floors) / total
+        raise ValueError(f"prune.ratio must be <= {most:.4f} with prune.global_min_keep={min_keep} "
+                         f"(every unit keeps at least that share), but got {ratio}")
+    names = [f"{i:06d}" for i in range(len(scores))]  # ties then fall to the unit nearer the input
+    dropped = global_drop({k: unit_normalised(s.flatten()) for k, s in zip(names, scores, strict=True)},
+                          dict(zip(names, counts, strict=True)), dict(zip(names, floors, strict=True)),
+                          total - keep_total)
+    return [n - len(dropped[k]) for k, n in zip(names, counts, strict=True)]
+
+
+def _global(n_filters: list[int], *, ratio: float, scores: Sequence[Tensor] | None, min_keep: float,
+            **_: object) -> list[float]:
+    if scores is None:
+        raise ValueError("prune.schedule=global needs the criterion's scores of every unit (trainables.planning."
+                         "plan_ratios scores the unpruned model), but got none")
+    got = [int(s.numel()) for s in scores]
+    if got != n_filters:
+        raise ValueError(f"scores must have one tensor per unit with n_filters entries ({n_filters}), but got {got}")
+    kept = global_kept(scores, ratio, min_keep)
+    return [(n - k) / n for n, k in zip(n_filters, kept, strict=True)]
+
+
+SCHEDULES.register(GLOBAL, _global)
+
+
 def list_schedules() -> list[str]:
     return SCHEDULES.names()
 
@@ -151,11 +237,16 @@ def make_ratios(
     ratio_low: float = 0.25,
     ratio_high: float = 0.75,
     ratios: Sequence[float] | None = None,
+    scores: Sequence[Tensor] | None = None,
+    min_keep: float = 0.1,
 ) -> list[float]:
     """One pruning ratio per unit, in network order (input to output).
 
     ``n_filters`` holds each unit's filter count (``Unit.n_filters``), input to output; only
-    ``differential`` reads the counts, the other schedules only their number.
+    ``differential`` reads the counts, the other schedules only their number. ``scores`` (one
+    tensor of ``n_filters[i]`` criterion scores per unit) and ``min_keep`` are ``global``'s:
+    its ratios give back the ranking's kept counts exactly through ``kept_count`` (round_to=1).
     """
     fn = SCHEDULES.get(schedule)
-    return fn(check_n_filters(n_filters), ratio=ratio, ratio_low=ratio_low, ratio_high=ratio_high, ratios=ratios)
+    return fn(check_n_filters(n_filters), ratio=ratio, ratio_low=ratio_low, ratio_high=ratio_high, ratios=ratios,
+              scores=scores, min_keep=min_keep)
