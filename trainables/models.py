@@ -302,3 +302,7 @@ def _small_alexnet(num_classes: int = 10, width: int = 64) -> nn.Module:
     """Small AlexNet-style CNN for 28x28 colour inputs (Coloured Fashion-MNIST)."""
     return SmallAlexNet(num_classes=num_classes, width=width)
 
+
+# The dense-prediction builders register themselves into MODELS; importing them here keeps the
+# registry whole for whoever imports this module (trainables/__init__ no longer imports eagerly).
+from trainables import dense_models  # noqa: E402,F401
