@@ -1,191 +1,191 @@
 """MkDocs hooks: pages generated from the repository at build time, so they cannot drift.
 
-- ``reference/configuration.md``: every config of ``conf/``, every key, its default and its comment
-  (the comment is where each key says what it allows), read from the YAML files themselves.
+- ``reference/configuration.md``: every command's config and every option of every group, each
+  key with its default and the comment beside it in ``conf/``, through ``trainables.confdoc``
+  (the same reader ``--help`` and the unknown-key check use; it needs PyYAML, not torch).
+- ``reference/api-trainables.md`` and ``reference/api-search.md``: mkdocstrings blocks for every
+  name of ``trainables.__all__`` and every public module of ``search`` that declares ``__all__``
+  (``data`` is documented whole, statically, by its own page).
 - ``results.md``: ``bench/RESULTS.md`` as it is, with any image it shows copied beside it.
 
-Wired in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``); nothing here imports the project, so the
-site builds without torch.
+Wired in ``mkdocs.yml`` (``hooks: [docs/hooks.py]``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 CONFIG_PAGE = "reference/configuration.md"
 RESULTS_PAGE = "results.md"
+if str(ROOT) not in sys.path:  # mkdocs does not put the project on the path
+    sys.path.insert(0, str(ROOT))
 
-# What each top-level config is composed for (the command lines read these through
-# trainables.compose / search.launch / search.study / trainables.compress).
+# The command lines that compose each top-level config (trainables.compose, search.launch,
+# search.study and trainables.compress read them).
 COMMANDS = {
-    "config": "python -m trainables.run, python -m trainables.pretrain, python -m trainables.colour_report",
-    "launch": "python -m search.launch, python -m search.blend",
-    "study": "python -m search.study",
-    "compress": "python -m trainables.compress",
+    "config": ("python -m trainables.run", "python -m trainables.pretrain", "python -m trainables.colour_report"),
+    "launch": ("python -m search.launch", "python -m search.blend"),
+    "study": ("python -m search.study",),
+    "compress": ("python -m trainables.compress",),
 }
 
-_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w.-]*|'[^']*'|\"[^\"]*\"):(?P<rest>.*)$")
-_LIST_ITEM = re.compile(r"^ *- ")
+
+def header_comment(path: Path) -> str:
+    """The comment block a YAML file opens with (its description), without Hydra's directives."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text.startswith("@package"):
+            lines.append(text)
+    return " ".join(lines).strip()
 
 
-@dataclass
-class Entry:
-    """One key of a YAML file: its dotted path, the default as written, and its comment."""
-
-    key: str
-    default: str
-    comment: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ConfigFile:
-    """A parsed config: its header comment, its ``defaults:`` list and its keys in file order."""
-
-    path: Path
-    header: list[str]
-    defaults: list[tuple[str, str, str]]  # (group, default option, comment)
-    entries: list[Entry]
-
-
-def _split_comment(text: str) -> tuple[str, str]:
-    """``value  # comment`` -> (value, comment); a ``#`` inside quotes or ``${...}`` is part of the value."""
-    quote, depth = "", 0
-    for i, ch in enumerate(text):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        elif ch == "#" and depth <= 0 and (i == 0 or text[i - 1] in " \t"):
-            return text[:i].strip(), text[i + 1:].strip()
-    return text.strip(), ""
-
-
-def parse_config(path: Path) -> ConfigFile:
-    """Read a Hydra YAML file line by line, keeping what a YAML loader throws away: comments.
-
-    A comment line right under a key's line, indented past the key, continues that key's comment
-    (the configs wrap long explanations that way).
-    """
-    lines = path.read_text().splitlines()
-    header: list[str] = []
-    i = 0
-    while i < len(lines) and (lines[i].startswith("#") or not lines[i].strip()):
-        if lines[i].startswith("#"):
-            header.append(lines[i].lstrip("#").strip())
-        i += 1
-    defaults: list[tuple[str, str, str]] = []
-    entries: list[Entry] = []
-    stack: list[tuple[int, str]] = []  # (indent, key) of the open mappings
-    last: Entry | None = None
-    in_defaults = False
-    for line in lines[i:]:
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if stripped.startswith("#"):
-            # a wrapped comment continues the previous key's; a comment at column 0 starts a new block
-            if last is not None and line.startswith(" "):
-                last.comment.append(stripped.lstrip("#").strip())
-            else:
-                last = None
-            continue
-        if in_defaults and _LIST_ITEM.match(line):
-            value, comment = _split_comment(line.split("-", 1)[1])
-            group, _, option = value.partition(":")
-            defaults.append((group.strip(), option.strip(), comment))
-            last = None
-            continue
-        match = _KEY.match(line)
-        if match is None:  # a block-style list item or a continuation of a flow value: part of the key above
-            continue
-        indent = len(match["indent"])
-        in_defaults = indent == 0 and match["key"] == "defaults"
-        if in_defaults:
-            last = None
-            continue
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        key = ".".join([k for _, k in stack] + [match["key"].strip("'\"")])
-        value, comment = _split_comment(match["rest"])
-        if value == "":  # a mapping (or a block list) opens here
-            stack.append((indent, match["key"].strip("'\"")))
-        last = Entry(key, value, [comment] if comment else [])
-        entries.append(last)
-    return ConfigFile(path, header, defaults, entries)
+def _show(value: Any) -> str:
+    """A default as it would be written on the command line (YAML flow style)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return str(value)
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _code(value: str) -> str:
-    if value == "":
-        return "(section)"
-    return "``" + value.replace("|", "\\|") + "``" if "`" in value else f"`{_cell(value)}`"
+def _code(value: Any) -> str:
+    text = _cell(_show(value))
+    return f"``{text}``" if "`" in text else f"`{text}`"
 
 
-def _table(entries: list[Entry]) -> list[str]:
-    rows = ["| key | default | what it means, what is allowed |", "|---|---|---|"]
-    rows += [f"| `{e.key}` | {_code(e.default)} | {_cell(' '.join(e.comment))} |" for e in entries]
-    return rows
+def _key_table(keys: list[Any], with_source: bool) -> list[str]:
+    if not keys:
+        return ["(no keys of its own)", ""]
+    head = "| key | default | what it means, what is allowed |" + (" set in |" if with_source else "")
+    rows = [head, "|---|---|---|" + ("---|" if with_source else "")]
+    for k in keys:
+        row = f"| `{k.key}` | {_code(k.default)} | {_cell(k.comment)} |"
+        rows.append(row + (f" `{k.source}` |" if with_source else ""))
+    return [*rows, ""]
 
 
-def _header(cfg: ConfigFile) -> list[str]:
-    return [" ".join(cfg.header), ""] if cfg.header else []
+def config_reference() -> str:
+    """The configuration reference page, in Markdown, from ``conf/`` through ``trainables.confdoc``."""
+    from trainables.confdoc import describe_config, describe_groups
 
-
-def config_reference(conf: Path = CONF) -> str:
-    """The configuration reference page, in Markdown, from every YAML file under ``conf``."""
     out = [
         "# Configuration reference",
         "",
-        "Generated from `conf/` each time the site is built (`docs/hooks.py`), so it shows exactly",
-        "what the YAML files hold: every key, its default as written, and the comment beside it,",
-        "which says what the key means and what it allows. A command line changes any key with",
-        "Hydra's `key=value`; a group (`model=`, `data=`, ...) swaps in one of the files listed under it.",
-        "The checks behind the comments run before any work starts and answer a bad value in one line",
-        "naming the key, the value and what is allowed.",
+        "Generated from `conf/` each time the site is built (`docs/hooks.py`, through",
+        "`trainables.confdoc`, which also writes every command's `--help`), so it cannot disagree with",
+        "the configs: every key, its default and the comment beside it, which says what the key means",
+        "and what it allows. A command line changes a key with Hydra's `key=value`; a group",
+        "(`model=`, `data=`, ...) swaps in one file of its folder. The checks behind the comments run",
+        "before any work starts and answer a bad value in one line naming the key, the value and what",
+        "is allowed.",
         "",
-        "## Top-level configs",
+        "## Commands",
         "",
     ]
-    for name in sorted(p.stem for p in conf.glob("*.yaml")):
-        cfg = parse_config(conf / f"{name}.yaml")
+    tops = sorted(p.stem for p in CONF.glob("*.yaml"))
+    owner: dict[str, str] = {}  # group -> the first top-level config that composes it
+    for name in tops:
         out += [f"### `conf/{name}.yaml`", ""]
         if name in COMMANDS:
-            out += [f"Composed by: `{'`, `'.join(COMMANDS[name].split(', '))}`.", ""]
-        out += _header(cfg)
-        if cfg.defaults:
-            out += ["| defaults entry | option | comment |", "|---|---|---|"]
-            out += [f"| `{g}` | {_code(o) if o else ''} | {_cell(c)} |" for g, o, c in cfg.defaults]
+            out += ["Read by " + ", ".join(f"`{c}`" for c in COMMANDS[name]) + ".", ""]
+        if header := header_comment(CONF / f"{name}.yaml"):
+            out += [header, ""]
+        groups = describe_groups(name)
+        if groups:
+            out += ["| group | default | options |", "|---|---|---|"]
+            out += [f"| `{g.name}` | `{g.choice}` | {', '.join(g.options)} |" for g in groups]
             out += [""]
-        if cfg.entries:
-            out += [*_table(cfg.entries), ""]
-    out += ["## Groups", "",
-            "A group is a folder of `conf/`; `group=option` picks the file `conf/group/option.yaml`, whose",
-            "keys then live under `group.` (for example `model.pretrain.epochs`). Groups whose name starts",
-            "with `task_` are picked by `task=` itself and are not named on the command line.", ""]
-    for group in sorted(p for p in conf.iterdir() if p.is_dir()):
-        options = sorted(group.glob("*.yaml"))
-        out += [f"### `{group.name}`", "", "Options: " + ", ".join(f"`{p.stem}`" for p in options) + ".", ""]
-        for path in options:
-            cfg = parse_config(path)
-            out += [f"#### `{group.name}={path.stem}`", "", *_header(cfg)]
-            if cfg.defaults:
-                out += ["Defaults list: " + ", ".join(f"`{g}: {o}`" if o else f"`{g}`" for g, o, _ in cfg.defaults), ""]
-            if cfg.entries:
-                out += [*_table(cfg.entries), ""]
+        for g in groups:
+            owner.setdefault(g.name, name)
+        out += _key_table(describe_config(name), with_source=True)
+    out += ["## Group options", "",
+            "The keys each option file sets, as composed by the command that reads the group (a key the",
+            "option does not set keeps the default shown above).", ""]
+    for group in sorted(owner):
+        top = owner[group]
+        out += [f"### `{group}`", ""]
+        for path in sorted((CONF / group).glob("*.yaml")):
+            out += [f"#### `{group}={path.stem}`", ""]
+            if header := header_comment(path):
+                out += [header, ""]
+            source = f"{group}/{path.stem}.yaml"
+            keys = [k for k in describe_config(top, [f"{group}={path.stem}"]) if k.source == source]
+            out += _key_table(keys, with_source=False)
+    rest = sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in owner)
+    if rest:
+        out += ["## Other folders", "",
+                "Files that no group option names: class subsets (`subset=<name>`) and the task's own",
+                "search and study settings, which `task=` picks for `search.launch` and `search.study`.", ""]
+        for folder in rest:
+            out += [f"### `conf/{folder.name}/`", ""]
+            for path in sorted(folder.glob("*.yaml")):
+                out += [f"- `{path.stem}`: {header_comment(path)}"]
+            out += [""]
     return "\n".join(out) + "\n"
+
+
+def _public_home(package: str, name: str) -> str:
+    """The dotted path the API page documents ``package.name`` under: the public module nearest
+    to where it is defined that exports it as a plain import (a package exporting its names on
+    first use, PEP 562, shows griffe no members)."""
+    import importlib
+
+    defined = getattr(getattr(importlib.import_module(package), name), "__module__", package)
+    parts = defined.split(".")
+    for end in range(len(parts), 1, -1):
+        module = ".".join(parts[:end])
+        if not any(p.startswith("_") for p in parts[:end]) and hasattr(importlib.import_module(module), name):
+            return f"{module}.{name}"
+    return f"{package}.{name}"
+
+
+def api_trainables() -> str:
+    """The core's public names (``trainables.__all__``), each under the module that defines it."""
+    import trainables
+
+    homes = sorted((_public_home("trainables", n), n) for n in trainables.__all__)
+    out = ["# API: `trainables`", "",
+           "The pruning core: plain PyTorch and torch-pruning, usable in a notebook or a test without Ray,",
+           "Optuna or MLflow. Every name below is exported by the package (`trainables.__all__`), so",
+           "`from trainables import prune_layer` works; each is documented under the module that holds it.",
+           "This page is generated from `__all__` when the site is built (`docs/hooks.py`).", ""]
+    for path, _ in homes:
+        out += [f"::: {path}", ""]
+    return "\n".join(out)
+
+
+def api_search() -> str:
+    """Every public module of ``search`` that declares ``__all__``, found on disk."""
+    package = ROOT / "search"
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in package.rglob("*.py")
+        if not any(part.startswith("_") and part != "__init__.py" for part in p.relative_to(package).parts)
+        and p.name != "__main__.py" and re.search(r"^__all__ = \[[^\]]", p.read_text(), re.MULTILINE))
+    out = ["# API: `search`", "",
+           "The search layer drives the core through Ray Tune, Optuna and MLflow. The package exports",
+           "nothing itself; its public face is one module per concern, each with its own `__all__`. This",
+           "page lists every such module, found when the site is built (`docs/hooks.py`).", ""]
+    for module in modules:
+        out += [f"::: {module}", ""]
+    return "\n".join(out)
 
 
 _IMAGE = re.compile(r"!\[[^\]]*\]\((?P<src>[^)\s]+)")
@@ -205,6 +205,8 @@ def on_files(files: Any, config: Any) -> Any:
     from mkdocs.structure.files import File
 
     files.append(File.generated(config, CONFIG_PAGE, content=config_reference()))
+    files.append(File.generated(config, "reference/api-trainables.md", content=api_trainables()))
+    files.append(File.generated(config, "reference/api-search.md", content=api_search()))
     text, images = results_page()
     files.append(File.generated(config, RESULTS_PAGE, content=text))
     for src in images:
