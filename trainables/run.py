@@ -81,6 +81,11 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     # the folder names what chose the filters: greedy_car scores by CAR, control and scratch score nothing
     chooser = {"greedy_car": "car", "control": "none", "scratch": "none"}.get(prune.method, prune.criterion)
     out = save_run(cfg, record, f"{cfg.model.name}-{chooser}-{prune.method}")
+    # The fine-tuned weights: the record rebuilds the pruned architecture, these fill it
+    # (python -m trainables.export <run folder> exports them for deployment).
+    import torch
+
+    torch.save(model.state_dict(), out / "model.pt")
     return record, out / "record.json"
 
 
