@@ -41,6 +41,7 @@ from bench.latency import write_section  # noqa: E402
 from bench.loopback_cluster import LoopbackCluster, Outcome, kill_the_driver, lose_a_worker  # noqa: E402
 
 COLUMNS = ("asked", "completed", "lost", "duplicated", "retried", "restarts_total", "restored", "from_scratch",
+           "from_scratch_with_checkpoint",
            "mlflow_runs", "orphans_deleted")
 
 
@@ -62,7 +63,8 @@ def _totals(outcomes: list[Outcome]) -> str:
                     f"{sum(o.lost for o in runs)} lost, {sum(o.duplicated for o in runs)} duplicated, "
                     f"{sum(o.retried for o in runs)} retried after a failure; of "
                     f"{sum(o.restarts_total for o in runs)} restarts, {sum(o.restored for o in runs)} from a "
-                    f"checkpoint, {sum(o.from_scratch for o in runs)} from scratch")
+                    f"checkpoint, {sum(o.from_scratch for o in runs)} from scratch "
+                    f"({sum(o.from_scratch_with_checkpoint for o in runs)} of them with a checkpoint written before)")
     return "\n".join(rows)
 
 
@@ -103,23 +105,21 @@ def main() -> None:
         "Lost = asked - completed rows of trials.parquet; duplicated = rows beyond one per trial id + "
         "MLflow child runs beyond one per trial id; retried = Tune's `num_failures > 0`; restarts = "
         "results with `iterations_since_restore == 1` after a trial's first (a retry or a resume); "
-        "restored = restarts that continued from a checkpoint (first iteration after it > 1); "
-        "from_scratch = restarts at the trial's first result; orphans_deleted = MLflow runs of trials the killed driver started but Tune never saved "
+        "restored = restarts that continued from a checkpoint (the first result after it has "
+        "`resumed_stage` > 0: the trial reads the furthest-advanced complete checkpoint in its folder on "
+        "storage, not only the one Tune restored); from_scratch = restarts at the trial's start; "
+        "from_scratch_with_checkpoint = those of them whose trial had reported a checkpoint before; orphans_deleted = MLflow runs of trials the killed driver started but Tune never saved "
         "(the resumed search samples new ones in their place and deletes those runs, restorable).\n\n"
         + _totals(outcomes) + "\n\n" + _table(outcomes) + "\n\n"
-        "A worker loss restarts the interrupted trial from the newest checkpoint Tune has taken in (its "
-        "driver lives on). Tune takes a checkpoint in two steps, the result that carries it and then a "
-        "`save` call to the trial's actor, and counts it only after the second: a node lost in between "
-        "restarts the trial from the checkpoint before (or from scratch, if there is none; seen once in "
-        "a trial killed right after its first checkpoint, which is why the scenario waits for two). "
-        "After a driver kill Tune restores each trial from the newest checkpoint the experiment state "
-        "on the storage path knows, and the driver uploads that state at most every "
-        "`SyncConfig.sync_period` (300 s by default), not at every checkpoint: it can be older than "
-        "the newest checkpoint on storage, or know none, and a trial that finished just before the kill "
-        "may run again, in part or from scratch (`from_scratch`). It still counts "
-        "once, with one MLflow run that skips the steps it already has; a seeded trial gives the "
-        "same numbers again. With these 2-5 s trials that can be a whole trial; with real ones, the "
-        "stages since the newest checkpoint Tune's saved state knows.\n"
+        "A worker loss restarts the interrupted trial from a checkpoint (its driver lives on). After a "
+        "driver kill Tune restores each trial from the newest checkpoint the experiment state it last "
+        "synced knows; that state is uploaded at most every `SyncConfig.sync_period` (300 s by default), "
+        "so it can know an older checkpoint or none. The trial itself therefore lists its folder on "
+        "storage and continues from the furthest-advanced complete checkpoint there (compared by "
+        "protocol stage and step from a small progress file, with the sizes of the files written "
+        "beside it so a checkpoint whose upload the kill cut short is never chosen). A trial that "
+        "finished just before the kill only reports its final result again. A trial that had not "
+        "written a checkpoint yet starts again from scratch; seeded, it gives the same numbers.\n"
     )
     print(text)
     if args.write:

@@ -297,6 +297,24 @@ def restarts(results: list[dict]) -> list[int]:
             if r.get("iterations_since_restore") == 1 and (i or r.get("training_iteration", 1) > 1)]
 
 
+def restart_sources(results: list[dict]) -> list[tuple[bool, bool]]:
+    """For each restart of ``restarts``: ``(continued from a checkpoint, a checkpoint existed)``.
+
+    A restart continued from a checkpoint when its first result says it resumed past stage 0
+    (``resumed_stage``: the trial may continue from a checkpoint on storage that Tune's restored
+    state did not know, and then Tune numbers its results from 1 again) or, for results from
+    before that key, starts past iteration 1. A checkpoint existed when a result before the
+    restart carried one (Tune writes ``checkpoint_dir_name`` into it)."""
+    found = []
+    for i, r in enumerate(results):
+        if r.get("iterations_since_restore") == 1 and (i or r.get("training_iteration", 1) > 1):
+            resumed = r.get("resumed_stage")
+            from_checkpoint = resumed > 0 if resumed is not None else r.get("training_iteration", 1) > 1
+            existed = any(prev.get("checkpoint_dir_name") for prev in results[:i]) or r.get("training_iteration", 1) > 1
+            found.append((from_checkpoint, existed))
+    return found
+
+
 @dataclass
 class Outcome:
     """What one search on the cluster left behind, counted from trials.parquet, MLflow and
@@ -313,8 +331,9 @@ class Outcome:
     retried: int  # trials Tune started again after a failure (num_failures > 0)
     restarts_total: int  # all restarts (a retry or a resume), over all trials
     restored: int  # restarts that continued from a checkpoint
-    from_scratch: int  # restarts that began the trial again (no checkpoint of it known to Tune)
+    from_scratch: int  # restarts that began the trial again
     nodes: dict[str, int]  # node name -> trials that finished there
+    from_scratch_with_checkpoint: int = 0  # from_scratch restarts of trials that had written a checkpoint before
     trials_per_node_seen: dict[str, int] = field(default_factory=dict)  # node name -> trials with a result there
     wall_s: float = 0.0
     notes: str = ""
@@ -341,16 +360,17 @@ def outcome(scenario: str, run: SearchRun, asked: int, wall_s: float, notes: str
     per_trial = Counter(r.data.tags.get("trial_id") for r in runs)
     names = run.cluster.names_by_id()
     failures = {t.trial_id: t.num_failures for t in ExperimentAnalysis(state["experiment_path"]).trials}
-    n_restored = n_restarts = n_scratch = 0
+    n_restored = n_restarts = n_scratch = n_scratch_ck = 0
     seen: Counter = Counter()
     # Only the experiment's trials: a trial the killed driver started but never saved has a folder
     # too (its MLflow run is an orphan, deleted; the resumed search sampled another in its place).
     for trial_dir in (d for d in run.trial_dirs() if d.name.split("_")[2] in failures):
         results = results_of(trial_dir)
-        found = restarts(results)
+        found = restart_sources(results)
         n_restarts += len(found)
-        n_restored += sum(first > 1 for first in found)
-        n_scratch += sum(first == 1 for first in found)
+        n_restored += sum(ck for ck, _ in found)
+        n_scratch += sum(not ck for ck, _ in found)
+        n_scratch_ck += sum(not ck and existed for ck, existed in found)
         seen.update({names.get(n, n) for n in {r.get("node_id") for r in results} if n})
     completed = {r["trial_id"] for r in rows if r["status"] == "COMPLETED"}
     return Outcome(
@@ -358,7 +378,7 @@ def outcome(scenario: str, run: SearchRun, asked: int, wall_s: float, notes: str
         duplicated=(len(ids) - len(set(ids))) + sum(c - 1 for c in per_trial.values()),
         mlflow_runs=len(runs), orphans_deleted=len(deleted),
         retried=sum(n > 0 for n in failures.values()), restarts_total=n_restarts, restored=n_restored,
-        from_scratch=n_scratch, nodes=dict(Counter(names.get(r["node_id"], str(r["node_id"])) for r in rows)),
+        from_scratch=n_scratch, from_scratch_with_checkpoint=n_scratch_ck, nodes=dict(Counter(names.get(r["node_id"], str(r["node_id"])) for r in rows)),
         trials_per_node_seen=dict(seen), wall_s=round(wall_s, 1), notes=notes,
     )
 

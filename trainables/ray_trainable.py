@@ -35,11 +35,16 @@ from trainables.protocol import run_protocol
 __all__ = [
     "RECOVERY_PHASES", "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
     "trial_fn",
-    "last_recovery_acc", "trial_base_model", "uses_fast_path", "with_cost", "with_recovery_acc",
+    "checkpoint_progress", "last_recovery_acc", "newest_checkpoint", "trial_base_model", "uses_fast_path", "with_cost",
+    "with_recovery_acc",
 ]
 
 _STATE_FILE = "state.pt"
 _RECORD_FILE = "record.json"
+# How far the protocol had got when the checkpoint was taken, and the sizes of the files beside
+# it: a restored trial compares checkpoints on storage by it without loading their weights, and a
+# checkpoint whose upload was cut short (sizes differ) is never chosen.
+_PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -199,6 +204,9 @@ class _Reporter:
             torch.save(state, Path(tmp) / _STATE_FILE)
             if record is not None:
                 (Path(tmp) / _RECORD_FILE).write_text(json.dumps(record))
+            sizes = {f.name: f.stat().st_size for f in Path(tmp).iterdir()}
+            progress = {**checkpoint_progress(state, done=final), "sizes": sizes}
+            (Path(tmp) / _PROGRESS_FILE).write_text(json.dumps(progress))
             self.report_fn(metrics, checkpoint=self.checkpoint_cls.from_directory(tmp))
         self.checkpoint_s += time.perf_counter() - t0
         self.n_checkpoints += 1
@@ -241,6 +249,8 @@ def train_loop_per_worker(config: dict) -> dict:
     model.to(device)
     resume = None
     loaded = api.get_checkpoint()
+    if not in_train:  # Train runs keep their own checkpoint bookkeeping (the TorchTrainer path)
+        loaded = newest_checkpoint(loaded, _trial_storage())
     if loaded is not None:
         with loaded.as_directory() as d:
             resume = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=True)
@@ -249,9 +259,15 @@ def train_loop_per_worker(config: dict) -> dict:
                 # Killed after its final checkpoint: the protocol is finished, report it again.
                 record = json.loads(record_file.read_text())
                 final = with_recovery_acc({k: v for k, v in _final_metrics(record).items() if v is not None})
+                final["resumed_stage"] = int(resume.get("stage", 0))
                 _on_this_node(api.report)(with_cost(final, ctx.cost_metric))
                 return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
-    reporter = _Reporter(_on_this_node(api.report), checkpoint_cls, write_checkpoints=rank == 0,
+    # Every result says which protocol stage this run of the trial continued from (0: its
+    # start), so a restart from a checkpoint can be told from one from scratch (bench/cluster_faults.py).
+    resumed = {"resumed_stage": int(resume.get("stage", 0)) if resume else 0}
+    report_fn = _on_this_node(api.report)
+    reporter = _Reporter(lambda metrics, **kw: report_fn({**metrics, **resumed}, **kw), checkpoint_cls,
+                         write_checkpoints=rank == 0,
                          recovery_acc=last_recovery_acc(resume.get("curve", [])) if resume else None,
                          every_s=ctx.checkpoint_every_s, cost_metric=ctx.cost_metric)
     record = run_protocol(
@@ -273,6 +289,84 @@ def train_loop_per_worker(config: dict) -> dict:
     reporter.pending = final
     reporter.checkpoint(state, record={**record, "curve": record["curve"]})
     return {k: record[k] for k in ("final_val_acc", "flops_after", "params_after", "wall_s")}
+
+
+def checkpoint_progress(state: dict, done: bool = False) -> dict:
+    """How far a protocol state had got: finished or not, stages done, optimiser steps taken."""
+    return {"done": bool(done or state.get("done")), "stage": int(state.get("stage", 0)),
+            "step": int(state.get("step", 0))}
+
+
+def _progress_key(progress: dict) -> tuple[bool, int, int]:
+    return bool(progress.get("done")), int(progress.get("stage", 0)), int(progress.get("step", 0))
+
+
+def _read_progress(fs, path: str) -> dict | None:
+    """A checkpoint folder's progress on ``fs`` (a pyarrow filesystem), or None when the folder
+    is not a complete checkpoint of ours: no progress file, or a file missing or of another
+    size than when it was written (an upload cut short by a kill)."""
+    from pyarrow.fs import FileType
+
+    try:
+        with fs.open_input_stream(f"{path}/{_PROGRESS_FILE}") as f:
+            progress = json.loads(f.read().decode())
+        for name, size in progress.get("sizes", {}).items():
+            info = fs.get_file_info(f"{path}/{name}")
+            if info.type != FileType.File or info.size != size:
+                return None
+    except (OSError, ValueError):
+        return None
+    return progress
+
+
+def newest_checkpoint(known, storage: tuple | None):
+    """The checkpoint a (re)started trial continues from: the furthest-advanced complete one of
+    ``known`` (what Tune restored, possibly None) and those in the trial's folder on storage.
+
+    Why look beyond ``known``: after a driver crash Tune restores each trial from the newest
+    checkpoint the experiment state it last synced knows, and that state is uploaded at most
+    every ``SyncConfig.sync_period`` (300 s by default), so later stage checkpoints already on
+    storage would be redone from an older one, or from scratch. Checkpoints are compared by
+    protocol progress, not folder number: a trial restored from checkpoint j writes its next one
+    into folder j+1 again, over an older stage's. ``storage`` is ``(pyarrow filesystem, trial
+    folder)``; None keeps ``known``."""
+    if storage is None:
+        return known
+    from pyarrow.fs import FileSelector, FileType
+    from ray.tune import Checkpoint
+
+    fs, trial_path = storage
+    best, best_key = known, (False, -1, -1)
+    if known is not None:
+        progress = _read_progress(known.filesystem, known.path)
+        # a checkpoint from before progress files (or not readable): keep it unless storage has a newer one
+        best_key = _progress_key(progress) if progress else (False, 0, 0)
+    try:
+        infos = fs.get_file_info(FileSelector(trial_path, allow_not_found=True))
+    except OSError:
+        return known
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        progress = _read_progress(fs, info.path)
+        if progress is not None and _progress_key(progress) > best_key:
+            best, best_key = Checkpoint(info.path, filesystem=fs), _progress_key(progress)
+    return best
+
+
+def _trial_storage() -> tuple | None:
+    """``(filesystem, trial folder)`` of this Tune trial on its storage, or None if not known.
+
+    Ray exposes it only through its developer API (``ray.train._internal.session.get_storage``,
+    documented to change without notice), hence the guard: without it a restored trial keeps
+    what Tune restored, as before."""
+    try:
+        from ray.train._internal.session import get_storage
+
+        storage = get_storage()
+        return storage.storage_filesystem, storage.trial_fs_path
+    except Exception:  # noqa: BLE001 - any failure of a private API means "not known"
+        return None
 
 
 @functools.lru_cache(maxsize=1)
