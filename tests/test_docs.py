@@ -8,9 +8,11 @@ What is checked, and what is stood in for (documented here, the one place that d
 - Paths a command needs to exist (``model.weights=``, ``data.root=``, ...) and ``$VARIABLES`` are
   replaced by stand-ins under ``tmp_path`` (an empty weights file, empty folders), since the docs
   show the reader's own files; the compose checks only test that a weights file exists.
+- ``...`` and ``[key=value ...]`` stand for elided arguments and are left out.
 - ``resume=<folder>`` continues a search that ran: the rest of the command is composed without it.
-- ``python -m search.study_report <folder>`` re-renders a finished study: only its options are
-  checked (``margin=``, ``metric=``), against the command's own parser.
+- ``python -m search.study_report <folder>`` re-renders a finished study and
+  ``python -m trainables.export <folder>`` exports a finished run: the folder is the reader's, so
+  only the options are checked (study_report's names, export's own argument parser).
 - A module the test does not know fails the test: add its loader to ``LOADERS``.
 
 ``python bench/<script>.py`` commands are checked only for the script's existence.
@@ -87,7 +89,9 @@ def documented_commands() -> list[Command]:
             words = shlex.split(_PLACEHOLDER.sub("PLACEHOLDER", line[at:]), comments=True)
             # a shell line may go on after the command (`&&`, `;`, `|`)
             end = next((i for i, w in enumerate(words) if w in ("&&", ";", "|", "||")), len(words))
-            commands.append(Command(f"{rel}:{n}", words[2], tuple(words[3:end])))
+            # `...` (or `[key=value ...]`) elides arguments: the rest of the command is composed
+            args = tuple(w for w in words[3:end] if "..." not in w and w != "[key=value")
+            commands.append(Command(f"{rel}:{n}", words[2], args))
     return commands
 
 
@@ -166,6 +170,12 @@ def _study_report(args: list[str]) -> Any:
     return options
 
 
+def _export(args: list[str]) -> Any:
+    from trainables import export
+
+    return export._parse(args)
+
+
 LOADERS: dict[str, Callable[[list[str]], Any]] = {
     "trainables.run": _run_config,
     "trainables.pretrain": _run_config,
@@ -176,6 +186,7 @@ LOADERS: dict[str, Callable[[list[str]], Any]] = {
     "search.blend": _blend,
     "search.study": _study,
     "search.study_report": _study_report,
+    "trainables.export": _export,
 }
 
 COMMANDS = documented_commands()
@@ -234,6 +245,7 @@ def test_extraction_reads_fences_continuations_and_inline_code() -> None:
     ("search.study", ["study=nope"]),
     ("trainables.compress", ["compress.bits=0"]),
     ("trainables.colour_report", ["--order", "nope"]),
+    ("trainables.export", ["outputs/runs/x", "--format", "nope"]),
 ])
 def test_loaders_refuse_what_the_command_refuses(module: str, args: list[str]) -> None:
     """A loader that accepted anything would let every documented command pass."""
