@@ -9,6 +9,12 @@ trained on all classes by default (``subset_base=all``, Mittal et al.'s class-sp
 setting): its cache key does not depend on the subset, so every subset shares one base
 model, and only the run's data (scoring, pruning, fine-tuning, evaluation) are the subset's.
 ``python -m trainables.pretrain`` is the command line in front of it.
+
+Faults lose little: training keeps its state in ``<entry>.partial`` after every epoch and a
+killed training resumes from it to the weights an uninterrupted one reaches; a cache entry
+torch.load cannot read is moved aside (``<entry>.damaged-<time>``) and trained again; writers
+of one entry (two studies sharing a cache) each write their own temporary file, and the first
+finished entry is the one everybody loads.
 """
 
 from __future__ import annotations
@@ -177,7 +183,9 @@ def _resume_state(checkpoint: Path, shape: dict, log) -> dict | None:
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """The error's first sentence: torch.load appends a paragraph of advice to a damaged file's."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def _temp_beside(path: Path) -> Path:
