@@ -2,13 +2,15 @@
 
 ``get_data(name, ...)`` returns train / val / test splits; the registered names are in
 ``list_datasets()``. Importing this package registers Fashion-MNIST (grey and coloured), CIFAR-10/100 and
-class-folder datasets (ImageNet layout), detection and segmentation sets (Fashion-MNIST scenes,
-PASCAL VOC, COCO).
+class-folder datasets (ImageNet layout, any folder of images), detection and segmentation sets
+(Fashion-MNIST scenes, PASCAL VOC, COCO). A user's own data set comes by qualified name,
+``custom:<module>:<callable>`` (``data._custom`` says what the factory returns).
 """
 
-from . import _cifar, _coloured, _fashion_mnist, _folder, _scenes, _voc  # noqa: F401  (register the datasets)
+from . import _cifar, _coloured, _custom, _fashion_mnist, _folder, _scenes, _voc  # noqa: F401  (register the datasets)
 from ._api import (
     DataSplits,
+    dataset_fingerprint,
     dataset_options,
     dataset_task,
     get_data,
@@ -17,6 +19,7 @@ from ._api import (
 )
 from ._coloured import channel_stats as coloured_channel_stats
 from ._datasets import InMemoryDataset, iterate_batches, take
+from ._factory import import_factory
 from ._registry import Registry
 from ._scenes import Scenes, fmnist_scenes
 from ._spec import TASKS, DatasetNotFoundError
@@ -30,10 +33,12 @@ __all__ = [
     "Scenes",
     "TASKS",
     "coloured_channel_stats",
+    "dataset_fingerprint",
     "dataset_options",
     "dataset_task",
     "fmnist_scenes",
     "get_data",
+    "import_factory",
     "iterate_batches",
     "known_class_names",
     "list_class_subsets",

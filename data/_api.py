@@ -82,6 +82,16 @@ def dataset_task(name: str) -> str:
     return DATASETS.get(name).task
 
 
+def dataset_fingerprint(name: str, root: str | os.PathLike[str] | None) -> str | None:
+    """What identifies the content of data set ``name`` at ``root`` where its name does not (a
+    folder of the user's images, a user's factory), for the base model's cache key; None for
+    the data sets whose name says what they hold (the key stays as it was)."""
+    spec = DATASETS.get(name)
+    if spec.fingerprint is None:
+        return None
+    return spec.fingerprint(spec.locate(None if root is None else Path(root).expanduser(), False))
+
+
 def dataset_options(name: str) -> dict[str, tuple[str, ...]]:
     """The data set's own settings (``data.<key>``) and their allowed values, default first;
     ``{}`` for most data sets. ``get_data(name, options={key: value})`` sets them."""
@@ -162,16 +172,20 @@ def get_data(
     # One stratum for detection and segmentation: split_indices then draws plain random subsets.
     classifying = spec.task == "classification"
     targets = targets_of(parts.train) if classifying else torch.zeros(len(parts.train), dtype=torch.int64)
+    if parts.val is not None and val_size != 0:  # a data factory's own validation set is used as it is
+        raise ValueError(f"data.val_size must be 0 when {name} gives its own validation set, but got {val_size!r}")
     n_val = _val_count(val_size, len(targets))
     train_idx, val_idx = split_indices(targets, n_val, fraction, seed)
     n_pool = len(targets) - n_val
-    test_idx = None
+    test_idx = val_own = None
     if carve_all:
         wanted = torch.tensor(ids, dtype=torch.int64)
         in_subset = torch.isin(targets, wanted)
         train_idx, val_idx = train_idx[in_subset[train_idx]], val_idx[in_subset[val_idx]]
         n_pool = int(in_subset.sum()) - len(val_idx)
         test_idx = torch.isin(targets_of(parts.test), wanted).nonzero().flatten()
+        if parts.val is not None:
+            val_own = torch.isin(targets_of(parts.val), wanted).nonzero().flatten()
 
     label_map = None
     if ids is not None and remap_labels:
@@ -184,7 +198,7 @@ def get_data(
         train_eval=train if parts.train_eval is parts.train else take(parts.train_eval, train_idx, label_map),
         num_workers=int(num_workers),
         train_size_full=n_pool,
-        val=take(parts.train_eval, val_idx, label_map),
+        val=take(parts.train_eval, val_idx, label_map) if parts.val is None else take(parts.val, val_own, label_map),
         test=take(parts.test, test_idx, label_map),
         num_classes=len(ids) if remapped else len(all_names),
         class_names=[all_names[i] for i in ids] if remapped else all_names,

@@ -37,8 +37,11 @@ class Parts:
     train: Any
     train_eval: Any
     test: Any
-    # (C, H, W) when it depends on the data set's options (``data.size``); else the spec's.
+    # (C, H, W) when it depends on the data set's options (``data.size``) or is only known from
+    # the data (a user's factory); else the spec's.
     input_shape: tuple[int, int, int] | None = None
+    # A validation set the source gives itself (a data factory's); None: carved from train (seeded).
+    val: Any = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,10 @@ class DatasetSpec:
     ``options`` names the data set's own settings (``data.<key>`` in the config) and their
     allowed values, the first being the default; ``load`` receives them as keyword arguments.
     ``input_shape`` is (C, H, W) under the default options; a ``load`` whose options change it
-    (``data.size``) reports the shape in ``Parts.input_shape``.
+    (``data.size``) reports the shape in ``Parts.input_shape``. ``fingerprint(folder)`` identifies
+    the content where the name does not (a folder of the user's images, a user's factory): it
+    joins the base model's cache key, so other images train another base model; None for data
+    sets whose name says what they hold.
 
     ``task`` says what a sample's target is (images are always float32 (C, H, W), normalised,
     one size per data set, so a batch stays an ``(images, targets)`` pair of tensors):
@@ -75,6 +81,7 @@ class DatasetSpec:
     known_class_names: tuple[str, ...] | None = None
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     task: str = "classification"
+    fingerprint: Callable[[Path], str] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -52,7 +52,7 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except MissingConfigException as err:
         missing = getattr(err, "missing_cfg_file", "") or ""
         group, _, value = missing.partition("/")
@@ -63,6 +63,10 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         text = str(err).strip() or str(err.__cause__ or type(err).__name__)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         raise ValueError(" ".join(lines[:2])) from None
+    from trainables.sources import apply_sources
+
+    apply_sources(cfg)  # model=torchvision|timm|custom, data=custom: one qualified name each
+    return cfg
 
 
 def load_run_config(overrides: list[str], config_name: str = "config") -> Any:
@@ -98,15 +102,17 @@ def configs_of(cfg: Any) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig, Pr
 
 def check_config(cfg: Any) -> None:
     """Validate names, ranges and lengths; builds the (untrained) model to count its units."""
-    from data import list_datasets
-    from trainables.models import build_model, list_models
+    from data import dataset_task
+    from trainables.models import MODELS, build_model
     from trainables.schedules import check_ratio_count
+    from trainables.sources import check_sources
     from trainables.surgery import describe_units
 
-    if cfg.model.name not in list_models():
-        raise ValueError(f"unknown model '{cfg.model.name}'; valid: {', '.join(list_models())}")
-    if cfg.data.name not in list_datasets():
-        raise ValueError(f"unknown dataset '{cfg.data.name}'; valid: {', '.join(list_datasets())}")
+    # Registered names and qualified ones (torchvision:<name>, custom:<module>:<callable>) alike;
+    # an unknown one is a one-line error listing the valid names or the close matches.
+    check_sources(cfg)
+    MODELS.get(cfg.model.name)
+    dataset_task(cfg.data.name)
     for key in ("seed", "data.num_workers"):
         require_int(key, _select(cfg, key), 0)
     threads = cfg.get("threads")

@@ -7,18 +7,32 @@ input size without being told, a ``head_name`` attribute naming its output ``nn.
 attribute (``classification``, ``detection`` or ``segmentation``). ``num_classes`` sets the
 width of the output layer. The dense-prediction builders live in ``trainables.dense_models``
 and are registered when the ``trainables`` package is imported (which any import of this module does first).
+
+Models from outside the project come through *sources* beside the registry, by qualified name:
+``torchvision:<name>`` (any torchvision classification model), ``timm:<name>`` (any timm model;
+the optional ``timm`` extra) and ``custom:<module>:<callable>`` (a user's factory returning an
+``nn.Module``). ``MODELS.get`` and ``build_model`` answer them with the same kind of builder as a
+registered name, stamped the same way, so the protocol, the cache, the search and Ray workers
+see no difference; ``qualified_model_name`` turns a config's ``model.source`` / ``model.name`` /
+``model.factory`` into such a name and ``check_model_fits`` probes one against the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from data import Registry
+from data._factory import FACTORY, accepts, import_factory
 
-__all__ = ["MODELS", "build_model", "cut_head", "head_of", "list_models", "register_model", "input_shape_of"]
+__all__ = [
+    "MODELS", "MODEL_SOURCES", "build_model", "check_input_shape", "check_model_fits", "cut_head", "head_of", "input_shape_of", "list_models",
+    "qualified_model_name", "register_model",
+]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -301,6 +315,203 @@ class SmallAlexNet(nn.Module):
 def _small_alexnet(num_classes: int = 10, width: int = 64) -> nn.Module:
     """Small AlexNet-style CNN for 28x28 colour inputs (Coloured Fashion-MNIST)."""
     return SmallAlexNet(num_classes=num_classes, width=width)
+
+
+
+# ---------------------------------------------------------------- models from outside the project
+
+MODEL_SOURCES = ("torchvision", "timm", "custom")
+# Most outside classifiers are ImageNet models; the data's shape replaces this once it is known.
+_IMAGENET_SHAPE = (3, 224, 224)
+# Both train with auxiliary heads by default and then return a tuple in training mode, which
+# no loss of this project reads; the main head alone is what gets pruned and deployed.
+_AUX_LOGITS = ("googlenet", "inception_v3")
+
+
+def qualified_model_name(source: str | None, name: str | None, factory: str | None = None) -> str:
+    """The one name a model is known by everywhere (cache key, records, Ray trials, MLflow).
+
+    ``source`` None (or ``registry``) keeps a registered ``name``; ``torchvision`` / ``timm``
+    give ``<source>:<name>``; ``custom`` gives ``custom:<factory>``. A qualified name given
+    again (a saved, resolved config) is kept as it is.
+    """
+    if source in (None, "registry"):
+        _require(factory is None, "model.factory", "null unless model.source=custom", factory)
+        return name
+    _require(source in MODEL_SOURCES, "model.source", f"one of {', '.join(MODEL_SOURCES)}", source)
+    if source == "custom":
+        _require(isinstance(factory, str) and bool(FACTORY.match(factory)), "model.factory",
+                 "<module>:<callable>, e.g. examples.tiny_net:build", factory)
+        qualified = f"custom:{factory}"
+        _require(name in (None, qualified), "model.name", f"null with model=custom (the factory names the model, "
+                 f"{qualified})", name)
+        return qualified
+    _require(factory is None, "model.factory", f"null with model={source} (model.name names the model)", factory)
+    _require(isinstance(name, str) and bool(name) and name != "???", "model.name",
+             f"a {source} model name, e.g. {'mobilenet_v3_small' if source == 'torchvision' else 'resnet18d'}", name)
+    return name if name.startswith(f"{source}:") else f"{source}:{name}"
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {allowed}, but got {value!r}")
+
+
+def _close(wrong: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(wrong, names, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else ""
+
+
+def _source_builder(qualified: str, source: str, make: Callable[[int, dict], Any],
+                    input_shape: tuple[int, int, int] | None) -> Callable[..., nn.Module]:
+    """A builder like ``register_model``'s: ``build(num_classes, **kwargs)`` returns the model
+    stamped with ``input_shape``, ``head_name``, ``task`` and ``model_name``."""
+
+    def build(num_classes: int = 10, **kwargs) -> nn.Module:
+        if "num_classes" in kwargs:
+            raise ValueError(f"model.kwargs.num_classes must be left out (the data sets the head's width), "
+                             f"but got {kwargs['num_classes']!r}")
+        model = make(num_classes, dict(kwargs))
+        if not isinstance(model, nn.Module):
+            key = "model.factory" if source == "custom" else "model.name"
+            raise ValueError(f"{key}={qualified.partition(':')[2]} must return an nn.Module, but it returned a "
+                             f"{type(model).__name__}")
+        _stamp(model, qualified, num_classes, input_shape)
+        return model
+
+    build.__doc__ = f"{qualified}: a {source} model (input shape from the data or model.input_shape)."
+    build.input_shape = input_shape
+    build.task = "classification"
+    build.source = source
+    return build
+
+
+def _stamp(model: nn.Module, qualified: str, num_classes: int, input_shape: tuple[int, int, int] | None) -> None:
+    """What the registry's builders stamp, found on an outside model: its head is the last
+    ``nn.Linear`` that is ``num_classes`` wide (None when the output layer is a conv, as in
+    SqueezeNet); its input shape is its own stamp, the source's, or the first conv's channels
+    at 224x224 (the data's shape replaces it in ``prepare`` and in every trial)."""
+    if getattr(model, "head_name", None) is None:
+        heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        model.head_name = heads[-1] if heads else None
+    if getattr(model, "input_shape", None) is None:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if input_shape is not None:
+            model.input_shape = tuple(input_shape)
+        elif first is not None:
+            model.input_shape = (first.in_channels, 224, 224)
+    model.task = "classification"
+    model.model_name = qualified
+
+
+def _resolve_torchvision(name: str) -> Callable[..., nn.Module]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    if name not in names:
+        listed = _close(name, names) or f"valid: {', '.join(names)}"
+        raise ValueError("model.name must be a torchvision classification model (torchvision.models.list_models("
+                         f"module=torchvision.models)), but got {name!r}; {listed}")
+
+    def make(num_classes: int, kwargs: dict) -> nn.Module:
+        if name in _AUX_LOGITS:
+            kwargs.setdefault("aux_logits", False)
+        # weights=None (the default) never downloads; kwargs.weights=DEFAULT reads torchvision's
+        # weights from the local torch cache (TORCH_HOME) and needs the 1000-class head.
+        return torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+
+    return _source_builder(f"torchvision:{name}", "torchvision", make, _IMAGENET_SHAPE)
+
+
+def _resolve_timm(name: str) -> Callable[..., nn.Module]:
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(f"model=timm needs the timm package (pip install -e '.[timm]'), but it is not installed "
+                         f"(model.name={name!r})") from None
+    if not timm.is_model(name):
+        names = timm.list_models()
+        listed = _close(name, names) or "see timm.list_models()"
+        raise ValueError(f"model.name must be a timm model (one of timm.list_models()'s {len(names)}), but got "
+                         f"{name!r}; {listed}")
+
+    def make(num_classes: int, kwargs: dict) -> nn.Module:
+        # Random initialisation never touches the network; hub weights come as model.weights=<file>.
+        model = timm.create_model(name, **{"pretrained": False, **kwargs, "num_classes": num_classes})
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if size is not None and first is not None:
+            model.input_shape = (first.in_channels, *tuple(size)[1:])
+        return model
+
+    return _source_builder(f"timm:{name}", "timm", make, _IMAGENET_SHAPE)
+
+
+def _resolve_custom(spec: str) -> Callable[..., nn.Module]:
+    factory = import_factory(spec, "model.factory")
+    takes_classes = accepts(factory, "num_classes")
+
+    def make(num_classes: int, kwargs: dict) -> nn.Module:
+        # A factory without num_classes must already be as wide as the data: check_model_fits probes it.
+        return factory(**kwargs, **({"num_classes": num_classes} if takes_classes else {}))
+
+    shape = getattr(factory, "input_shape", None)
+    return _source_builder(f"custom:{spec}", "custom", make, tuple(shape) if shape is not None else None)
+
+
+MODELS.add_source("torchvision", _resolve_torchvision)
+MODELS.add_source("timm", _resolve_timm)
+MODELS.add_source("custom", _resolve_custom)
+
+
+def check_input_shape(value: Any) -> tuple[int, int, int]:
+    """``model.input_shape`` as a (C, H, W) tuple, or a one-line refusal."""
+    ok = (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+    _require(ok, "model.input_shape", "null or [C, H, W], three positive integers", value)
+    return tuple(int(v) for v in value)
+
+
+def check_model_fits(name: str, kwargs: dict, data_shape: Sequence[int], num_classes: int, *,
+                     data_name: str, declared: Sequence[int] | None = None) -> None:
+    """Refuse, before any training, a model that does not take the data's images.
+
+    A registered model must take the data's channel count (its size follows the data). A
+    declared ``model.input_shape`` must be the data's (C, H, W). A model from a source is then
+    built once (seeded, on the CPU) and run on two blank images of the data's shape: it must
+    answer with ``(2, num_classes)`` logits. Every refusal is one line naming the key.
+    """
+    data_shape = tuple(int(v) for v in data_shape)
+    builder = MODELS.get(name)
+    if declared is not None:
+        shape = check_input_shape(list(declared))
+        if shape != data_shape:
+            fix = "the channels differ" if shape[0] != data_shape[0] else "the image sizes differ: set data.size"
+            raise ValueError(f"model.input_shape must be the (C, H, W) of data.name={data_name}'s images, "
+                             f"{list(data_shape)} ({fix}), but got {list(shape)}")
+    if getattr(builder, "source", None) is None:
+        registered = builder.input_shape
+        if registered[0] != data_shape[0]:
+            raise ValueError(f"model.name={name} takes {registered[0]}-channel images but data.name={data_name} "
+                             f"has {data_shape[0]} channels; pick a model and a data set that agree")
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = builder(num_classes=num_classes, **kwargs).eval()
+    key = "model.factory" if builder.source == "custom" else "model.name"
+    what = name.partition(":")[2]
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *data_shape))  # (2, C, H, W) -> (2, num_classes)
+    except Exception as err:  # whatever the model's forward raises, the cause is the input it got
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{key}={what} must take data.name={data_name}'s images {list(data_shape)} (C, H, W), "
+                         f"but its forward pass failed: {type(err).__name__}: {reason} (set data.size, or "
+                         "model.kwargs for the model's input channels)") from None
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    _require(shape == (2, num_classes), f"{key}={what}'s output for 2 images",
+             f"(2, {num_classes}) logits for the {num_classes} classes of data.name={data_name}"
+             + (" (let the factory take num_classes)" if builder.source == "custom" else ""), shape)
 
 
 # The dense-prediction builders register themselves into MODELS; importing them here keeps the
