@@ -19,7 +19,7 @@ from ._api import (
 )
 from ._coloured import channel_stats as coloured_channel_stats
 from ._datasets import InMemoryDataset, iterate_batches, take
-from ._factory import import_factory
+from ._factory import FACTORY_SPEC, import_factory, takes_keyword
 from ._registry import Registry
 from ._scenes import Scenes, fmnist_scenes
 from ._spec import TASKS, DatasetNotFoundError
@@ -28,6 +28,7 @@ from ._subsets import list_class_subsets, load_class_subset
 __all__ = [
     "DataSplits",
     "DatasetNotFoundError",
+    "FACTORY_SPEC",
     "InMemoryDataset",
     "Registry",
     "Scenes",
@@ -45,4 +46,5 @@ __all__ = [
     "list_datasets",
     "load_class_subset",
     "take",
+    "takes_keyword",
 ]

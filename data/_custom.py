@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ._datasets import InMemoryDataset, take
-from ._factory import accepts, import_factory, source_digest
+from ._factory import import_factory, source_digest, takes_keyword
 from ._spec import DATASETS, DatasetSpec, Parts
 
 _KEYS = ("train", "test", "val", "classes")
@@ -127,7 +127,7 @@ def _made(spec: str, root: Path | None) -> dict[str, Any]:
     key = (spec, None if root is None else str(root))
     if key not in _MADE:
         factory = import_factory(spec, "data.factory")
-        if root is not None and not accepts(factory, "root"):
+        if root is not None and not takes_keyword(factory, "root"):
             raise ValueError(f"data.root must be null for data.factory={spec} (it takes no root argument), "
                              f"but got {str(root)!r}")
         made = factory(**({"root": str(root)} if root is not None else {}))

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from typing import Any
 
 # <module>:<callable>, the callable possibly dotted (Class.create); what setuptools' entry points take.
-FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def import_factory(spec: str, key: str) -> Callable[..., Any]:
     """The callable named by ``<module>:<callable>``, imported from the working directory,
     ``PYTHONPATH`` or an installed package. Any failure is a one-line ``ValueError`` naming
     ``key`` (``model.factory`` / ``data.factory``)."""
-    if not isinstance(spec, str) or not FACTORY.match(spec):
+    if not isinstance(spec, str) or not FACTORY_SPEC.match(spec):
         raise ValueError(f"{key} must be <module>:<callable>, e.g. examples.tiny_net:build, but got {spec!r}")
     module_name, _, attr = spec.partition(":")
     try:
@@ -38,7 +38,7 @@ def import_factory(spec: str, key: str) -> Callable[..., Any]:
     return obj
 
 
-def accepts(fn: Callable[..., Any], arg: str) -> bool:
+def takes_keyword(fn: Callable[..., Any], arg: str) -> bool:
     """Whether ``fn`` takes the keyword ``arg`` (by name or through ``**kwargs``)."""
     try:
         params = inspect.signature(fn).parameters.values()

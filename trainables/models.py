@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from data import Registry
-from data._factory import FACTORY, accepts, import_factory
+from data import Registry, import_factory, takes_keyword
+from trainables.sources import MODEL_SOURCES, check_input_shape, qualified_model_name, require
 
 __all__ = [
     "MODELS", "MODEL_SOURCES", "build_model", "check_input_shape", "check_model_fits", "cut_head", "head_of", "input_shape_of", "list_models",
@@ -320,41 +320,11 @@ def _small_alexnet(num_classes: int = 10, width: int = 64) -> nn.Module:
 
 # ---------------------------------------------------------------- models from outside the project
 
-MODEL_SOURCES = ("torchvision", "timm", "custom")
 # Most outside classifiers are ImageNet models; the data's shape replaces this once it is known.
 _IMAGENET_SHAPE = (3, 224, 224)
 # Both train with auxiliary heads by default and then return a tuple in training mode, which
 # no loss of this project reads; the main head alone is what gets pruned and deployed.
 _AUX_LOGITS = ("googlenet", "inception_v3")
-
-
-def qualified_model_name(source: str | None, name: str | None, factory: str | None = None) -> str:
-    """The one name a model is known by everywhere (cache key, records, Ray trials, MLflow).
-
-    ``source`` None (or ``registry``) keeps a registered ``name``; ``torchvision`` / ``timm``
-    give ``<source>:<name>``; ``custom`` gives ``custom:<factory>``. A qualified name given
-    again (a saved, resolved config) is kept as it is.
-    """
-    if source in (None, "registry"):
-        _require(factory is None, "model.factory", "null unless model.source=custom", factory)
-        return name
-    _require(source in MODEL_SOURCES, "model.source", f"one of {', '.join(MODEL_SOURCES)}", source)
-    if source == "custom":
-        _require(isinstance(factory, str) and bool(FACTORY.match(factory)), "model.factory",
-                 "<module>:<callable>, e.g. examples.tiny_net:build", factory)
-        qualified = f"custom:{factory}"
-        _require(name in (None, qualified), "model.name", f"null with model=custom (the factory names the model, "
-                 f"{qualified})", name)
-        return qualified
-    _require(factory is None, "model.factory", f"null with model={source} (model.name names the model)", factory)
-    _require(isinstance(name, str) and bool(name) and name != "???", "model.name",
-             f"a {source} model name, e.g. {'mobilenet_v3_small' if source == 'torchvision' else 'resnet18d'}", name)
-    return name if name.startswith(f"{source}:") else f"{source}:{name}"
-
-
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {allowed}, but got {value!r}")
 
 
 def _close(wrong: str, names: Sequence[str]) -> str:
@@ -449,7 +419,7 @@ def _resolve_timm(name: str) -> Callable[..., nn.Module]:
 
 def _resolve_custom(spec: str) -> Callable[..., nn.Module]:
     factory = import_factory(spec, "model.factory")
-    takes_classes = accepts(factory, "num_classes")
+    takes_classes = takes_keyword(factory, "num_classes")
 
     def make(num_classes: int, kwargs: dict) -> nn.Module:
         # A factory without num_classes must already be as wide as the data: check_model_fits probes it.
@@ -462,14 +432,6 @@ def _resolve_custom(spec: str) -> Callable[..., nn.Module]:
 MODELS.add_source("torchvision", _resolve_torchvision)
 MODELS.add_source("timm", _resolve_timm)
 MODELS.add_source("custom", _resolve_custom)
-
-
-def check_input_shape(value: Any) -> tuple[int, int, int]:
-    """``model.input_shape`` as a (C, H, W) tuple, or a one-line refusal."""
-    ok = (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3
-          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
-    _require(ok, "model.input_shape", "null or [C, H, W], three positive integers", value)
-    return tuple(int(v) for v in value)
 
 
 def check_model_fits(name: str, kwargs: dict, data_shape: Sequence[int], num_classes: int, *,
@@ -509,7 +471,7 @@ def check_model_fits(name: str, kwargs: dict, data_shape: Sequence[int], num_cla
                          f"but its forward pass failed: {type(err).__name__}: {reason} (set data.size, or "
                          "model.kwargs for the model's input channels)") from None
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    _require(shape == (2, num_classes), f"{key}={what}'s output for 2 images",
+    require(shape == (2, num_classes), f"{key}={what}'s output for 2 images",
              f"(2, {num_classes}) logits for the {num_classes} classes of data.name={data_name}"
              + (" (let the factory take num_classes)" if builder.source == "custom" else ""), shape)
 

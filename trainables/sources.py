@@ -10,11 +10,14 @@ MLflow's rebuild path) reads one name, resolved by the model and data registries
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from trainables.models import check_input_shape, qualified_model_name
+__all__ = ["MODEL_SOURCES", "apply_sources", "check_input_shape", "check_sources", "qualified_data_name",
+           "qualified_model_name", "require"]
 
-__all__ = ["apply_sources", "check_sources", "qualified_data_name"]
+# No torch here: a config is checked (and most bad input refused) before torch is imported.
+MODEL_SOURCES = ("torchvision", "timm", "custom")
 
 # What a required key (``???`` in conf/) wants, for the one-line error when it is left out.
 _REQUIRED = {
@@ -25,11 +28,50 @@ _REQUIRED = {
 }
 
 
-def qualified_data_name(factory: Any, name: Any) -> str:
-    """``custom:<factory>``: the data set name of ``data=custom``."""
-    from data import import_factory
+def qualified_model_name(source: str | None, name: str | None, factory: str | None = None) -> str:
+    """The one name a model is known by everywhere (cache key, records, Ray trials, MLflow).
 
-    import_factory(factory, "data.factory")  # the factory must import (one line if not)
+    ``source`` None (or ``registry``) keeps a registered ``name``; ``torchvision`` / ``timm``
+    give ``<source>:<name>``; ``custom`` gives ``custom:<factory>``. A qualified name given
+    again (a saved, resolved config) is kept as it is.
+    """
+    if source in (None, "registry"):
+        require(factory is None, "model.factory", "null unless model.source=custom", factory)
+        return name
+    require(source in MODEL_SOURCES, "model.source", f"one of {', '.join(MODEL_SOURCES)}", source)
+    if source == "custom":
+        # the form (<module>:<callable>) and the import are checked when the name is resolved
+        require(isinstance(factory, str) and bool(factory), "model.factory",
+                "<module>:<callable>, e.g. examples.tiny_custom:net", factory)
+        qualified = f"custom:{factory}"
+        require(name in (None, qualified), "model.name", f"null with model=custom (the factory names the model, "
+                f"{qualified})", name)
+        return qualified
+    require(factory is None, "model.factory", f"null with model={source} (model.name names the model)", factory)
+    require(isinstance(name, str) and bool(name) and name != "???", "model.name",
+            f"a {source} model name, e.g. {'mobilenet_v3_small' if source == 'torchvision' else 'resnet18d'}", name)
+    return name if name.startswith(f"{source}:") else f"{source}:{name}"
+
+
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """The house's one-line refusal: "<key> must be <allowed>, but got <value>"."""
+    if not ok:
+        raise ValueError(f"{key} must be {allowed}, but got {value!r}")
+
+
+def check_input_shape(value: Any) -> tuple[int, int, int]:
+    """``model.input_shape`` as a (C, H, W) tuple, or a one-line refusal."""
+    ok = (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 3
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+    require(ok, "model.input_shape", "null or [C, H, W], three positive integers", value)
+    return tuple(int(v) for v in value)
+
+
+def qualified_data_name(factory: Any, name: Any) -> str:
+    """``custom:<factory>``: the data set name of ``data=custom`` (the factory's form and import are
+    checked when the name is resolved, with the config)."""
+    require(isinstance(factory, str) and bool(factory), "data.factory",
+            "<module>:<callable>, e.g. examples.tiny_custom:data", factory)
     qualified = f"custom:{factory}"
     if name not in (None, qualified):
         raise ValueError(f"data.name must be null with data=custom (the factory names the data set, {qualified}), "
