@@ -55,6 +55,7 @@ class DataSplits:
     # Classes of the whole data set, subset or not: the head width of a model trained on all of them.
     source_num_classes: int | None = None
     task: str = "classification"  # one of data.TASKS: what the targets are
+    data_root: str | None = None  # the folder the data was read from (a fallback's too, where data.root was null)
 
     def __post_init__(self) -> None:
         if self.train_eval is None:
@@ -206,6 +207,7 @@ def get_data(
         eval_classes=list(ids) if ids is not None and not remapped else None,
         class_ids=list(ids) if ids is not None else None,
         source_num_classes=len(all_names),
+        data_root=None if folder is None else str(folder),
         task=spec.task,
     )
 

@@ -59,13 +59,19 @@ def _complete(folder: Path) -> bool:
 
 
 def _locate(root: Path | None, download: bool) -> Path:
-    searched = [root, root / "FashionMNIST" / "raw"] if root is not None else []
-    searched += list(FALLBACK_DIRS)
+    # The system copy only when no root was given: a root that does not hold the files is a
+    # mistake to name, not a reason to read other data under the given path's name.
+    searched = [root, root / "FashionMNIST" / "raw"] if root is not None else list(FALLBACK_DIRS)
     for folder in searched:
         if _complete(folder):
             return folder
     if download and root is not None:
         return _download(root)
+    if root is not None:
+        raise DatasetNotFoundError(
+            f"data.root={root} does not hold fashion_mnist's IDX files ({_FILES['train_images']}.gz, ...): looked "
+            f"{where_searched(searched)}; set data.root to the folder holding them, data.root=null for the system "
+            "copy, or data.download=true to download into it")
     raise DatasetNotFoundError(
         f"fashion_mnist: IDX files ({_FILES['train_images']}.gz, ...) not found {where_searched(searched)}; "
         "install it with `sudo apt-get install dataset-fashion-mnist`, "

@@ -204,6 +204,9 @@ def start_search(cfg, out: Path, log=print) -> Session:
     tracking_uri = cfg.mlflow.tracking_uri or state.get("tracking_uri") or default_tracking_uri(out.parent)
     log(f"output folder: {out}")
     log(f"MLflow UI:     {mlflow_ui_command(tracking_uri)}")
+    # The runs table's address now, not only at the end: it stays the same for the whole search.
+    tracker = SearchTracker(tracking_uri, cfg.mlflow.experiment)
+    log(f"then open:     {tracker.ui_url()}")
     if not state:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
@@ -231,7 +234,6 @@ def start_search(cfg, out: Path, log=print) -> Session:
         storage_path=str(storage), path=cfg.train.path, checkpoint_every_s=float(cfg.get("checkpoint_every_s", 0.0)),
         cost_metric=check_objective(objective_of(cfg))[0],
     )
-    tracker = SearchTracker(tracking_uri, cfg.mlflow.experiment)
     parent = tracker.start_search(out.name, OmegaConf.to_container(cfg, resolve=True), run_id=state.get("parent_run_id"))
     restore = state.get("experiment_path") if state else None
     experiment_path = state.get("experiment_path") or f"{storage}/tune"  # a resumed search keeps its own

@@ -97,17 +97,19 @@ def _check_choices(cfg) -> None:
 def load_search_config(argv: list[str]):
     """Compose ``conf/launch.yaml`` with overrides and check it all, before any work; a resumed
     search reuses its saved config (see ``RESUME_SAFE`` for the overrides it still accepts)."""
-    from omegaconf import OmegaConf
-
-    from search._session import trial_prune
-    from search.space import check_global_choice, check_space
-    from trainables.compose import check_config, compose, configs_of
-    from trainables.criteria import list_criteria
+    from trainables.compose import compose
 
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resume:
         return _resumed_config(resume, [a for a in argv if not a.startswith("resume=")])
-    cfg = compose("launch", argv)
+    cfg = compose("launch", argv)  # keys, unread settings and data settings: refused before torch loads
+    from omegaconf import OmegaConf
+
+    from search._session import trial_prune
+    from search.space import check_global_choice, check_space
+    from trainables.compose import check_config, configs_of
+    from trainables.criteria import list_criteria
+
     check_config(cfg)
     _narrow_criteria(cfg)
     check_space(OmegaConf.to_container(cfg.search, resolve=True), list_criteria())
@@ -142,6 +144,22 @@ def _narrow_criteria(cfg) -> None:
         print(f"search.criteria: {', '.join(dropped)} do not apply to {task.name}; searching {', '.join(kept)}",
               file=sys.stderr)
         cfg.search.criteria = kept
+
+
+# bench/RESULTS.md, "search end to end" (2 CPU cores, empty cache): the embedded default search,
+# 16 trials 2 at a time, took 5 min 23 s, of which about 2.5 min trained the base model and 136 s
+# ran the trials.
+_DEFAULT_WALL_S, _DEFAULT_BASE_S, _DEFAULT_TRIALS_S, _DEFAULT_TRIALS = 323, 150, 136, 16
+
+
+def duration_hint(cfg) -> str:
+    """One line: how long the default search took where it was measured, and this search's
+    size beside it (a trial's cost depends on the model, data and budgets, so no forecast)."""
+    per_trial = _DEFAULT_TRIALS_S / _DEFAULT_TRIALS * 2  # each of the 2 concurrent trials
+    return (f"duration: the default search ({_DEFAULT_TRIALS} trials, 2 at a time, small_cnn on Fashion-MNIST) takes "
+            f"about {_DEFAULT_WALL_S / 60:.1f} min on 2 CPU cores from an empty cache ({_DEFAULT_BASE_S / 60:.1f} min "
+            f"of it training the base model, once; about {per_trial:.0f} s per trial); this one runs "
+            f"{cfg.search.num_trials} trials, {cfg.search.max_concurrent_trials} at a time")
 
 
 def _output_folder(cfg) -> Path:
@@ -263,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     from search.results import finish_search
     from trainables.cli import cli_config
 
-    cfg, code = cli_config(__doc__, argv, load_search_config)
+    cfg, code = cli_config(__doc__, argv, load_search_config, config_name="launch")
     if cfg is None:
         return code
+    print(duration_hint(cfg))
     out = _output_folder(cfg)
     session = start_search(cfg, out)
     import ray

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainables.cli import cli_config
     from trainables.compose import configs_of
 
-    cfg, code = cli_config(__doc__, argv, load_study_config)
+    cfg, code = cli_config(__doc__, argv, load_study_config, config_name="study")
     if cfg is None:
         return code
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from trainables.schedules import make_ratios
 RUN_ROWS = [
     (["criterion=l3"], ["unknown criterion 'l3'", "valid: apoz, blended, bn_gamma, car"]),
     (["model=resnet5"], ["unknown model 'resnet5'", "valid: alexnet"]),
-    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, coco_detection, coloured_fashion_mnist, fashion_mnist, fmnist_detection"]),
+    (["data=mnistt"], ["unknown data 'mnistt'", "valid: cifar10, cifar100, coco_detection, coloured_fashion_mnist"]),
     (["data=coloured_fashion_mnist", "data.colour=blue"], ["data.colour must be one of random, label, but got 'blue'"]),
     (["prune.ratio=1.5"], ["prune.ratio must be in [0, 1), but got 1.5"]),
     (["prune.ratio=-0.1"], ["prune.ratio must be in [0, 1), but got -0.1"]),
@@ -45,7 +45,8 @@ RUN_ROWS = [
     (["prune.method=greedy"],
      ["prune.method must be one of layer_by_layer, one_shot, iterative, control, scratch, greedy_car, but got 'greedy'"]),
     (["prune.method=greedy_car", "prune.rescore_every=0"], ["prune.rescore_every must be an integer >= 1, but got 0"]),
-    (["prune.greedy_retrain_steps=-1"], ["prune.greedy_retrain_steps must be an integer >= 0, but got -1"]),
+    (["prune.method=greedy_car", "prune.greedy_retrain_steps=-1"],
+     ["prune.greedy_retrain_steps must be an integer >= 0, but got -1"]),
     (["prune.fo=1"], ["prune.fo"]),
     (["prune.round_to=0"], ["prune.round_to must be an integer >= 1, but got 0"]),
     (["prune.target_flops_reduction=1.5"], ["prune.target_flops_reduction must be null or in (0, 1), but got 1.5"]),
@@ -62,7 +63,79 @@ RUN_ROWS = [
     (["subset=shoes"], ["unknown class subset 'shoes'", "valid: fmnist_footwear"]),
 ]
 
+# Keys conf/ does not declare, with or without + / ++: refused with close matches, never added.
+UNKNOWN_KEY_ROWS = [
+    (["ratio=0.5"], ["unknown key 'ratio'; did you mean prune.ratio?"]),
+    (["+ratio=0.9"], ["unknown key 'ratio'; did you mean prune.ratio?"]),
+    (["++ratio=0.9"], ["unknown key 'ratio'; did you mean prune.ratio?"]),
+    (["+prune.ratoi=0.3"], ["unknown key 'prune.ratoi'; did you mean prune.ratio"]),
+    (["prune.ratio=0.3", "finetune.learning_rate=0.1"], ["unknown key 'finetune.learning_rate'"]),
+    (["data.colour=label"], ["unknown key 'data.colour' (it is a key of data=coloured_fashion_mnist, "
+                             "not of the chosen data=fashion_mnist)"]),
+    (["classes=fmnist_footwear"], ["unknown key 'classes'; did you mean data.classes?"]),
+    (["+classes=fmnist_footwear"], ["unknown key 'classes'; did you mean data.classes?"]),
+    (["hydra.run.dir=/tmp/x"], ["unknown key 'hydra.run.dir'"]),
+    (["~prune.ratio"], ["prune.ratio must be set, not removed (~prune.ratio)"]),
+    (["prune.ratio"], ["arguments must be key=value overrides", "but got 'prune.ratio'"]),
+    (["--verbose"], ["options must be -h/--help or --cfg job", "but got '--verbose'"]),
+]
+
+# Settings the chosen schedule / method / criterion would not read (changed from the default).
+UNREAD_ROWS = [
+    (["prune.ratios=[0.1,0.2,0.3,0.4,0.5]"],
+     ["prune.ratios is read only with prune.schedule=per_layer, but got prune.schedule=uniform"]),
+    (["+prune.ratios=[0.1,0.2,0.3,0.4,0.5]"], ["prune.ratios is read only with prune.schedule=per_layer"]),
+    (["++prune.ratios=[0.1,0.2,0.3,0.4,0.5]"], ["prune.ratios is read only with prune.schedule=per_layer"]),
+    (["prune.ratio_low=0.1"], ["prune.ratio_low is read only with prune.schedule=differential|", "but got prune.schedule=uniform"]),
+    (["prune.ratio_high=0.9"], ["prune.ratio_high is read only with prune.schedule=differential|"]),
+    (["prune.schedule=differential", "prune.ratio=0.3"],
+     ["prune.ratio is read only with prune.schedule=uniform|global, but got prune.schedule=differential"]),
+    (["prune.schedule=per_layer", "prune.ratios=[0.1,0.2,0.3,0.4,0.5]", "prune.ratio=0.3"],
+     ["prune.ratio is read only with prune.schedule=uniform|global"]),
+    (["prune.target_flops_reduction=0.5", "prune.ratio=0.3"],
+     ["prune.ratio is read only with prune.target_flops_reduction=null", "but got prune.target_flops_reduction=0.5"]),
+    (["prune.method=control", "prune.target_flops_reduction=0.5"],
+     ["prune.target_flops_reduction is read only with prune.method=layer_by_layer|", "but got prune.method=control"]),
+    (["prune.steps=8"], ["prune.steps is read only with prune.method=iterative, but got prune.method=layer_by_layer"]),
+    (["prune.method=one_shot", "prune.p=0.5"], ["prune.p is read only with prune.method=", "but got prune.method=one_shot"]),
+    (["prune.rescore_every=2"], ["prune.rescore_every is read only with prune.method=greedy_car"]),
+    (["prune.greedy_retrain_steps=3"], ["prune.greedy_retrain_steps is read only with prune.method=greedy_car"]),
+    (["prune.target_classes=[Sandal]"], ["prune.target_classes is read only with criterion=class_specific, but got criterion=l1"]),
+    (["prune.adapt_bn_batch_size=64"], ["prune.adapt_bn_batch_size is read only with prune.adapt_bn_batches >= 1",
+                                        "but got prune.adapt_bn_batches=0"]),
+    (["prune.method=control", "criterion=fpgm"], ["criterion is read only with prune.method=layer_by_layer|one_shot|iterative",
+                                                  "but got prune.method=control"]),
+]
+
+# Issue 22 point 6: the data keys are checked with the rest, before any data is read or model trained.
+DATA_ROWS = [
+    (["data.fraction=0"], ["data.fraction must be a number in (0, 1], but got 0"]),
+    (["data.fraction=1.5"], ["data.fraction must be a number in (0, 1], but got 1.5"]),
+    (["data.val_size=-1"], ["data.val_size must be an image count >= 0 or a share in (0, 1), but got -1"]),
+    (["data.val_size=1.5"], ["data.val_size must be an image count >= 0 or a share in (0, 1), but got 1.5"]),
+    (["data.batch_size=0"], ["data.batch_size must be an integer >= 1, but got 0"]),
+    (["data.eval_batch_size=2.5"], ["data.eval_batch_size must be an integer >= 1, but got 2.5"]),
+    (["data.seed=-3"], ["data.seed must be an integer >= 0, but got -3"]),
+    (["data.download=maybe"], ["data.download must be true or false, but got 'maybe'"]),
+]
+
+RUN_ROWS += UNKNOWN_KEY_ROWS + UNREAD_ROWS + DATA_ROWS
+
 SEARCH_ROWS = [
+    (["search.num_trial=8"], ["unknown key 'search.num_trial'; did you mean search.num_trials?"]),
+    (["+search.num_trial=8"], ["unknown key 'search.num_trial'; did you mean search.num_trials?"]),
+    (["+search.fidelity=proxy"], ["unknown key 'search.fidelity' (it is a key of search=blended"]),
+    (["prune.ratio=0.3"], ["prune.ratio is chosen per trial by the search (search.ratio={low: 0.1, high: 0.8})",
+                           "set search.ratio (or search.ratio=null to keep prune.ratio)"]),
+    (["prune.schedule=differential"], ["prune.schedule is chosen per trial by the search"]),
+    (["prune.p=0.1"], ["prune.p is chosen per trial by the search (search.p={low: 0.0, high: 0.05})"]),
+    (["finetune.lr=0.1"], ["finetune.lr is chosen per trial by the search (search.lr="]),
+    (["criterion=fpgm"], ["criterion is chosen per trial by the search (search.criteria=[random, l1"]),
+    (["search.asha.grace_period=3"], ["search.asha.grace_period is read only with search.scheduler=asha",
+                                      "but got search.scheduler=none"]),
+    (["search.population_size=4"], ["unknown key 'search.population_size' (it is a key of search=blended"]),
+    (["prune.steps=8"], ["prune.steps is read only with prune.method=iterative"]),
+    (["data.fraction=0"], ["data.fraction must be a number in (0, 1], but got 0"]),
     (["search.sampler=grid"], ["search.sampler must be one of tpe, nsga2, cmaes, random, but got 'grid'"]),
     (["search.scheduler=hyperband"], ["search.scheduler must be one of asha, none, but got 'hyperband'"]),
     (["search.num_trials=0"], ["search.num_trials must be an integer >= 1, but got 0"]),
@@ -76,7 +149,7 @@ SEARCH_ROWS = [
     (["train.path=slow"], ["train.path must be one of auto, fast, torch_trainer, but got 'slow'"]),
     (["train.num_workers=0"], ["train.num_workers must be an integer >= 1, but got 0"]),
     (["trial_threads=0"], ["trial_threads must be an integer >= 1, but got 0"]),
-    (["prune.ratio=2"], ["prune.ratio must be in [0, 1), but got 2"]),
+    (["prune.ratio=2"], ["prune.ratio is chosen per trial by the search"]),  # not read, whatever its value
     (["search.objectives=[val_acc,energy]"], ["search.objectives[1] must be one of flops, params, latency, but got 'energy'"]),
     (["search.objectives=[flops,val_acc]"], ["search.objectives must be [val_acc, <cost>]", "but got ['flops', 'val_acc']"]),
     (["search.objectives=[val_acc,latency]", "measure.latency=false"],
@@ -87,6 +160,12 @@ SEARCH_ROWS = [
 ]
 
 BLEND_ROWS = [
+    (["search.blend.stages=3"], ["search.blend.stages is read only with search.blend.layerwise=stage",
+                                 "but got search.blend.layerwise=global"]),
+    (["search.fidelity=full", "search.proxy.finetune_steps=5"],
+     ["search.proxy.finetune_steps is read only with search.fidelity=proxy, but got search.fidelity=full"]),
+    (["search.sampler=tpe", "search.population_size=4"],
+     ["search.population_size is read only with search.sampler=nsga2|cmaes, but got search.sampler=tpe"]),
     (["search.blend.pool=[l1,l3]"], ["unknown criterion 'l3'", "valid: apoz"]),
     (["search.blend.pool=[l1]"], ["search.blend.pool must list at least 2 criteria", "but got ['l1']"]),
     (["search.blend.n_clusters=12"], ["search.blend.n_clusters must be an integer in [1, 9]", "but got 12"]),
@@ -99,7 +178,8 @@ COMPRESS_ROWS = [
      ["compress.layers must be units of the model (features.0,", "but got ['features.99']"]),
     (["compress.sparsity=[0.5]"], ["compress.sparsity must be one value or a list of 2 (one per layer), but got [0.5]"]),
     (["compress.filter_ratio=1"], ["compress.filter_ratio must be in [0, 1), but got 1"]),
-    (["+compress.fo=1"], ["unknown key compress.fo; valid: bits, filter_epochs"]),
+    (["+compress.fo=1"], ["unknown key 'compress.fo'"]),
+    (["compress.bit=3"], ["unknown key 'compress.bit'; did you mean compress.bits"]),
     (["criterion=l3"], ["unknown criterion 'l3'"]),
 ]
 
@@ -211,3 +291,52 @@ def test_python_api_refuses(call, exc, musts):
     assert "\n" not in text
     for must in musts:
         assert must in text, f"{must!r} not in {text!r}"
+
+
+# ---------------------------------------------------------------- what is accepted instead
+
+
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+def test_a_declared_key_is_set_with_or_without_plus(prefix):
+    from trainables.compose import compose
+
+    assert compose("config", [f"{prefix}prune.ratio=0.3"]).prune.ratio == 0.3
+
+
+def test_free_form_maps_take_any_key_with_or_without_plus():
+    from trainables.compose import compose
+
+    cfg = compose("config", ["model.kwargs.width=8", "+criterion.options.eps=0.5"])
+    assert cfg.model.kwargs.width == 8 and cfg.criterion.options.eps == 0.5
+
+
+def test_restating_a_default_is_not_a_change():
+    from trainables.compose import compose
+
+    # prune.ratio=0.5 is uniform's default: with a differential schedule it changes nothing, so it is accepted
+    cfg = compose("config", ["prune.schedule=differential", "prune.ratio=0.5"])
+    assert cfg.prune.schedule == "differential"
+
+
+def test_a_group_changes_which_keys_exist():
+    from trainables.compose import compose
+
+    assert compose("config", ["data=coloured_fashion_mnist", "data.colour=label"]).data.colour == "label"
+
+
+def test_a_given_data_root_without_the_data_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A root that does not hold the files fails even where the system copy exists (no silent
+    fallback); with no root the fallback is read and the splits say from where."""
+    from conftest import make_learnable_fmnist
+
+    import data._fashion_mnist as fmnist
+
+    system = make_learnable_fmnist(tmp_path / "system", n_train=100, n_test=20)
+    monkeypatch.setattr(fmnist, "FALLBACK_DIRS", (system,))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError) as info:
+        get_data("fashion_mnist", root=str(empty), val_size=10)
+    assert f"data.root={empty} does not hold fashion_mnist's IDX files" in str(info.value)
+    assert str(empty / "FashionMNIST" / "raw") in str(info.value)  # what was looked for, where
+    assert get_data("fashion_mnist", val_size=10).data_root == str(system)

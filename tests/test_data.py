@@ -348,14 +348,14 @@ def test_missing_dataset_says_where_and_how(tmp_path, no_fallback):
         get_data("fashion_mnist", tmp_path / "empty")
     msg = str(err.value)
     assert "\n" not in msg
-    for part in (
-        str(tmp_path / "empty"),
-        "FashionMNIST/raw",
-        "no-debian-here",
-        "apt-get",
-        "data.download",
-    ):
+    # a given root is the only place looked in (no silent fallback to the system copy)
+    for part in (str(tmp_path / "empty"), "FashionMNIST/raw", "data.root=null", "data.download"):
         assert part in msg
+    assert "no-debian-here" not in msg
+    with pytest.raises(DatasetNotFoundError) as err:  # no root: the fallback folders, and how to install
+        get_data("fashion_mnist")
+    for part in ("no-debian-here", "apt-get", "data.download"):
+        assert part in str(err.value)
     assert isinstance(err.value, ValueError)
 
 

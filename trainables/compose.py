@@ -20,6 +20,7 @@ from trainables.config import (
     require,
     require_int,
 )
+from trainables.keycheck import check_data, check_keys, check_unread
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -43,7 +44,14 @@ def _group_options(group: str) -> list[str]:
 
 
 def compose(config_name: str, overrides: list[str]) -> Any:
-    """Hydra's compose with its multi-line errors turned into one-line ``ValueError``s."""
+    """Hydra's compose with its multi-line errors turned into one-line ``ValueError``s.
+
+    Before Hydra (and long before torch) is imported, every key is checked against those
+    ``conf/`` declares (``check_keys``), so a misspelt key, with or without ``+``, is refused
+    with its close matches instead of being added and ignored; after composing, a setting the
+    chosen schedule or method does not read, and a bad data setting, are refused
+    (``check_unread``, ``check_data``)."""
+    keys = check_keys(config_name, overrides)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -52,7 +60,7 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=keys.hydra_overrides)
     except MissingConfigException as err:
         missing = getattr(err, "missing_cfg_file", "") or ""
         group, _, value = missing.partition("/")
@@ -63,6 +71,11 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         text = str(err).strip() or str(err.__cause__ or type(err).__name__)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         raise ValueError(" ".join(lines[:2])) from None
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(cfg, resolve=False)
+    check_data(values)
+    check_unread(config_name, values, keys.changed(values))
     from trainables.sources import apply_sources
 
     apply_sources(cfg)  # model=torchvision|timm|custom, data=custom: one qualified name each

@@ -114,7 +114,7 @@ def run(cfg: Any, log=print) -> tuple[dict, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(__doc__, argv, load_compress_config, run, format_table)
+    return run_cli(__doc__, argv, load_compress_config, run, format_table, config_name="compress")
 
 
 if __name__ == "__main__":

@@ -316,11 +316,10 @@ def format_reference(config_name: str, overrides: Iterable[str] = (), width: int
         lines.append(f"  {g.name:<12} {options}")
     lines.append("")
     lines.append("keys (key=value; default, then what the comment in conf/ says):")
-    keys = describe_config(config_name, overrides)
-    wide = max(len(k.key) for k in keys)
-    for k in keys:
-        text = f"  {k.key:<{wide}}  {_show(k.default):<10}"
-        if k.comment:
-            text += f"  {k.comment}"
-        lines.append(text if len(text) <= width else text[: width - 3] + "...")
+    import textwrap
+
+    for k in describe_config(config_name, overrides):
+        lines.append(f"  {k.key} = {_show(k.default)}")
+        if k.comment:  # wrapped under the key, so a long explanation is read whole
+            lines += textwrap.wrap(k.comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)

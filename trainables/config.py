@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from trainables.criteria import list_criteria
-from trainables.criteria.blended import check_blend_options
-from trainables.schedules import GLOBAL, check_min_keep, check_ramp, check_ratio, list_schedules
+# The registries (criteria, schedules) import torch: they are imported where a config is checked,
+# so that importing this module (for METHODS, require) stays light for --help and key checks.
 
 __all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "PruneConfig", "require", "require_int"]
 
@@ -80,6 +79,10 @@ class PruneConfig:
     units: str = "all"  # which units are pruned: all, or a part the model declares (SegNet: encoder | decoder)
 
     def __post_init__(self) -> None:
+        from trainables.criteria import list_criteria
+        from trainables.criteria.blended import check_blend_options
+        from trainables.schedules import check_ramp, check_ratio, list_schedules
+
         _one_of("prune.method", self.method, METHODS)
         if self.criterion not in list_criteria():
             raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(list_criteria())}")
@@ -116,6 +119,8 @@ class PruneConfig:
     def _check_global(self) -> None:
         """schedule=global ranks the criterion's scores: only methods that score filters with
         the criterion and take a per-unit plan can use it (rule in trainables.schedules)."""
+        from trainables.schedules import GLOBAL, check_min_keep
+
         check_min_keep("prune.global_min_keep", self.global_min_keep)
         if self.schedule != GLOBAL:
             require(self.global_min_keep == _DEFAULT_MIN_KEEP, "prune.global_min_keep",

@@ -15,11 +15,11 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainables.base_model import prepare
-
     cfg, code = cli_config(__doc__, argv, load_run_config)
     if cfg is None:
         return code
+    from trainables.base_model import prepare  # torch: only once the config is good
+
     try:
         _, _, path, meta = prepare(cfg)  # missing data files are found only here
     except ValueError as err:

@@ -27,6 +27,16 @@ __all__ = ["format_summary", "main", "run"]
 _SCORE_NAMES = {"top1": "acc", "map50": "mAP@0.5", "miou": "mIoU"}
 
 
+def _recovery_phrase(record: dict) -> str:
+    """When the run came back within ``recovery_delta`` of the base model's val score (records.py's
+    run-level ``steps_to_recover``, counted from the last pruning step through the final fine-tuning)."""
+    within = f"within {100 * record.get('recovery_delta', 0):.1f} points of the base val score"
+    n = record.get("steps_to_recover")
+    if n is None:
+        return f"not back {within} by the end of fine-tuning"
+    return f"back {within} {'without fine-tuning' if n == 0 else f'after {n} fine-tuning steps'}"
+
+
 def format_summary(record: dict) -> str:
     """A plain-text table of a run record."""
     pct = lambda v: "   -  " if v is None else f"{100 * v:6.2f}"  # noqa: E731
@@ -40,8 +50,7 @@ def format_summary(record: dict) -> str:
     auc = record.get("recovery_auc")
     score = _SCORE_NAMES.get(record.get("score_name", "top1"), record.get("score_name"))
     lines += [
-        f"method {record.get('method', '?')}: back within {100 * record.get('recovery_delta', 0):.1f} points of base after "
-        f"{steps(record.get('steps_to_recover'))} steps, recovery AUC {'-' if auc is None else f'{auc:.3f}'}",
+        f"method {record.get('method', '?')}: {_recovery_phrase(record)}, recovery AUC {'-' if auc is None else f'{auc:.3f}'}",
         f"base val {score:<9}{pct(record['base_val_acc'])}%",
         f"final val {score:<8}{pct(record['final_val_acc'])}%   test {score} {pct(record['final_test_acc'])}%",
     ]
@@ -71,6 +80,8 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
 
     prune, finetune, measure, pretrain = configs_of(cfg)
     model, splits, base_path, _ = prepare(cfg, log=log)
+    if cfg.data.root is None and splits.data_root is not None:  # say where a fallback read from
+        log(f"data.root=null: {cfg.data.name} read from {splits.data_root}")
     resolve_classes(prune.target_classes, splits.class_names)  # fail before any training
     resolved = OmegaConf.to_container(cfg, resolve=True)
     # The scratch baseline trains with the base model's recipe; the protocol is handed it
@@ -78,6 +89,7 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     record = run_protocol(model, splits, prune, finetune, measure=measure, seed=cfg.seed, report=report,
                           progress=cfg.progress, config=resolved, pretrain=pretrain, pretrainer=train_base_model)
     record["base_model"] = str(base_path)
+    record["data_root"] = splits.data_root  # the folder actually read (config.yaml keeps what was given)
     # the folder names what chose the filters: greedy_car scores by CAR, control and scratch score nothing
     chooser = {"greedy_car": "car", "control": "none", "scratch": "none"}.get(prune.method, prune.criterion)
     out = save_run(cfg, record, f"{cfg.model.name}-{chooser}-{prune.method}")

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     from search.launch import load_search_config
     from trainables.cli import cli_config
 
-    cfg, code = cli_config(__doc__, argv, lambda args: load_search_config(["search=blended", *args]))
+    cfg, code = cli_config(__doc__, argv, lambda args: load_search_config(["search=blended", *args]),
+                           config_name="launch", help_overrides=["search=blended"])
     if cfg is None:
         return code
     from omegaconf import OmegaConf
