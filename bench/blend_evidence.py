@@ -127,7 +127,7 @@ def evidence_part(args, root: Path) -> str:
         [best] = read_trials(out / "finetuned.parquet")
         blended.append({"criterion": "blended (evolved)", "seed": s, "test_acc": best["test_acc"], "val_acc": best["val_acc"]})
         cfg = json.loads(best["config_json"])
-        weights.append({k[len("weight_"):]: round(v, 3) for k, v in cfg.items() if k.startswith("weight_")})
+        weights.append({c: round(v, 3) for c, v in cfg["criterion.weights"].items()})  # the run command's key
     table = ["| criterion | test acc %, mean ± 95% CI | per seed | val acc % (mean) |", "|---|---|---|---|"]
     results = {}
     for name in ["blended (evolved)", *pool, "random"]:

@@ -44,7 +44,7 @@ def run(sampler: str, root: Path, extra: list[str]) -> dict:
         "trial_vs_flops": _spearman([r["latency_ms_trial"] for r in done], [r["flops"] for r in done]),
         "sampler": sampler, "wall_s": wall, "trials": len(rows),
         "completed": sum(r["status"] == "COMPLETED" for r in rows),
-        "hypervolume": hypervolume([(r["val_acc"], r["flops_ratio"]) for r in front], (0.0, 1.0)),
+        "hypervolume": hypervolume([(r["val_acc"], r["flops_kept"]) for r in front], (0.0, 1.0)),
         "front": len(front), "best_val": max((r["val_acc"] or 0) for r in rows),
     }
 

@@ -26,7 +26,7 @@ class Session:
     restore_path: str | None
     base_val_acc: float
     base_flops: int
-    base_params: int = 0  # the unpruned model's parameters (params_ratio)
+    base_params: int = 0  # the unpruned model's parameters (params_kept)
     splits: Any = None  # the driver's data: the front's test accuracy is measured on its test split
     candidates: list[str] | None = None  # blended search: the criteria whose factors are searched
     full_prune: dict | None = None  # proxy search: the full-fidelity prune settings (front fine-tuning)

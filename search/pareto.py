@@ -3,10 +3,14 @@
 Pure functions on plain data (lists of dicts, one per trial): no Ray, Optuna or MLflow here, so
 reports, benchmarks and notebooks can use them on a finished ``trials.parquet``.
 
-Conventions:
-    * ``val_acc`` and ``test_acc`` are fractions in [0, 1] (plots and tables show percent).
+Conventions (docs/guides/reading-results.md has the table of every name and its unit):
+    * Stored numbers are fractions; tables and figures show them as percentages with a ``%``.
+    * ``val_acc`` and ``test_acc`` are the task's headline score (top-1 accuracy, mAP@0.5 or mIoU;
+      :data:`SCORE_LABELS`), fractions in [0, 1].
+    * ``prune_ratio`` is the share of filters *removed*; ``flops_kept``, ``params_kept`` and
+      ``latency_kept`` are the shares of the unpruned model's cost *kept* (pruned / unpruned).
     * ``flops`` counts one multiply or one add as a FLOP (FLOPs = 2 x MACs, as
-      ``trainables.metrics.count_flops``); ``flops_ratio`` = ``flops`` / FLOPs of the unpruned model.
+      ``trainables.metrics.count_flops``).
     * The front maximizes ``val_acc`` and minimizes a cost: ``flops`` by default, or ``params``
       or ``latency_ms`` (``search.objectives``; see :data:`OBJECTIVES`). Only trials that finished the protocol
       (``status == "COMPLETED"``) are eligible: a trial stopped early by the scheduler never had
@@ -30,10 +34,15 @@ __all__ = [
     "COMPLETED",
     "DEFAULT_REF",
     "OBJECTIVES",
+    "FINETUNED_COLUMNS",
     "REQUIRED_COLUMNS",
+    "SCORE_LABELS",
     "TRIAL_COLUMNS",
     "check_objective",
+    "describe_hypervolume",
     "format_front",
+    "format_front_details",
+    "format_report",
     "front_rows",
     "hypervolume",
     "mark_pareto",
@@ -49,23 +58,27 @@ COMPLETED = "COMPLETED"
 """The one trial status eligible for the front (others: STOPPED_EARLY, FAILED, RUNNING, ...)."""
 
 DEFAULT_REF: tuple[float, float] = (0.0, 1.0)
-"""Hypervolume reference point (val_acc, flops_ratio): accuracy 0 and the unpruned model's FLOPs.
+"""Hypervolume reference point (val_acc, cost kept): a score of 0 at the unpruned model's cost.
 
-A trial adds area only if its accuracy is above 0 and its FLOPs below the unpruned model's; an
-unpruned trial (flops_ratio 1) adds nothing.
+A trial adds area only if its score is above 0 and it keeps less than all of the unpruned
+model's cost; an unpruned trial (flops_kept 1) adds nothing.
 """
 
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
-    # name in search.objectives: (cost column, its ratio to the unpruned model, axis label)
-    "flops": ("flops", "flops_ratio", "FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)"),
-    "params": ("params", "params_ratio", "parameters ({unit})"),
-    "latency": ("latency_ms", "latency_ratio", "latency per batch (ms, re-timed serially by the driver)"),
+    # name in search.objectives: (cost column, its share of the unpruned model's, axis label)
+    "flops": ("flops", "flops_kept", "FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)"),
+    "params": ("params", "params_kept", "parameters ({unit})"),
+    "latency": ("latency_ms", "latency_kept", "latency per batch (ms, re-timed serially by the driver)"),
 }
 """The costs a search can trade accuracy against; the front, hypervolume and plot follow the one chosen."""
 
+SCORE_LABELS: dict[str, str] = {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}
+"""What a task's headline score (``trainables.tasks.Task.score_name``) is called in tables and figures;
+``val_acc``/``test_acc`` hold it for every task."""
+
 
 def check_objective(name: object) -> tuple[str, str, str]:
-    """``(cost column, ratio column, axis label)`` of a cost objective, or the house one-line error."""
+    """``(cost column, cost-kept column, axis label)`` of a cost objective, or the house one-line error."""
     if name not in OBJECTIVES:
         raise ValueError(f"search.objectives[1] must be one of {', '.join(OBJECTIVES)}, but got {name!r}")
     return OBJECTIVES[name]
@@ -78,34 +91,41 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("criterion", pa.string(), nullable=False),  # criterion registry name
         pa.field("schedule", pa.string()),  # ratio schedule name (trainables.schedules): uniform | differential | differential_depth | per_layer | ..._inverted
         pa.field("method", pa.string()),  # prune.method (trainables.config.METHODS)
-        pa.field("ratios", pa.list_(pa.float64())),  # one pruning ratio per prunable unit, network order
+        # share of filters removed (fraction): over all pruned units, weighted by their filters
+        pa.field("prune_ratio", pa.float64()),
+        pa.field("prune_ratios", pa.list_(pa.float64())),  # share removed per prunable unit, network order
         pa.field("p", pa.float64()),  # fine-tuning epochs after each unit / step
         pa.field("q", pa.float64()),  # fine-tuning epochs at the end
         pa.field("lr", pa.float64()),  # peak fine-tuning learning rate
-        pa.field("val_acc", pa.float64()),  # fraction in [0, 1]; the search objective
+        pa.field("val_acc", pa.float64()),  # the task's score (SCORE_LABELS), fraction in [0, 1]; the search objective
         pa.field("test_acc", pa.float64()),  # fraction; evaluated only for Pareto-optimal trials
         pa.field("flops", pa.int64()),  # FLOPs of one forward pass on one image (2 x MACs)
-        pa.field("flops_ratio", pa.float64()),  # flops / unpruned flops
+        pa.field("flops_kept", pa.float64()),  # flops / unpruned flops: share of FLOPs kept
         pa.field("params", pa.int64()),
-        pa.field("params_ratio", pa.float64()),  # params / unpruned params
+        pa.field("params_kept", pa.float64()),  # params / unpruned params
         # per batch (trainables.metrics.measure_latency): re-timed by the driver after the trials,
         # one model at a time, nothing else running (search.retime); the trial's own timing is
         # latency_ms_trial (taken while other trials trained on the same cores)
         pa.field("latency_ms", pa.float64()),
-        pa.field("latency_ratio", pa.float64()),  # latency_ms / the base's, timed in the same rounds
-        pa.field("latency_ms_trial", pa.float64()),
+        pa.field("latency_kept", pa.float64()),  # latency_ms / the base's, timed in the same rounds
+        pa.field("latency_ms_trial", pa.float64()),  # the trial's own timing, beside other trials
         pa.field("pareto", pa.bool_(), nullable=False),  # on the front (see mark_pareto)
         pa.field("mlflow_run_id", pa.string()),
         pa.field("wall_s", pa.float64()),  # wall-clock seconds of the trial
         pa.field("node_id", pa.string()),  # Ray node id of its last result (a retried trial: where it ended)
         pa.field("node_ip", pa.string()),  # that node's address (Tune's node_ip of the trial process)
-        pa.field("config_json", pa.string()),  # the trial's full hyperparameters as JSON
-        # finetuned.parquet of a proxy search: the searched trial this row fine-tunes, and its proxy accuracy
-        pa.field("proxy_trial_id", pa.string()),
-        pa.field("proxy_val_acc", pa.float64()),
+        # the trial's sampled settings as JSON, keyed by the run command's keys (search.command.searched_keys)
+        pa.field("config_json", pa.string()),
+        pa.field("command", pa.string()),  # `python -m trainables.run ...` that rebuilds the trial
     ]
 )
 """Schema of ``trials.parquet``: one row per trial. Nullable fields may be missing from a row."""
+
+FINETUNED_COLUMNS: pa.Schema = TRIAL_COLUMNS.append(
+    pa.field("proxy_trial_id", pa.string())  # the searched (proxy) trial this row fine-tunes
+).append(pa.field("proxy_val_acc", pa.float64()))  # that trial's proxy val_acc (fraction)
+"""Schema of ``finetuned.parquet`` (a proxy search's front, fine-tuned at full fidelity):
+:data:`TRIAL_COLUMNS` plus where each row came from."""
 
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(f.name for f in TRIAL_COLUMNS if not f.nullable)
 """Keys every row given to :func:`write_trials` must carry."""
@@ -173,10 +193,10 @@ def mark_pareto(rows: list[Row], cost: str = "flops") -> list[Row]:
 
 
 def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = DEFAULT_REF) -> float:
-    """Area dominated by ``(val_acc, flops_ratio)`` points and bounded by ``ref``.
+    """Area dominated by ``(val_acc, cost kept)`` points (e.g. ``flops_kept``) and bounded by ``ref``.
 
-    Maximizes accuracy, minimizes the FLOPs ratio: each point dominates the rectangle
-    [ref_acc, acc] x [flops_ratio, ref_flops_ratio], and the result is the area of their union
+    Maximizes the score, minimizes the share of cost kept: each point dominates the rectangle
+    [ref_acc, acc] x [kept, ref_kept], and the result is the area of their union
     (dominated points change nothing). Points that do not strictly beat ``ref`` in both
     objectives add nothing. With :data:`DEFAULT_REF` = (0.0, 1.0) and accuracy as a fraction, the
     result lies in [0, 1]; 1 would be a free, perfect model.
@@ -234,15 +254,16 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike[str]) -> None:
         raise
 
 
-def write_trials(rows: list[Row], path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` to a Parquet file with schema :data:`TRIAL_COLUMNS`.
+def write_trials(rows: list[Row], path: str | os.PathLike[str], schema: pa.Schema = TRIAL_COLUMNS) -> None:
+    """Write ``rows`` to a Parquet file with ``schema`` (:data:`TRIAL_COLUMNS`, or
+    :data:`FINETUNED_COLUMNS` for a proxy search's ``finetuned.parquet``).
 
     Missing nullable keys become nulls; a missing required key (:data:`REQUIRED_COLUMNS`, e.g.
     ``pareto``: call :func:`mark_pareto` first) or a key outside the schema is an error, so the
     file never silently loses or invents data. The write is atomic (temporary file in the same
     folder, then ``os.replace``): readers see the old file or the new one, never half of one.
     """
-    known = set(TRIAL_COLUMNS.names)
+    known = set(schema.names)
     for i, row in enumerate(rows):
         missing = [c for c in REQUIRED_COLUMNS if _missing(row.get(c))]
         unknown = sorted(set(row) - known)
@@ -252,7 +273,7 @@ def write_trials(rows: list[Row], path: str | os.PathLike[str]) -> None:
                 f"and unknown keys {unknown}; required: {list(REQUIRED_COLUMNS)} (set 'pareto' with "
                 "mark_pareto); put extra hyperparameters in 'config_json' or add a field to TRIAL_COLUMNS"
             )
-    write_table_atomic(table_from_rows(rows, TRIAL_COLUMNS), path)
+    write_table_atomic(table_from_rows(rows, schema), path)
 
 
 def read_trials(path: str | os.PathLike[str]) -> list[Row]:
@@ -285,6 +306,7 @@ def plot_front(
     title: str = "",
     objective: str = "flops",
     base_cost: float | None = None,
+    score: str = "accuracy",
 ) -> None:
     """Save the accuracy-vs-cost scatter of all trials with the Pareto front as a PNG (dpi 150).
 
@@ -293,7 +315,8 @@ def plot_front(
     Every row with ``val_acc`` and that cost is a point coloured by criterion; trials that did not
     complete (stopped early, ...) are hollow. The front (:func:`front_rows`) is ringed and joined by
     a step line: at a given budget, the best accuracy reached at or below it. ``base_flops``/``base_acc`` (fraction)
-    draw the unpruned model as a star. The x unit (MFLOPs or GFLOPs) follows the largest value.
+    draw the unpruned model as a star. The x unit (MFLOPs or GFLOPs) follows the largest value;
+    the y axis names the task's ``score`` (:data:`SCORE_LABELS`: accuracy, mAP@0.5, mIoU) in %.
     """
     # The object-oriented API with an Agg canvas: no pyplot global state, no display, and the
     # caller's matplotlib backend is left alone.
@@ -338,7 +361,7 @@ def plot_front(
     if not points:
         ax.text(0.5, 0.5, f"no trial with val_acc and {cost} yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {score} (%)")
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
@@ -362,20 +385,22 @@ def _table_line(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
 
-def format_front(rows: list[Row], objective: str = "flops") -> str:
+def format_front(rows: list[Row], objective: str = "flops", score: str = "accuracy") -> str:
     """The Pareto-optimal rows of ``rows`` (:func:`front_rows` on ``objective``'s cost) as a
-    plain-text table, cheapest first.
+    plain-text table, cheapest first; every header carries its unit, shares show in %.
 
-    Missing values show as '-'; ``test_acc`` is evaluated only for front trials, so it is present
-    here once the search has finished.
+    ``score`` names the task's headline score (:data:`SCORE_LABELS`). Missing values show as
+    '-'; ``test_acc`` is evaluated only for front trials, so it is present here once the search
+    has finished.
     """
-    header = ["trial_id", "criterion", "schedule", "FLOPs (M)", "FLOPs ratio", "val acc %", "test acc %",
-              "params (k)", "latency ms"]
+    header = ["trial_id", "criterion", "schedule", "pruned %", "FLOPs (M)", "FLOPs kept %", f"val {score} %",
+              f"test {score} %", "params (k)", "latency (ms)"]
     body = [
         [
             str(r["trial_id"]), str(r.get("criterion") or "-"), str(r.get("schedule") or "-"),
-            _cell(r["flops"], ".2f", 1e-6), _cell(r.get("flops_ratio"), ".3f"), _cell(r["val_acc"], ".2f", 100),
-            _cell(r.get("test_acc"), ".2f", 100), _cell(r.get("params"), ".1f", 1e-3), _cell(r.get("latency_ms"), ".2f"),
+            _cell(r.get("prune_ratio"), ".1f", 100), _cell(r["flops"], ".2f", 1e-6), _cell(r.get("flops_kept"), ".1f", 100),
+            _cell(r["val_acc"], ".2f", 100), _cell(r.get("test_acc"), ".2f", 100), _cell(r.get("params"), ".1f", 1e-3),
+            _cell(r.get("latency_ms"), ".2f"),
         ]
         for r in front_rows(rows, check_objective(objective)[0])
     ]
@@ -385,3 +410,51 @@ def format_front(rows: list[Row], objective: str = "flops") -> str:
     if not body:
         lines.append(f"(no completed trial with val_acc and {check_objective(objective)[0]})")
     return "\n".join(lines)
+
+
+def describe_hypervolume(hv: float, objective: str = "flops", ref: tuple[float, float] = DEFAULT_REF,
+                         score: str = "accuracy") -> str:
+    """One sentence saying what the hypervolume ``hv`` measures: which objectives, which reference."""
+    cost, kept, _ = check_objective(objective)
+    return (f"hypervolume {hv:.4f}: the area the front dominates in the plane of val {score} (fraction, higher is "
+            f"better) against {kept} ({cost} / the unpruned model's, lower is better), bounded by the reference "
+            f"point val_acc={ref[0]:g}, {kept}={ref[1]:g}; {(1 - ref[0]) * ref[1]:g} would be a perfect model at no cost")
+
+
+def _settings(row: Row) -> str:
+    ratios = row.get("prune_ratios") or []
+    parts = [f"criterion={row.get('criterion')}", f"method={row.get('method')}", f"schedule={row.get('schedule')}"]
+    if not _missing(row.get("prune_ratio")):
+        per_unit = ", ".join(f"{100 * r:.1f}" for r in ratios)
+        parts.append(f"filters removed {100 * row['prune_ratio']:.1f}% (per unit, %: {per_unit})")
+    for key, what in (("p", "epochs after each unit"), ("q", "final epochs"), ("lr", "peak learning rate")):
+        if not _missing(row.get(key)):
+            parts.append(f"{key}={row[key]:.4g} ({what})")
+    return ", ".join(parts)
+
+
+def format_front_details(rows: list[Row], objective: str = "flops", score: str = "accuracy") -> str:
+    """Per front row (cheapest first): its settings and the ``python -m trainables.run`` command
+    that rebuilds it (the row's ``command``)."""
+    lines = []
+    for r in front_rows(rows, check_objective(objective)[0]):
+        lines.append(f"trial {r['trial_id']} (val {score} {_cell(r['val_acc'], '.2f', 100)}%, "
+                     f"FLOPs kept {_cell(r.get('flops_kept'), '.1f', 100)}%):")
+        lines.append(f"  settings: {_settings(r)}")
+        lines.append(f"  command:  {r.get('command') or '- (not recorded)'}")
+    return "\n".join(lines)
+
+
+def format_report(rows: list[Row], hv: float, objective: str = "flops", ref: tuple[float, float] = DEFAULT_REF,
+                  score: str = "accuracy") -> str:
+    """``pareto.txt``: what the front trades, its hypervolume (and of what), the front table,
+    and each front trial's settings and rebuilding command."""
+    n_done = sum(r.get("status") == COMPLETED for r in rows)
+    head = (f"Pareto front: val {score} (higher is better) against {check_objective(objective)[0]} (lower is better); "
+            f"{len(front_rows(rows, check_objective(objective)[0]))} of {n_done} completed trials on the front "
+            f"({len(rows)} trials in all)")
+    parts = [head, describe_hypervolume(hv, objective, ref, score), "", format_front(rows, objective, score)]
+    details = format_front_details(rows, objective, score)
+    if details:
+        parts += ["", details]
+    return "\n".join(parts)

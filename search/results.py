@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from search.pareto import (
+    FINETUNED_COLUMNS,
+    SCORE_LABELS,
     check_objective,
     format_front,
+    format_report,
     front_rows,
     hypervolume,
     mark_pareto,
@@ -74,27 +77,45 @@ def trial_ids(results) -> list[str]:
     return [by_path[r.path] for r in results]
 
 
-def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
-    """Plain rows (the trials.parquet schema) from a Tune ResultGrid."""
+def _share_removed(ratios: list[float], ctx, units: str) -> float | None:
+    """The share of all pruned units' filters removed: the per-unit ratios weighted by the base
+    model's filter counts (None when the ratios are unknown, e.g. a global schedule stopped early)."""
+    filters = _unit_filters(ctx.model_name, ctx.num_classes, json.dumps(ctx.model_kwargs), units)
+    if not ratios or len(ratios) != len(filters):
+        return None
+    return sum(r * n for r, n in zip(ratios, filters, strict=True)) / sum(filters)
+
+
+def trial_rows(results, session, tracker_run_ids: dict[str, str], commands=None) -> list[dict]:
+    """Plain rows (the trials.parquet schema) from a Tune ResultGrid; ``commands``
+    (a :class:`search.command.RunCommand`) fills each row's rebuilding command."""
+    from search.command import searched_keys
+    from trainables.ray_trainable import trial_configs
+
     rows = []
     for trial_id, result in zip(trial_ids(results), results, strict=True):
         m = result.metrics or {}
         config = dict(result.config or {})
         config = dict(config.get("front_config", config))  # a front fine-tuning trial re-runs a searched config
+        prune, finetune, measure = trial_configs(session.ctx, config)
+        ratios = _ratios(result, session, config)
         flops = m.get("flops")
         rows.append({
-            "trial_id": trial_id, "status": _status(result), "criterion": config.get("criterion"),
-            "schedule": config.get("schedule"), "method": session.ctx.prune.get("method"),
-            "ratios": _ratios(result, session, config), "p": config.get("p"), "q": config.get("q"),
-            "lr": config.get("lr"), "val_acc": m.get("val_acc"), "test_acc": None,
+            "trial_id": trial_id, "status": _status(result), "criterion": prune.criterion,
+            "schedule": prune.schedule, "method": prune.method,
+            "prune_ratio": _share_removed(ratios, session.ctx, prune.units), "prune_ratios": ratios,
+            "p": prune.p, "q": prune.q, "lr": finetune.lr, "val_acc": m.get("val_acc"), "test_acc": None,
             "flops": int(flops) if flops is not None else None, "params": m.get("params"),
             # the driver's serial re-timing replaces latency_ms (see _retime); this is the trial's own
             "latency_ms": None, "latency_ms_trial": m.get("latency_ms"),
-            "flops_ratio": flops / session.base_flops if flops is not None else None,
-            "params_ratio": m["params"] / session.base_params if m.get("params") and session.base_params else None,
+            "flops_kept": flops / session.base_flops if flops is not None else None,
+            "params_kept": m["params"] / session.base_params if m.get("params") and session.base_params else None,
             "mlflow_run_id": tracker_run_ids.get(trial_id), "wall_s": m.get("time_total_s"),
             "node_id": m.get("node_id"), "node_ip": m.get("node_ip"),  # where its last result came from
-            "config_json": json.dumps(config, default=str),
+            "config_json": json.dumps(searched_keys(config), default=str),
+            "command": None if commands is None else commands.command(prune, finetune, measure,
+                                                                      int(config.get("seed", session.ctx.seed)), config),
+            "_config": config,  # as Tune sampled it: what a full-fidelity re-run is given
             "_checkpoint": result.checkpoint,
         })
     return rows
@@ -102,7 +123,7 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str]) -> list[dict]:
 
 def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
     """Latency of every completed trial's model, re-timed by the driver one model at a time
-    (``search.retime``): fills ``latency_ms`` and ``latency_ratio``; returns the summary metrics."""
+    (``search.retime``): fills ``latency_ms`` and ``latency_kept``; returns the summary metrics."""
     from search._session import retime_rounds
     from search.retime import retime_models
     from trainables.ray_trainable import trial_base_model
@@ -117,7 +138,7 @@ def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
                           threads=cfg.measure.threads or cfg.trial_threads, rounds=retime_rounds(cfg),
                           repeats=cfg.measure.repeats, warmup=cfg.measure.warmup, seed=cfg.search.seed)
     for row in done:
-        row["latency_ms"], row["latency_ratio"] = timed.latency_ms[row["trial_id"]], timed.latency_ratio[row["trial_id"]]
+        row["latency_ms"], row["latency_kept"] = timed.latency_ms[row["trial_id"]], timed.latency_kept[row["trial_id"]]
     rho = timed.halves_spearman
     log(f"latency: base {timed.base_ms:.2f} ms per batch of {cfg.measure.batch_size}; rank agreement of two "
         f"half-timings: {'n/a (< 3 models)' if rho is None else f'Spearman rho {rho:.3f}'}")
@@ -139,11 +160,19 @@ def _trial_model(row: dict, ctx) -> tuple:
 
 
 def _log_latency(rows: list[dict], tracker) -> None:
-    """The driver's timings on each child run, beside the trial's own ``latency_ms``."""
+    """The driver's timings on each child run as ``latency_ms`` and ``latency_kept``, beside the
+    trial's own timing (``latency_ms_trial``): the same names as in trials.parquet."""
     for row in rows:
-        if row["mlflow_run_id"] and row.get("latency_ratio") is not None:
-            tracker.client.log_metric(row["mlflow_run_id"], "latency_ms_serial", row["latency_ms"])
-            tracker.client.log_metric(row["mlflow_run_id"], "latency_ratio", row["latency_ratio"])
+        if row["mlflow_run_id"] and row.get("latency_kept") is not None:
+            tracker.client.log_metric(row["mlflow_run_id"], "latency_ms", row["latency_ms"])
+            tracker.client.log_metric(row["mlflow_run_id"], "latency_kept", row["latency_kept"])
+
+
+def _log_commands(rows: list[dict], tracker) -> None:
+    """Each child run's tag ``command``: the ``python -m trainables.run`` line that rebuilds it."""
+    for row in rows:
+        if row["mlflow_run_id"] and row.get("command"):
+            tracker.set_command(row["trial_id"], row["command"])
 
 
 def _evaluate_front(rows: list[dict], session, log) -> None:
@@ -175,7 +204,8 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
         built = {"name": ctx.model_name, "kwargs": ctx.model_kwargs, "num_classes": ctx.num_classes}
         session.tracker.log_pruned_model(row["trial_id"], model, example,
                                          {**record, "final_test_acc": test["score"], "architecture": built})
-        log(f"front trial {row['trial_id']}: test {task.score_name} {100 * test['score']:.2f}%, model logged to MLflow")
+        log(f"front trial {row['trial_id']}: test {SCORE_LABELS.get(task.score_name, task.score_name)} "
+            f"{100 * test['score']:.2f}%, model logged to MLflow")
 
 
 def _run_ids(results, tracker) -> dict[str, str | None]:
@@ -197,23 +227,22 @@ def pick_for_finetuning(rows: list[dict], n: int, signature: Callable[[dict], Ha
     return distinct(done, n, signature or trial_signature, log=log)
 
 
-def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> tuple[list[dict], list[Path], dict]:
+def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log, commands=None,
+                   score: str = "accuracy") -> tuple[list[dict], list[Path], dict]:
     """Fine-tune the best proxy trials at full fidelity, test them, write ``finetuned.parquet``."""
     from dataclasses import replace
-
-    from search.pareto import format_front
 
     picked = pick_for_finetuning(rows, int(cfg.search.finetune_front), log=log)
     if not picked:
         return [], [], {}
     log(f"fine-tuning the {len(picked)} best proxy trials at full fidelity: {', '.join(r['trial_id'] for r in picked)}")
-    configs = [json.loads(r["config_json"]) for r in picked]
+    configs = [r["_config"] for r in picked]
     results = finetune(configs)
     full = replace(session, ctx=replace(session.ctx, prune=session.full_prune))
-    ft_rows = trial_rows(results, full, _run_ids(results, session.tracker))
-    by_config = {r["config_json"]: r for r in picked}
+    ft_rows = trial_rows(results, full, _run_ids(results, session.tracker), commands)
+    by_config = {json.dumps(r["_config"], sort_keys=True, default=str): r for r in picked}
     for row in ft_rows:
-        source = by_config.get(row["config_json"], {})
+        source = by_config.get(json.dumps(row["_config"], sort_keys=True, default=str), {})
         row["proxy_trial_id"], row["proxy_val_acc"] = source.get("trial_id"), source.get("val_acc")
         row["pareto"] = row["status"] == "COMPLETED"  # evaluated on test and logged as models, like a front
     _evaluate_front(ft_rows, full, log)
@@ -221,9 +250,10 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
         if row["mlflow_run_id"]:
             session.tracker.set_pareto(row["trial_id"], False)
             session.tracker.client.set_tag(row["mlflow_run_id"], "fidelity", "full")
+    _log_commands(ft_rows, session.tracker)
     plain = [{k: v for k, v in r.items() if not k.startswith("_")} for r in ft_rows]
-    write_trials(plain, out / "finetuned.parquet")
-    table = format_front(plain)
+    write_trials(plain, out / "finetuned.parquet", FINETUNED_COLUMNS)
+    table = format_front(plain, score=score)
     (out / "finetuned.txt").write_text(table + "\n")
     metrics = {}
     pairs = [(r["proxy_val_acc"], r["val_acc"]) for r in plain if r["val_acc"] is not None and r["proxy_val_acc"] is not None]
@@ -236,9 +266,29 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log) -> 
     if best is not None:
         metrics.update(finetuned_best_val_acc=best["val_acc"], finetuned_best_test_acc=best["test_acc"] or float("nan"))
     log("")
-    log("fine-tuned at full fidelity (val/test after fine-tuning; proxy val acc in finetuned.parquet):")
+    log(f"fine-tuned at full fidelity (val/test {score} after fine-tuning; proxy val_acc in finetuned.parquet):")
     log(table)
     return plain, [out / "finetuned.parquet", out / "finetuned.txt"], metrics
+
+
+def _score_label(cfg) -> str:
+    """What the task's headline score is called (accuracy, mAP@0.5, mIoU)."""
+    from trainables.compose import config_task
+
+    name = config_task(cfg).score_name
+    return SCORE_LABELS.get(name, name)
+
+
+def _run_command(cfg, log):
+    """The search's :class:`search.command.RunCommand`, or None (said in one line) when its
+    config cannot be written as a ``trainables.run`` command line."""
+    from search.command import RunCommand
+
+    try:
+        return RunCommand(cfg)
+    except ValueError as err:
+        log(f"warning: no rebuilding command for the trials ({err})")
+        return None
 
 
 def finish_search(cfg, out: Path, session, results, log=print, finetune=None) -> dict[str, Any]:
@@ -252,38 +302,50 @@ def finish_search(cfg, out: Path, session, results, log=print, finetune=None) ->
     from search._session import objective_of
 
     objective = objective_of(cfg)
-    cost, cost_ratio, _ = check_objective(objective)
-    rows = trial_rows(results, session, run_ids)
+    cost, cost_kept, _ = check_objective(objective)
+    score = _score_label(cfg)
+    commands = _run_command(cfg, log)
+    rows = trial_rows(results, session, run_ids, commands)
     latency_summary = _retime(cfg, rows, session, log)
     _log_latency(rows, tracker)
+    _log_commands(rows, tracker)
     rows = mark_pareto(rows, cost)
     _evaluate_front(rows, session, log)
+    if cfg.search.get("export"):  # search.export=[onnx, pt2]: the front's pruned models for deployment
+        from search.export_front import export_front
+
+        front = [(r["trial_id"], _trial_model(r, session.ctx)[0]) for r in rows
+                 if r["pareto"] and r["_checkpoint"] is not None]
+        export_front(front, out / "export", list(cfg.search.export), session.splits.input_shape, log, tracker)
     for row in rows:
         if row["mlflow_run_id"]:
             tracker.set_pareto(row["trial_id"], row["pareto"])
     ref_cfg = cfg.search.reference_point
-    ref = (ref_cfg.val_acc, ref_cfg.get("cost_ratio", ref_cfg.get("flops_ratio", 1.0)))
+    # cost_kept; a search saved before the rename named it cost_ratio (or flops_ratio)
+    ref = (ref_cfg.val_acc, ref_cfg.get("cost_kept", ref_cfg.get("cost_ratio", ref_cfg.get("flops_ratio", 1.0))))
     front = front_rows(rows, cost)
-    hv = hypervolume([(r["val_acc"], r[cost_ratio]) for r in front], ref)
+    hv = hypervolume([(r["val_acc"], r[cost_kept]) for r in front], ref)
     plain = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     write_trials(plain, out / "trials.parquet")
     base_cost = {"flops": session.base_flops, "params": session.base_params,
                  "latency": latency_summary.get("base_latency_ms")}[objective]
     plot_front(plain, out / "pareto.png", base_acc=session.base_val_acc, objective=objective, base_cost=base_cost,
-               title=f"{cfg.model.name} on {cfg.data.name}: {len(plain)} trials, HV={hv:.4f} (accuracy vs {objective})")
-    table = format_front(plain, objective)
-    (out / "pareto.txt").write_text(table + "\n")
+               score=score, title=f"{cfg.model.name} on {cfg.data.name}: {len(plain)} trials, "
+               f"hypervolume {hv:.4f} (val {score} vs {cost_kept})")
+    report = format_report(plain, hv, objective, ref, score)
+    (out / "pareto.txt").write_text(report + "\n")
     counts = {s: sum(r["status"] == s for r in plain) for s in ("COMPLETED", "STOPPED_EARLY", "FAILED")}
     log("")
-    log(table)
-    ft_rows, ft_files, ft_metrics = _finetune_best(cfg, out, session, rows, finetune, log) if finetune else ([], [], {})
+    log(report)
+    ft_rows, ft_files, ft_metrics = (_finetune_best(cfg, out, session, rows, finetune, log, commands, score)
+                                     if finetune else ([], [], {}))
     tracker.client.set_tag(session.parent_run_id, "objectives", f"val_acc,{objective}")
     tracker.finish_search({"hypervolume": hv, "n_completed": counts["COMPLETED"], "n_trials": len(plain),
                            **latency_summary, **ft_metrics},
                           [out / "trials.parquet", out / "pareto.png", out / "pareto.txt", out / "config.yaml",
                            *ft_files, *session.artifacts])
     log(f"trials: {counts['COMPLETED']} completed, {counts['STOPPED_EARLY']} stopped early by ASHA, {counts['FAILED']} failed")
-    log(f"hypervolume: {hv:.4f} (accuracy vs {objective}; reference: val_acc={ref[0]}, {cost_ratio}={ref[1]})")
+    log(f"hypervolume: {hv:.4f} (val {score} vs {cost_kept}; reference point: val_acc={ref[0]}, {cost_kept}={ref[1]})")
     from search._session import mlflow_ui_command
 
     if "proxy_vs_finetuned_spearman" in ft_metrics:

@@ -30,7 +30,7 @@ class Retimed:
     """Serial timings of a set of models against one base model."""
 
     latency_ms: dict[str, float]  # median over rounds of each round's median, per model
-    latency_ratio: dict[str, float]  # median over rounds of (model / base of the same round)
+    latency_kept: dict[str, float]  # median over rounds of (model / base of the same round): share of base latency
     base_ms: float
     halves_spearman: float | None  # rank agreement of the two halves of the rounds (None: < 3 models)
     rounds: int
@@ -77,7 +77,7 @@ def retime_models(
             ratios[name].append(ms / base_ms)
     return Retimed(
         latency_ms={n: statistics.median(t) for n, t in per_round.items()},
-        latency_ratio={n: statistics.median(r) for n, r in ratios.items()},
+        latency_kept={n: statistics.median(r) for n, r in ratios.items()},
         base_ms=statistics.median(base_times),
         halves_spearman=_halves_agreement(per_round),
         rounds=rounds,

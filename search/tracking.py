@@ -16,13 +16,17 @@ Layout of one search in MLflow:
       with the URL of :func:`ui_url` (see that function for why the URL is needed).
     * parent run: the resolved config as params (flattened, dotted keys) and ``config.yaml``;
       at the end, summary metrics to sort searches by (``hypervolume``, ``best_val_acc``, the
-      best accuracy at each FLOPs ratio of :data:`SUMMARY_FLOPS_RATIOS`, ``n_trials``) and the
-      search's files (``trials.parquet``, ``pareto.png``).
+      best accuracy at each share of FLOPs kept in :data:`SUMMARY_FLOPS_KEPT`, ``n_trials``) and
+      the search's files (``trials.parquet``, ``pareto.png``).
     * child run per trial (tag ``mlflow.parentRunId``), named by what differs (:func:`run_name`):
-      the sampled hyperparameters as params, tags ``trial_id``, ``criterion``,
-      ``stopped_early``, ``pareto``; metrics stepped by the protocol's fine-tuning step, with
-      ``flops_ratio`` (pruned / unpruned FLOPs) beside the raw ``flops``; for trials on the
-      front, artifacts ``record.json`` and ``model/``.
+      the sampled hyperparameters as params under the run command's keys (``prune.ratio``,
+      ``finetune.lr``: :func:`search.command.searched_keys`), tags ``trial_id``, ``criterion``,
+      ``stopped_early``, ``pareto`` and ``command`` (the ``python -m trainables.run`` line that
+      rebuilds the trial); metrics stepped by the protocol's fine-tuning step, with
+      ``flops_kept`` (pruned / unpruned FLOPs) beside the raw ``flops``. The trial's own latency
+      (timed while other trials ran) is ``latency_ms_trial``; ``latency_ms`` is the search's
+      serial re-timing, as in ``trials.parquet``. For trials on the front, artifacts
+      ``record.json`` and ``model/``.
 
 A pruned model is stored so that a user loads it with one call and no project code::
 
@@ -55,6 +59,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from search.command import searched_keys
+
 __all__ = [
     "run_name",
     "ui_url",
@@ -62,7 +68,8 @@ __all__ = [
     "EXPERIMENT_KIND",
     "FINAL_METRICS",
     "RUNS_VIEW",
-    "SUMMARY_FLOPS_RATIOS",
+    "SUMMARY_FLOPS_KEPT",
+    "TRIAL_METRIC_NAMES",
     "SearchTracker",
     "default_tracking_uri",
     "summary_key",
@@ -73,13 +80,17 @@ logger = logging.getLogger(__name__)
 END_STATUSES = ("FINISHED", "KILLED", "FAILED")
 """How a trial or a search ends: it completed, it was stopped (early or interrupted), it raised."""
 
-FINAL_METRICS = ("val_acc", "flops", "flops_ratio", "params", "latency_ms", "wall_s")
+FINAL_METRICS = ("val_acc", "flops", "flops_kept", "params", "latency_ms_trial", "wall_s")
 """Metrics of a finished trial logged by :meth:`SearchTracker.end_trial` (FLOPs = 2 x MACs;
-``flops_ratio`` = ``flops`` / ``flops_before``, the unpruned model's FLOPs)."""
+``flops_kept`` = ``flops`` / ``flops_before``, the unpruned model's FLOPs)."""
 
-SUMMARY_FLOPS_RATIOS = (0.5, 0.25)
-"""FLOPs ratios (pruned / unpruned) at which a finished search logs its best validation
+SUMMARY_FLOPS_KEPT = (0.5, 0.25)
+"""Shares of FLOPs kept (pruned / unpruned) at which a finished search logs its best validation
 accuracy, as the parent-run metrics named by :func:`summary_key`."""
+
+TRIAL_METRIC_NAMES = {"latency_ms": "latency_ms_trial"}
+"""A trial's own result keys logged under another name: its latency, timed while other trials
+ran, is not the search's serial re-timing that ``latency_ms`` names in MLflow and trials.parquet."""
 
 EXPERIMENT_KIND = "custom_model_development"
 """The value of MLflow's experiment tag ``mlflow.experimentKind`` for a model-training
@@ -94,7 +105,7 @@ _KIND_TAG = "mlflow.experimentKind"
 _VIEW_TAG = "mlflow.sharedViewState."
 
 _STEP = "step"  # the x-axis of every metric, not a metric itself
-_RATIO, _FLOPS, _FLOPS_BEFORE = "flops_ratio", "flops", "flops_before"
+_KEPT, _FLOPS, _FLOPS_BEFORE = "flops_kept", "flops", "flops_before"
 _TRIAL_TAG = "trial_id"
 _PARENT_TAG = "mlflow.parentRunId"
 
@@ -124,10 +135,10 @@ def ui_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
             f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW}")
 
 
-def summary_key(flops_ratio: float) -> str:
+def summary_key(flops_kept: float) -> str:
     """The parent-run metric holding the best validation accuracy of the search's finished
-    trials at FLOPs ratio <= ``flops_ratio``, e.g. ``best_val_acc_flops_le_0.5``."""
-    return f"best_val_acc_flops_le_{float(flops_ratio):g}"
+    trials keeping at most ``flops_kept`` of the FLOPs, e.g. ``best_val_acc_flops_kept_le_0.5``."""
+    return f"best_val_acc_flops_kept_le_{float(flops_kept):g}"
 
 
 class SearchTracker:
@@ -180,13 +191,13 @@ class SearchTracker:
         metrics: Mapping[str, float],
         artifacts: Sequence[str | Path],
         status: str = "FINISHED",
-        flops_ratios: Sequence[float] = SUMMARY_FLOPS_RATIOS,
+        flops_kept: Sequence[float] = SUMMARY_FLOPS_KEPT,
     ) -> None:
         """Log the search's summary metrics and files (folders keep their name), then end it.
 
         Child runs still RUNNING are ended first as KILLED (see :meth:`finalize_dangling`), so a
         finished search never leaves a trial looking alive. The summary is
-        :meth:`search_summary` (at ``flops_ratios``) updated with ``metrics``: a value the caller
+        :meth:`search_summary` (at ``flops_kept``) updated with ``metrics``: a value the caller
         passes wins over the one read back from the trials.
         """
         _check_status(status)
@@ -199,7 +210,7 @@ class SearchTracker:
         if bad:
             raise ValueError(f"search metrics must be numbers, but got {bad}")
         self.finalize_dangling("KILLED")
-        summary = {**self.search_summary(flops_ratios), **metrics}
+        summary = {**self.search_summary(flops_kept), **metrics}
         now = _now_ms()
         self._log_metrics(parent, [Metric(_key(k), float(v), now, 0) for k, v in summary.items()])
         for path in paths:
@@ -209,30 +220,30 @@ class SearchTracker:
                 self.client.log_artifact(parent, str(path))
         self.client.set_terminated(parent, status)
 
-    def search_summary(self, flops_ratios: Sequence[float] = SUMMARY_FLOPS_RATIOS) -> dict[str, float]:
+    def search_summary(self, flops_kept: Sequence[float] = SUMMARY_FLOPS_KEPT) -> dict[str, float]:
         """What a user sorts searches by, from the search's trial runs as MLflow holds them.
 
         ``n_trials``: trial runs (deleted orphans and full-fidelity re-runs of front trials left
         out); ``best_val_acc``: the best ``val_acc`` of a finished trial (trials stopped early
         report an unfinished fine-tuning, so they never count); ``summary_key(r)``: the same at
-        ``flops_ratio <= r``, left out where no finished trial is that small.
+        ``flops_kept <= r``, left out where no finished trial is that small.
         """
-        bad = [r for r in flops_ratios if not (_is_number(r) and 0 < r <= 1)]
+        bad = [r for r in flops_kept if not (_is_number(r) and 0 < r <= 1)]
         if bad:
-            raise ValueError(f"flops_ratios must be numbers in (0, 1], but got {bad}")
+            raise ValueError(f"flops_kept must be shares of FLOPs kept in (0, 1], but got {bad}")
         parent = self._require_parent()
         trials = [r for r in self._search(f"tags.`{_PARENT_TAG}` = '{parent}' AND tags.role = 'trial'")
                   if r.data.tags.get("fidelity") != "full"]
-        points = []  # (val_acc, flops_ratio or None) of each finished trial
+        points = []  # (val_acc, flops_kept or None) of each finished trial
         for run in trials:
             m = run.data.metrics
             if run.info.status == "FINISHED" and _finite(m.get("val_acc")):
-                ratio = m.get(_RATIO, _flops_ratio(m))
+                ratio = m.get(_KEPT, _flops_kept(m))
                 points.append((m["val_acc"], ratio if _finite(ratio) else None))
         summary: dict[str, float] = {"n_trials": float(len(trials))}
         if points:
             summary["best_val_acc"] = max(acc for acc, _ in points)
-        for target in flops_ratios:
+        for target in flops_kept:
             small = [acc for acc, ratio in points if ratio is not None and ratio <= target]
             if small:
                 summary[summary_key(target)] = max(small)
@@ -293,8 +304,9 @@ class SearchTracker:
         """The id of the child run of ``trial_id``, created on first use and never duplicated.
 
         A new run gets ``params`` (a Tune trial config: flat, per-layer ratios as ``ratio_<i>``;
-        a front fine-tuning trial nests one under ``front_config``) as params, nested keys dotted,
-        and the tags ``trial_id``, ``criterion`` (from the searched config) and ``tags``. An
+        a front fine-tuning trial nests one under ``front_config``) as params under the run
+        command's keys (:func:`search.command.searched_keys`: ``prune.ratios``, ``finetune.lr``),
+        nested keys dotted, and the tags ``trial_id``, ``criterion`` (from the searched config) and ``tags``. An
         existing run keeps its params and is set RUNNING again if it had been ended (a trial that
         a resumed search runs again).
         """
@@ -315,7 +327,7 @@ class SearchTracker:
         self._runs[trial_id] = run_id
         self._fresh.add(run_id)
         self._running.add(run_id)
-        self._log_params(run_id, _flatten_params(params))
+        self._log_params(run_id, _flatten_params(searched_keys(params)))
         return run_id
 
     def log_result(self, trial_id: str, result: Mapping[str, Any]) -> None:
@@ -338,7 +350,7 @@ class SearchTracker:
         metrics = []
         # val_acc first: MLflow's run page lists a run's metrics, and its comparison view picks its
         # default metric, in the order they were first logged.
-        items = sorted(_numeric_items(_with_flops_ratio(result)), key=lambda item: item[0] != "val_acc")
+        items = sorted(_numeric_items(_with_flops_kept(_renamed(result))), key=lambda item: item[0] != "val_acc")
         for key, value in items:
             last = self._last_point(run_id, key)
             if last is None or step > last[0]:
@@ -348,7 +360,7 @@ class SearchTracker:
     def end_trial(self, trial_id: str, status: str, final: Mapping[str, Any] | None = None) -> None:
         """End the trial's run with ``status`` (one of :data:`END_STATUSES`).
 
-        ``final`` (the trial's last result) values of :data:`FINAL_METRICS` (``flops_ratio``
+        ``final`` (the trial's last result) values of :data:`FINAL_METRICS` (``flops_kept``
         derived from ``flops`` and ``flops_before`` when absent) become the run's
         latest values: MLflow shows the value at the highest step, so a final value that differs
         from the last point of its curve (``val_acc`` on the whole validation set after a curve
@@ -369,6 +381,16 @@ class SearchTracker:
         """The id of the child run of ``trial_id``, or None; never creates or re-opens a run."""
         _check_trial_id(trial_id)
         return self._find_run(trial_id)
+
+    def set_command(self, trial_id: str, command: str) -> None:
+        """Tag the trial's run ``command``: the ``python -m trainables.run`` line that rebuilds it.
+
+        A command longer than an MLflow tag holds (per-unit ratios of a very deep network) is cut
+        and says so; trials.parquet's ``command`` column keeps it whole."""
+        if len(command) > MAX_TAG_VAL_LENGTH:
+            note = " ... (cut: the whole command is in trials.parquet)"
+            command = command[: MAX_TAG_VAL_LENGTH - len(note)] + note
+        self.client.set_tag(self._require_run(trial_id), "command", command)
 
     def set_pareto(self, trial_id: str, pareto: bool) -> None:
         """Tag the trial's run ``pareto=true|false`` (on the search's accuracy-vs-FLOPs front)."""
@@ -522,7 +544,7 @@ class SearchTracker:
         return self._last[(run_id, key)]
 
     def _log_final(self, run_id: str, final: Mapping[str, Any]) -> None:
-        final = _with_flops_ratio(final)
+        final = _with_flops_kept(_renamed(final))
         now = _now_ms()
         metrics = []
         for key in FINAL_METRICS:
@@ -578,10 +600,10 @@ def run_name(trial_id: str, config: Mapping[str, Any]) -> str:
 
 # Columns of the runs view, in order: a trial's outcome, what was searched, then the parent run's
 # summary (empty on trial rows, and trial columns empty on parent rows; a user sorts by either).
-_VIEW_METRICS = ("val_acc", _RATIO, _FLOPS, "latency_ms")
-_VIEW_PARAMS = ("criterion", "schedule", "ratio", "p", "q", "lr")
+_VIEW_METRICS = ("val_acc", _KEPT, _FLOPS, "latency_ms")
+_VIEW_PARAMS = ("criterion", "prune.schedule", "prune.ratio", "prune.p", "prune.q", "finetune.lr")
 _VIEW_TAGS = ("pareto",)
-_VIEW_SUMMARY = ("hypervolume", "best_val_acc", *(summary_key(r) for r in SUMMARY_FLOPS_RATIOS), "n_trials")
+_VIEW_SUMMARY = ("hypervolume", "best_val_acc", *(summary_key(r) for r in SUMMARY_FLOPS_KEPT), "n_trials")
 
 
 def _runs_view() -> dict[str, Any]:
@@ -630,18 +652,23 @@ def _finite(value: Any) -> bool:
     return _is_number(value) and math.isfinite(value)
 
 
-def _flops_ratio(values: Mapping[str, Any]) -> float | None:
+def _flops_kept(values: Mapping[str, Any]) -> float | None:
     flops, before = values.get(_FLOPS), values.get(_FLOPS_BEFORE)
     if _finite(flops) and _finite(before) and before > 0:
         return float(flops) / float(before)
     return None
 
 
-def _with_flops_ratio(result: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``result`` plus ``flops_ratio`` when it carries ``flops`` and ``flops_before`` (a trial's
-    final result does; curve points do not) and no ratio of its own; the caller's dict is kept."""
-    ratio = None if _RATIO in result else _flops_ratio(result)
-    return result if ratio is None else {**result, _RATIO: ratio}
+def _with_flops_kept(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``result`` plus ``flops_kept`` when it carries ``flops`` and ``flops_before`` (a trial's
+    final result does; curve points do not) and no share of its own; the caller's dict is kept."""
+    kept = None if _KEPT in result else _flops_kept(result)
+    return result if kept is None else {**result, _KEPT: kept}
+
+
+def _renamed(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's result under its MLflow names (:data:`TRIAL_METRIC_NAMES`)."""
+    return {TRIAL_METRIC_NAMES.get(k, k): v for k, v in result.items()}
 
 
 def _same(a: float, b: float) -> bool:

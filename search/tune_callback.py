@@ -15,6 +15,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT
 
+from search.command import searched_keys
 from search.tracking import SearchTracker
 
 __all__ = ["MLflowTuneCallback", "ProgressCallback"]
@@ -158,14 +159,17 @@ def _measurements(result: Mapping[str, Any]) -> dict[str, Any]:
 
 class ProgressCallback(Callback):
     """One printed line per ended trial, so a search or study of many minutes shows it is moving:
-    ``[3/27] done  criterion=l1 ratio=0.3 seed=1  val_acc=0.9112  (214 s)``.
+    ``[3/27] done  criterion=l1 prune.ratio=0.3 seed=1  val_acc=0.9112  (214 s)``; settings go by
+    their ``trainables.run`` keys (:func:`search.command.searched_keys`), as in the command a front
+    row carries.
 
     Tune's own progress table is off (``verbose=0``: it floods a terminal with one table per
     result); this prints only what a user waits for. Wall time counts from the callback's
     creation (``time.time``, so it survives the pickling of a resumed run).
     """
 
-    _SHOWN = ("criterion", "method", "schedule", "ratio", "target_flops_reduction", "seed", "fraction")
+    _SHOWN = ("criterion", "prune.method", "prune.schedule", "prune.ratio", "prune.target_flops_reduction", "seed",
+              "data.fraction")
 
     def __init__(self, total: int, printer: Callable[[str], None] = print):
         self.total, self.printer, self.t0, self.ended = total, printer, time.time(), 0
@@ -178,8 +182,7 @@ class ProgressCallback(Callback):
 
     def _line(self, trial: Any, what: str) -> None:
         self.ended += 1
-        config = dict(trial.config or {})
-        config = dict(config.get("front_config", config))
+        config = searched_keys(dict(trial.config or {}))
         shown = " ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}"
                          for k in self._SHOWN if config.get(k) is not None)
         acc = (trial.last_result or {}).get("val_acc")

@@ -292,10 +292,10 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_sessi
     rows = read_trials(out / "trials.parquet")
     assert len(rows) == 4 and all(r["criterion"] == "blended" and r["method"] == "one_shot" for r in rows)
     for r in rows:
-        weights = {k for k in json.loads(r["config_json"]) if k.startswith("weight_")}
-        assert weights == {f"weight_{c}" for c in clustering["representatives"]}
-        assert r["flops_ratio"] == pytest.approx(0.5, abs=0.02)  # every candidate at the FLOPs target
-        assert len(set(r["ratios"])) == 1 and 0.2 < r["ratios"][0] < 0.5  # uniform, scaled to meet it
+        weights = set(json.loads(r["config_json"])["criterion.weights"])  # the run command's key
+        assert weights == set(clustering["representatives"])
+        assert r["flops_kept"] == pytest.approx(0.5, abs=0.02)  # every candidate at the FLOPs target
+        assert len(set(r["prune_ratios"])) == 1 and 0.2 < r["prune_ratios"][0] < 0.5  # uniform, scaled to meet it
     [tuned] = read_trials(out / "finetuned.parquet")
     best = max((r for r in rows if r["status"] == "COMPLETED"), key=lambda r: (r["pareto"], r["val_acc"]))
     assert tuned["proxy_trial_id"] == best["trial_id"] and tuned["proxy_val_acc"] == pytest.approx(best["val_acc"])
@@ -552,7 +552,9 @@ def test_tiny_layerwise_search_with_a_short_fine_tune_proxy(tiny_fmnist, tmp_pat
     assert state["candidates"]["layerwise"] == "stage"
     keys = {f"weight_g{i}_{c}" for i, g in enumerate(clustering["groups"]) for c in g["representatives"]}
     rows = read_trials(out / "trials.parquet")
-    assert all({k for k in json.loads(r["config_json"]) if k.startswith("weight_")} == keys for r in rows)
+    groups = "criterion.options.groups."  # the run command's keys: one weights map per group
+    assert all({f"weight_g{k[len(groups):].split('.')[0]}_{c}" for k, w in json.loads(r["config_json"]).items()
+                if k.startswith(groups) for c in w} == keys for r in rows)
     tuned = read_trials(out / "finetuned.parquet")
     assert 1 <= len(tuned) <= 2 and all(r["status"] == "COMPLETED" for r in tuned)
     records = []

@@ -4,7 +4,7 @@ read by headless Chromium (the system's, driven by Playwright for Python).
 What a user must find: the experiment opens on its runs table (not on MLflow's GenAI traces
 overview), listing the search's parent run and its trials under names that say what differs,
 with the columns a user compares; a trial's page shows its params (criterion, ratios, p, q,
-lr) and metrics (val_acc, flops, flops_ratio); the comparison of two trials renders.
+lr) and metrics (val_acc, flops, flops_kept); the comparison of two trials renders.
 
 The store is written by ``search.tracking`` exactly as a search writes it (the tracker calls the
 Tune callback makes), for a handful of trials: a real ``python -m search.launch`` takes over a
@@ -89,11 +89,11 @@ def _write_search(uri: str) -> None:
             tracker.log_result(trial_id, final)
         tracker.end_trial(trial_id, status, final=final if status == "FINISHED" else None)
         rows.append({"trial_id": trial_id, "status": "COMPLETED" if status == "FINISHED" else "STOPPED_EARLY",
-                     "val_acc": val_acc, "flops": flops, "flops_ratio": flops / BASE_FLOPS})
+                     "val_acc": val_acc, "flops": flops, "flops_kept": flops / BASE_FLOPS})
     rows = mark_pareto(rows)
     for row in rows:
         tracker.set_pareto(row["trial_id"], row["pareto"])
-    hv = hypervolume([(r["val_acc"], r["flops_ratio"]) for r in rows if r["pareto"]], (0.0, 1.0))
+    hv = hypervolume([(r["val_acc"], r["flops_kept"]) for r in rows if r["pareto"]], (0.0, 1.0))
     tracker.finish_search({"hypervolume": hv, "n_completed": sum(r["status"] == "COMPLETED" for r in rows),
                            "n_trials": len(rows)}, [])
 
@@ -238,8 +238,8 @@ def test_experiment_opens_on_the_runs_table_with_useful_columns(search, server, 
     body = page.inner_text("body")
     assert "Detect Issues" not in body and "Token Usage" not in body  # not the GenAI overview
     headers = [h.strip() for h in page.locator("[role=columnheader]").all_inner_texts()]
-    for column in ("val_acc", "flops_ratio", "criterion", "schedule", "p", "q", "lr", "pareto", "hypervolume",
-                   "best_val_acc", "best_val_acc_flops_le_0.5", "best_val_acc_flops_le_0.25"):
+    for column in ("val_acc", "flops_kept", "criterion", "prune.schedule", "prune.p", "prune.q", "finetune.lr", "pareto",
+                   "hypervolume", "best_val_acc", "best_val_acc_flops_kept_le_0.5", "best_val_acc_flops_kept_le_0.25"):
         assert column in headers, (column, headers)
     # Sorted by val_acc, best first: the order of the trial names down the page.
     tops = [_cell(page, c.info.run_name).bounding_box()["y"] for c in search.children if "val_acc" in c.data.metrics]
@@ -256,24 +256,25 @@ def test_trial_page_shows_params_and_metrics(search, server, page, shots):
     _cell(page, child.info.run_name).click()
     page.wait_for_url(f"**/runs/{child.info.run_id}**")
     page.get_by_text("Model training", exact=True).click()  # back to the table, now in this browser's view
-    _cell(page, "flops_ratio").wait_for()  # the saved columns without the link's view key
+    _cell(page, "flops_kept").wait_for()  # the saved columns without the link's view key
     assert "viewStateShareKey" not in page.url
     _cell(page, child.info.run_name).click()
     page.wait_for_url(f"**/runs/{child.info.run_id}**")
-    for key in ("val_acc", "flops", "flops_ratio"):
+    for key in ("val_acc", "flops", "flops_kept"):
         _cell(page, key).wait_for()
     page.wait_for_timeout(500)
     page.screenshot(path=shots / "mlflow_trial_page.png")
     body = page.inner_text("body")
     assert "Sessions" not in body and "Evaluation runs" not in body  # the training sidebar, not GenAI's
     params = child.data.params
-    shown = [k for k in params if k in ("criterion", "schedule", "p", "q", "lr") or k.startswith("ratio")]
-    assert {"criterion", "p", "q", "lr"} <= set(shown) and any(k.startswith("ratio") for k in shown)
+    shown = [k for k in params if k in ("criterion", "prune.schedule", "prune.p", "prune.q", "finetune.lr")
+             or k.startswith("prune.ratio")]
+    assert {"criterion", "prune.p", "prune.q", "finetune.lr"} <= set(shown) and any(k.startswith("prune.ratio") for k in shown)
     for key in shown:
         assert key in body and params[key] in body, (key, params[key])
     metrics = child.data.metrics
-    assert metrics["flops_ratio"] == pytest.approx(metrics["flops"] / metrics["flops_before"])
-    for key in ("val_acc", "flops", "flops_ratio"):
+    assert metrics["flops_kept"] == pytest.approx(metrics["flops"] / metrics["flops_before"])
+    for key in ("val_acc", "flops", "flops_kept"):
         assert key in body
     assert f"{metrics['flops']:.0f}" in body.replace(",", "")
 
@@ -296,6 +297,6 @@ def test_comparison_of_two_trials_renders(search, server, page, shots):
     body = page.inner_text("body")
     for child in (first, second):
         assert child.info.run_name in body and child.info.run_id in body
-    for key in ("criterion", "lr", "val_acc", "flops_ratio"):
+    for key in ("criterion", "finetune.lr", "val_acc", "flops_kept"):
         assert key in body
     assert first.data.params["criterion"] in body and second.data.params["criterion"] in body

@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 
 from search.pareto import (
     DEFAULT_REF,
+    FINETUNED_COLUMNS,
     REQUIRED_COLUMNS,
     TRIAL_COLUMNS,
+    describe_hypervolume,
     format_front,
+    format_report,
     front_rows,
     hypervolume,
     mark_pareto,
@@ -127,7 +130,7 @@ def test_hypervolume_points_not_beating_ref_add_nothing():
     assert hypervolume(worse, DEFAULT_REF) == 0.0
     assert hypervolume([], DEFAULT_REF) == 0.0
     # The default reference spans the unit square: a free, perfect model owns all of it, and an
-    # unpruned model (flops_ratio 1) or one that is never right owns none.
+    # unpruned model (flops_kept 1) or one that is never right owns none.
     assert hypervolume([(1.0, 0.0)]) == pytest.approx(1.0)
     assert hypervolume([(0.95, 1.0), (0.0, 0.2)]) == 0.0
 
@@ -225,12 +228,12 @@ def test_mark_pareto_returns_new_dicts_and_leaves_input_alone():
 def full_row(**overrides) -> dict:
     row = {
         "trial_id": "t0", "status": "COMPLETED", "criterion": "fpgm", "schedule": "differential",
-        "method": "layer_by_layer", "ratios": [0.1, 0.25, 0.5], "p": 0.2, "q": 1.0, "lr": 0.01,
-        "val_acc": 0.91, "test_acc": 0.9, "flops": 12_345_678, "flops_ratio": 0.42, "params": 54_321,
-        "params_ratio": 0.3, "latency_ms": 1.5, "latency_ratio": 0.6, "latency_ms_trial": 2.5, "pareto": True, "mlflow_run_id": "abc123", "wall_s": 12.5,
-        "node_id": "9f2c", "node_ip": "10.0.0.7",
-        "config_json": json.dumps({"criterion": "fpgm", "ratio_low": 0.1}),
-        "proxy_trial_id": "p7", "proxy_val_acc": 0.85,
+        "method": "layer_by_layer", "prune_ratio": 0.31, "prune_ratios": [0.1, 0.25, 0.5], "p": 0.2, "q": 1.0,
+        "lr": 0.01, "val_acc": 0.91, "test_acc": 0.9, "flops": 12_345_678, "flops_kept": 0.42, "params": 54_321,
+        "params_kept": 0.3, "latency_ms": 1.5, "latency_kept": 0.6, "latency_ms_trial": 2.5, "pareto": True,
+        "mlflow_run_id": "abc123", "wall_s": 12.5, "node_id": "9f2c", "node_ip": "10.0.0.7",
+        "config_json": json.dumps({"criterion": "fpgm", "prune.ratio_low": 0.1}),
+        "command": "python -m trainables.run criterion=fpgm prune.schedule=differential prune.ratio_low=0.1",
     }
     return {**row, **overrides}
 
@@ -238,6 +241,16 @@ def full_row(**overrides) -> dict:
 def test_full_row_covers_the_schema():
     # The round trip below is only a check of every column if full_row sets every column.
     assert list(full_row()) == TRIAL_COLUMNS.names
+
+
+def test_proxy_columns_only_in_finetuned_parquet(tmp_path):
+    # A plain search has no proxy trial: trials.parquet has no columns that would always be empty.
+    assert not {"proxy_trial_id", "proxy_val_acc"} & set(TRIAL_COLUMNS.names)
+    with pytest.raises(ValueError, match=r"unknown keys \['proxy_trial_id', 'proxy_val_acc'\]"):
+        write_trials([full_row(proxy_trial_id="p7", proxy_val_acc=0.85)], tmp_path / "trials.parquet")
+    path = tmp_path / "finetuned.parquet"
+    write_trials([full_row(proxy_trial_id="p7", proxy_val_acc=0.85)], path, FINETUNED_COLUMNS)
+    assert read_trials(path)[0]["proxy_trial_id"] == "p7" and pq.read_schema(path).equals(FINETUNED_COLUMNS)
 
 
 @pytest.mark.parametrize("column", TRIAL_COLUMNS.names)
@@ -264,8 +277,8 @@ def test_a_value_the_column_cannot_hold_is_refused(tmp_path, column, value):
 
 def test_write_read_round_trip_with_nulls_and_lists(tmp_path):
     sparse = {"trial_id": "t1", "status": "STOPPED_EARLY", "criterion": "l1", "pareto": False,
-              "ratios": np.array([0.3, 0.3])}
-    rows = [full_row(), sparse, full_row(trial_id="t2", ratios=[], flops=np.int64(7), val_acc=np.float64(0.5))]
+              "prune_ratios": np.array([0.3, 0.3])}
+    rows = [full_row(), sparse, full_row(trial_id="t2", prune_ratios=[], flops=np.int64(7), val_acc=np.float64(0.5))]
     path = tmp_path / "out" / "trials.parquet"
     write_trials(rows, path)
     back = read_trials(path)
@@ -273,9 +286,9 @@ def test_write_read_round_trip_with_nulls_and_lists(tmp_path):
     assert back[0] == full_row()
     # == alone would take 7.0 for 7: the stored types are the written ones (flops stays an int).
     assert {k: type(v) for k, v in back[0].items()} == {k: type(v) for k, v in full_row().items()}
-    assert back[1]["ratios"] == [0.3, 0.3]
+    assert back[1]["prune_ratios"] == [0.3, 0.3]
     assert all(back[1][k] is None for k in TRIAL_COLUMNS.names if k not in sparse)
-    assert back[2]["ratios"] == [] and back[2]["flops"] == 7 and back[2]["val_acc"] == 0.5
+    assert back[2]["prune_ratios"] == [] and back[2]["flops"] == 7 and back[2]["val_acc"] == 0.5
     assert [p.name for p in path.parent.iterdir()] == ["trials.parquet"]  # no temporary left behind
     write_trials([], path)  # overwrite atomically with an empty table
     assert read_trials(path) == []
@@ -303,10 +316,11 @@ def search_rows(n: int = 40, seed: int = 0) -> list[dict]:
     statuses = ["COMPLETED"] * 3 + ["STOPPED_EARLY"]
     rows = []
     for i in range(n):
-        flops_ratio = rng.uniform(0.1, 0.95)
-        acc = 0.93 - 0.25 * (1 - flops_ratio) ** 2 - rng.uniform(0, 0.08)
-        rows.append(trial(f"t{i:02d}", acc, int(3.1e8 * flops_ratio), status=rng.choice(statuses),
-                          criterion=rng.choice(criteria), schedule="uniform", flops_ratio=flops_ratio))
+        flops_kept = rng.uniform(0.1, 0.95)
+        acc = 0.93 - 0.25 * (1 - flops_kept) ** 2 - rng.uniform(0, 0.08)
+        rows.append(trial(f"t{i:02d}", acc, int(3.1e8 * flops_kept), status=rng.choice(statuses),
+                          criterion=rng.choice(criteria), schedule="uniform", flops_kept=flops_kept,
+                          prune_ratio=1 - flops_kept ** 0.5))
     return mark_pareto(rows)
 
 
@@ -364,6 +378,12 @@ def test_plot_front_draws_every_trial_and_the_front(tmp_path, drawn, rows):
         assert not ax.lines
     assert _scatter(ax, 220)[0] == pytest.approx([(310.0, 94.0)])  # the unpruned base, a star
     assert "MFLOPs" in ax.get_xlabel() and ax.get_title() == "small_cnn / fashion_mnist"
+    assert ax.get_ylabel() == "validation accuracy (%)"
+
+
+def test_plot_front_names_the_task_score(tmp_path, drawn):
+    plot_front(mark_pareto([trial("a", 0.6, 2_000_000)]), tmp_path / "pareto.png", score="mAP@0.5")
+    assert drawn[0].axes[0].get_ylabel() == "validation mAP@0.5 (%)"
 
 
 def test_plot_front_without_base_draws_no_star_and_switches_to_gflops(tmp_path, drawn):
@@ -380,11 +400,38 @@ def test_format_front_lists_front_rows_cheapest_first():
     text = format_front(rows).splitlines()
     front = front_rows(rows)
     assert text[0].split()[:2] == ["trial_id", "criterion"]
+    # every column names its unit; shares removed and kept are told apart and shown in %
+    assert "pruned %" in text[0] and "FLOPs kept %" in text[0] and "val accuracy %" in text[0]
     assert [line.split()[0] for line in text[2:]] == [r["trial_id"] for r in front]
-    assert all(line.split()[6] == "-" for line in text[2:])  # no test_acc yet
+    assert all(line.split()[7] == "-" for line in text[2:])  # no test_acc yet
     cells = [line.split() for line in text[2:]]
-    assert [c[3] for c in cells] == [f"{r['flops'] / 1e6:.2f}" for r in front]  # MFLOPs
-    assert [c[5] for c in cells] == [f"{100 * r['val_acc']:.2f}" for r in front]  # percent
+    assert [c[3] for c in cells] == [f"{100 * r['prune_ratio']:.1f}" for r in front]  # filters removed, %
+    assert [c[4] for c in cells] == [f"{r['flops'] / 1e6:.2f}" for r in front]  # MFLOPs
+    assert [c[5] for c in cells] == [f"{100 * r['flops_kept']:.1f}" for r in front]  # FLOPs kept, %
+    assert [c[6] for c in cells] == [f"{100 * r['val_acc']:.2f}" for r in front]  # percent
     tested = [{**r, "test_acc": 0.5} if r["trial_id"] == front[0]["trial_id"] else r for r in rows]
-    assert format_front(tested).splitlines()[2].split()[6] == "50.00"
+    assert format_front(tested).splitlines()[2].split()[7] == "50.00"
     assert "no completed trial" in format_front([trial("x", 0.9, 1, status="FAILED")])
+    assert "val mIoU %" in format_front(rows, score="mIoU").splitlines()[0]
+
+
+def test_pareto_report_says_what_the_hypervolume_measures_and_how_to_rebuild_each_front_row():
+    rows = search_rows()
+    front = front_rows(rows)
+    rows = [{**r, "command": f"python -m trainables.run prune.ratio={r['prune_ratio']!r}", "method": "one_shot",
+             "prune_ratios": [r["prune_ratio"]] * 2, "p": 0.01, "q": 0.25, "lr": 0.003} for r in rows]
+    hv = hypervolume([(r["val_acc"], r["flops_kept"]) for r in front])
+    text = format_report(rows, hv, "flops", (0.0, 1.0), "mAP@0.5")
+    assert describe_hypervolume(hv, "flops", (0.0, 1.0), "mAP@0.5") in text
+    assert f"hypervolume {hv:.4f}" in text and "val mAP@0.5" in text and "flops_kept=1" in text
+    assert f"{len(front)} of {sum(r['status'] == 'COMPLETED' for r in rows)} completed trials" in text
+    by_id = {r["trial_id"]: r for r in rows}
+    commands = [line.split("command:", 1)[1].strip() for line in text.splitlines() if "command:" in line]
+    assert commands == [by_id[r["trial_id"]]["command"] for r in front]  # one per front row, cheapest first
+    settings = [line for line in text.splitlines() if line.strip().startswith("settings:")]
+    assert len(settings) == len(front)
+    first = by_id[front[0]["trial_id"]]
+    assert f"filters removed {100 * first['prune_ratio']:.1f}%" in settings[0]
+    assert "method=one_shot" in settings[0] and "q=0.25 (final epochs)" in settings[0] and "lr=0.003" in settings[0]
+    # with a reference point other than the default, a perfect model's area changes with it
+    assert "0.4 would be a perfect model" in describe_hypervolume(0.1, "params", (0.5, 0.8))

@@ -119,16 +119,20 @@ def test_trial_run_is_get_or_create(tracker):
     assert list(found) == ["t1"]
     run = found["t1"]
     assert run.data.tags["criterion"] == "l1"
-    assert run.data.params == {"criterion": "l1", "schedule": "per_layer", "ratio_0": "0.25",
-                               "ratio_1": "0.5", "lr": "0.01"}
+    # under the run command's keys: the per-unit ratios are one list, lr is the fine-tuning one
+    assert run.data.params == {"criterion": "l1", "prune.schedule": "per_layer", "prune.ratios": "[0.25, 0.5]",
+                               "finetune.lr": "0.01"}
 
 
-def test_front_trial_config_is_flattened(tracker):
-    """A full-fidelity fine-tuning trial nests the searched config (search/launch.py)."""
+def test_front_trial_config_is_unwrapped(tracker):
+    """A full-fidelity fine-tuning trial nests the searched config (search/launch.py); its run
+    has the same params as the searched trial, so the two sit in the same columns."""
     tracker.trial_run("ft", {"front_config": CONFIG})
-    run = children(tracker.client, tracker)["ft"]
-    assert run.data.params["front_config.ratio_1"] == "0.5" and run.data.params["front_config.criterion"] == "l1"
-    assert run.data.tags["criterion"] == "l1"  # sortable in the UI like any trial
+    tracker.trial_run("t1", CONFIG)
+    runs = children(tracker.client, tracker)
+    assert runs["ft"].data.params == runs["t1"].data.params
+    assert runs["ft"].data.params["prune.ratios"] == "[0.25, 0.5]"
+    assert runs["ft"].data.tags["criterion"] == "l1"  # sortable in the UI like any trial
 
 
 def test_log_result_never_logs_a_step_twice(tracker):
@@ -170,11 +174,13 @@ def test_end_trial_statuses_and_tags(tracker):
         "done": "false", "stopped": "true", "failed": "false"}
     done, client = runs["done"], tracker.client
     # MLflow's latest value of each final metric is the final one.
-    assert {k: done.data.metrics[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")} == (
-        pytest.approx({k: final[k] for k in ("val_acc", "flops", "params", "latency_ms", "wall_s")}))
-    assert done.data.metrics["flops_ratio"] == pytest.approx(5e6 / 8e6)  # pruned / unpruned FLOPs
-    assert steps(client, done.info.run_id, "flops_ratio") == [10]
-    assert "flops_ratio" not in runs["stopped"].data.metrics  # curve points carry no flops_before
+    assert {k: done.data.metrics[k] for k in ("val_acc", "flops", "params", "wall_s")} == (
+        pytest.approx({k: final[k] for k in ("val_acc", "flops", "params", "wall_s")}))
+    # the trial's own timing has its own name: latency_ms is the search's serial re-timing
+    assert done.data.metrics["latency_ms_trial"] == final["latency_ms"] and "latency_ms" not in done.data.metrics
+    assert done.data.metrics["flops_kept"] == pytest.approx(5e6 / 8e6)  # pruned / unpruned FLOPs
+    assert steps(client, done.info.run_id, "flops_kept") == [10]
+    assert "flops_kept" not in runs["stopped"].data.metrics  # curve points carry no flops_before
     assert steps(client, done.info.run_id, "val_acc") == [10, 11]  # differs from the curve: one step on
     assert steps(client, done.info.run_id, "flops") == [10]  # equal final value: not again
     assert steps(client, done.info.run_id, "params") == [10]  # logged with the last result, not again
@@ -184,6 +190,22 @@ def test_end_trial_statuses_and_tags(tracker):
     assert tracker.client.get_run(done.info.run_id).data.tags["pareto"] == "true"
     with pytest.raises(ValueError, match="valid: FINISHED, KILLED, FAILED"):
         tracker.end_trial("done", "DONE")
+
+
+def test_command_tag_is_kept_whole_or_says_it_was_cut(tracker):
+    from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+    tracker.trial_run("t1", CONFIG)
+    tracker.trial_run("t2", CONFIG)
+    command = "python -m trainables.run criterion=l1 prune.schedule=per_layer 'prune.ratios=[0.25,0.5]'"
+    tracker.set_command("t1", command)
+    long = "python -m trainables.run 'prune.ratios=[" + ",".join(["0.123456789"] * 2000) + "]'"
+    tracker.set_command("t2", long)
+    runs = children(tracker.client, tracker)
+    assert runs["t1"].data.tags["command"] == command
+    cut = runs["t2"].data.tags["command"]
+    assert len(cut) == MAX_TAG_VAL_LENGTH and cut.endswith("(cut: the whole command is in trials.parquet)")
+    assert cut.startswith(long[:1000])
 
 
 def test_log_artifact_stores_a_file_of_the_trial(tracker, tmp_path):
@@ -309,12 +331,12 @@ def test_tiny_tune_run_logs_every_trial_once(tracker, tmp_path, ray_session):
     assert done.data.metrics["val_acc"] == pytest.approx(0.91)
     assert steps(client, stopped.info.run_id, "val_acc") == [0]
     assert steps(client, failed.info.run_id, "val_acc") == [0, 10]
-    assert (done.data.metrics["latency_ms"], done.data.metrics["flops_before"]) == (1.5, 8e6)
+    assert (done.data.metrics["latency_ms_trial"], done.data.metrics["flops_before"]) == (1.5, 8e6)
     # Only the trial's own numbers: no Tune bookkeeping, no step, no flags or strings.
-    assert set(done.data.metrics) == {"val_acc", "epoch", "flops", "flops_ratio", "params", "latency_ms",
+    assert set(done.data.metrics) == {"val_acc", "epoch", "flops", "flops_kept", "params", "latency_ms_trial",
                                       "flops_before", "wall_s"}
-    assert done.data.metrics["flops_ratio"] == pytest.approx(5e6 / 8e6)
-    assert done.data.params["ratio_1"] == "0.5" and done.data.tags["criterion"] == "l1"
+    assert done.data.metrics["flops_kept"] == pytest.approx(5e6 / 8e6)
+    assert done.data.params["prune.ratios"] == "[0.25, 0.5]" and done.data.tags["criterion"] == "l1"
     assert client.list_artifacts(done.info.run_id) == []
     assert [f.path for f in client.list_artifacts(failed.info.run_id)] == ["error.txt"]
     assert tracker.finalize_dangling() == 0  # nothing left RUNNING
@@ -417,15 +439,16 @@ def test_search_summary_sorts_searches(tracker, tmp_path):
     _finished_trial(tracker, "orphan", 0.99, 1e6)
     tracker.drop_orphans(["big", "half", "third", "quarter", "tiny", "stopped", "failed", "refit"])
     summary = tracker.search_summary((0.5, 0.25, 0.1))
-    assert summary == pytest.approx({"n_trials": 7, "best_val_acc": 0.95, "best_val_acc_flops_le_0.5": 0.90,
-                                     "best_val_acc_flops_le_0.25": 0.80})  # nothing at <= 0.1: left out
-    assert summary_key(0.5) == "best_val_acc_flops_le_0.5" and summary_key(0.25) == "best_val_acc_flops_le_0.25"
-    with pytest.raises(ValueError, match=r"flops_ratios must be numbers in \(0, 1\], but got \[0\]"):
+    assert summary == pytest.approx({"n_trials": 7, "best_val_acc": 0.95, "best_val_acc_flops_kept_le_0.5": 0.90,
+                                     "best_val_acc_flops_kept_le_0.25": 0.80})  # nothing at <= 0.1: left out
+    assert summary_key(0.5) == "best_val_acc_flops_kept_le_0.5"
+    with pytest.raises(ValueError, match=r"flops_kept must be shares of FLOPs kept in \(0, 1\], but got \[0\]"):
         tracker.search_summary((0.5, 0))
-    tracker.finish_search({"hypervolume": 0.5, "n_trials": 8}, [], flops_ratios=(0.5, 0.125))
+    tracker.finish_search({"hypervolume": 0.5, "n_trials": 8}, [], flops_kept=(0.5, 0.125))
     metrics = tracker.client.get_run(tracker.parent_run_id).data.metrics
     assert metrics == pytest.approx({"hypervolume": 0.5, "n_trials": 8, "best_val_acc": 0.95,
-                                     "best_val_acc_flops_le_0.5": 0.90, "best_val_acc_flops_le_0.125": 0.60})
+                                     "best_val_acc_flops_kept_le_0.5": 0.90,
+                                     "best_val_acc_flops_kept_le_0.125": 0.60})
 
 
 def test_experiment_is_declared_for_training_with_a_runs_view(store, tracker):
@@ -436,8 +459,9 @@ def test_experiment_is_declared_for_training_with_a_runs_view(store, tracker):
     assert experiment.tags["mlflow.experimentKind"] == EXPERIMENT_KIND == "custom_model_development"
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
     columns = view["selectedColumns"]
-    for column in ("metrics.`val_acc`", "metrics.`flops_ratio`", "params.`criterion`", "params.`lr`",
-                   "tags.`pareto`", "metrics.`hypervolume`", "metrics.`best_val_acc_flops_le_0.5`"):
+    for column in ("metrics.`val_acc`", "metrics.`flops_kept`", "params.`criterion`", "params.`finetune.lr`",
+                   "params.`prune.ratio`", "tags.`pareto`", "metrics.`hypervolume`",
+                   "metrics.`best_val_acc_flops_kept_le_0.5`"):
         assert column in columns
     assert view["columnOrder"][1:] == columns and view["orderByKey"] == "metrics.`val_acc`"
     assert ui_url(tracker.experiment_id, "http://h:1/") == tracker.ui_url("http://h:1") == (
