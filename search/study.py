@@ -5,12 +5,15 @@ loads the base model once, and runs one protocol per grid cell through the searc
 trainable (``trainables.ray_trainable.trial_fn``: fast path or TorchTrainer, checkpoints,
 MLflow parent + child runs). The grid is criteria x ratios (or FLOPs targets) x seeds x data
 fractions x methods, plus the unpruned control (and the scratch baseline) per seed and
-fraction. Writes ``runs.parquet`` (one row per run), ``report.md`` and the figures into the
+fraction; every cell at each fine-tuning budget (``study.budgets``) and on each base model
+(``study.base_seeds``). Writes ``runs.parquet`` (one row per run), ``report.md`` and the figures into the
 output folder, whose path is the last line printed.
 
     python -m search.study                                    # the embedded default (2 CPUs, < 15 min)
     python -m search.study study.fractions=[0.01,0.05,0.2,1.0]   # data efficiency
     python -m search.study study.ratios=null study.flops_targets=[0.3,0.6]
+    python -m search.study 'study.budgets=[0.25,1,4]' 'study.criteria=[random,l1]' study.ratios=[0.6]   # when does random catch up?
+    python -m search.study 'study.base_seeds=[0,1]'             # two independently trained base models
     python -m search.study resume=outputs/study/20261130-101500   # finish an interrupted study
 
 Unlike a search, a study reads the test split: at the end of every run (the statistics are on
@@ -19,6 +22,7 @@ test accuracy by default, ``study.metric``), since nothing is selected on it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -27,12 +31,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CellValue", "grid_cells", "load_study_config", "main", "run_row"]
+__all__ = ["CellValue", "base_seeds", "grid_cells", "load_study_config", "main", "run_row", "study_trial_fn"]
 
 _PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative", "greedy_car")  # the methods a criterion arm can use
 _OWN_SCORE = {"greedy_car": "car"}  # methods that choose filters themselves: one arm (named after the method) per level
 _BASELINES = ("control", "scratch")  # arms without a criterion (prune.method of the same name)
 _SWITCH = ("auto", True, False)
+_MAX_BUDGET = 1000.0  # a budget multiplier beyond this is a typo (1000 x the default q is 250 epochs)
 
 
 def _is_number(v: Any) -> bool:
@@ -47,7 +52,9 @@ def _list(study, key: str) -> list:
     value = study.get(key)
     value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     require(isinstance(value, list) and len(value) > 0, f"study.{key}", "a non-empty list", value)
-    require(len(set(map(str, value))) == len(value), f"study.{key}", "a list without repeats", value)
+    # numbers by value (budgets 1 and 1.0 repeat), anything else by its text
+    distinct = {v if _is_number(v) else str(v) for v in value}
+    require(len(distinct) == len(value), f"study.{key}", "a list without repeats", value)
     return value
 
 
@@ -92,6 +99,15 @@ def check_study(cfg) -> None:
         require_int(f"study.seeds[{i}]", s, 0)
     for i, f in enumerate(_list(study, "fractions")):
         require(_is_number(f) and 0 < f <= 1, f"study.fractions[{i}]", "in (0, 1]", f)
+    for i, b in enumerate(_list(study, "budgets")):
+        require(_is_number(b) and 0 < b <= _MAX_BUDGET, f"study.budgets[{i}]",
+                f"a multiplier of prune.p and prune.q in (0, {_MAX_BUDGET:g}]", b)
+    if study.get("base_seeds") is not None:
+        for i, s in enumerate(_list(study, "base_seeds")):
+            require_int(f"study.base_seeds[{i}]", s, 0)
+        require(cfg.model.get("weights") is None, "study.base_seeds",
+                "null with model.weights (a given checkpoint is one base model; seeds would not train others)",
+                list(study.base_seeds))
     for m in _list(study, "methods"):
         require(m in _PRUNING_METHODS, "study.methods", f"a list of {', '.join(_PRUNING_METHODS)}", m)
         require(m != "greedy_car" or task.name == "classification", "study.methods",
@@ -103,7 +119,8 @@ def check_study(cfg) -> None:
                 f"auto or false: prune.method={name} does not exist in this version", value)
     for key, low in (("max_concurrent_trials", 1), ("max_failures", 0)):
         require_int(f"study.{key}", study.get(key), low)
-    require(_is_number(study.margin) and 0 < study.margin < 1, "study.margin", "in (0, 1) (accuracy units)", study.margin)
+    require(_is_number(study.margin) and 0 < study.margin < 100, "study.margin",
+            "in (0, 100) points of the score (1.0 = one point)", study.margin)
     require(_is_number(study.confidence) and 0.5 <= study.confidence < 1, "study.confidence", "in [0.5, 1)",
             study.confidence)
     require(study.metric in METRICS, "study.metric", f"one of {', '.join(METRICS)}", study.metric)
@@ -116,36 +133,45 @@ def _baseline_on(study, name: str) -> bool:
     return study.get(name) is True or (study.get(name) == "auto" and name in METHODS)
 
 
+def base_seeds(cfg) -> list[int]:
+    """The seeds of the study's base models: ``study.base_seeds``, or the run config's ``seed``."""
+    given = cfg.study.get("base_seeds")
+    return [int(s) for s in given] if given is not None else [int(cfg.seed)]
+
+
 def grid_cells(cfg) -> list[dict]:
     """Every run of the study as a flat trial config, in a fixed order (the ``cell`` index).
 
     Keys: ``arm`` (a criterion, ``control`` or ``scratch``), ``criterion`` (the one the protocol
     is given; control and scratch ignore it and get the config's), ``method``, the level
-    (``ratio`` or ``target_flops_reduction``), ``seed`` and ``fraction``. Seed-major, so a
-    study stopped half-way has whole seeds of every arm rather than all seeds of a few.
+    (``ratio`` or ``target_flops_reduction``), ``seed``, ``fraction``, ``base_seed`` (the base
+    model the run starts from), ``budget`` and the ``p`` / ``q`` epochs it means (``budget`` x
+    ``prune.p`` / ``prune.q``). Base-major, then seed-major, so a study stopped half-way has
+    whole seeds of every arm rather than all seeds of a few.
     """
     study = cfg.study
     level = "ratio" if study.get("ratios") is not None else "target_flops_reduction"
     levels = list(study.ratios if level == "ratio" else study.flops_targets)
     cells = []
-    for seed in study.seeds:
-        for fraction in study.fractions:
-            common = {"seed": int(seed), "fraction": float(fraction)}
-            if _baseline_on(study, "control"):  # nothing is pruned: level 0 (no FLOPs target)
-                cells.append({"arm": "control", "criterion": cfg.criterion.name, "method": "control",
-                              level: 0.0 if level == "ratio" else None, **common})
-            for value in levels:
-                for method in study.methods:
-                    if method in _OWN_SCORE:  # not crossed with the criteria: it ignores them
-                        cells.append({"arm": method, "criterion": _OWN_SCORE[method], "method": method,
-                                      level: float(value), **common})
-                        continue
-                    for criterion in study.criteria:
-                        cells.append({"arm": criterion, "criterion": criterion, "method": method, level: float(value),
-                                      **common})
-                if _baseline_on(study, "scratch"):
-                    cells.append({"arm": "scratch", "criterion": cfg.criterion.name, "method": "scratch",
+    for base_seed, seed, budget, fraction in itertools.product(base_seeds(cfg), study.seeds, study.budgets,
+                                                               study.fractions):
+        common = {"seed": int(seed), "fraction": float(fraction), "base_seed": base_seed, "budget": float(budget),
+                  "p": float(budget) * float(cfg.prune.p), "q": float(budget) * float(cfg.prune.q)}
+        if _baseline_on(study, "control"):  # nothing is pruned: level 0 (no FLOPs target)
+            cells.append({"arm": "control", "criterion": cfg.criterion.name, "method": "control",
+                          level: 0.0 if level == "ratio" else None, **common})
+        for value in levels:
+            for method in study.methods:
+                if method in _OWN_SCORE:  # not crossed with the criteria: it ignores them
+                    cells.append({"arm": method, "criterion": _OWN_SCORE[method], "method": method,
                                   level: float(value), **common})
+                    continue
+                for criterion in study.criteria:
+                    cells.append({"arm": criterion, "criterion": criterion, "method": method, level: float(value),
+                                  **common})
+            if _baseline_on(study, "scratch"):
+                cells.append({"arm": "scratch", "criterion": cfg.criterion.name, "method": "scratch",
+                              level: float(value), **common})
     return cells
 
 
@@ -157,7 +183,8 @@ def _check_cells(cfg, cells: list[dict]) -> None:
     prune = asdict(configs_of(cfg)[0])
     seen = set()
     for cell in cells:
-        key = (cell["criterion"], cell["method"], cell.get("ratio"), cell.get("target_flops_reduction"))
+        key = (cell["criterion"], cell["method"], cell.get("ratio"), cell.get("target_flops_reduction"), cell["p"],
+               cell["q"])
         if key not in seen:
             seen.add(key)
             PruneConfig(**{**prune, **{k: v for k, v in cell.items() if k in prune}})
@@ -175,6 +202,11 @@ def load_study_config(argv: list[str]):
     cfg = compose("study", argv)
     check_config(cfg)
     check_study(cfg)
+    if cfg.study.get("base_seeds") is not None:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):  # the session trains (or loads) the first base model as the run config's own
+            cfg.seed = int(cfg.study.base_seeds[0])
     _check_cells(cfg, grid_cells(cfg))
     return cfg
 
@@ -195,15 +227,48 @@ class CellValue:
         return self.cells[config["cell"]][self.key]
 
 
-def _tuner(cfg, session, cells: list[dict]):
+def study_trial_fn(config: dict, ctx, bases: dict[int, dict]) -> None:
+    """The Tune trainable of a study: the search's ``trial_fn`` started from the cell's base
+    model (``bases``: state_dict per base seed; the context carries the first one)."""
+    from dataclasses import replace
+
+    from trainables.ray_trainable import trial_fn
+
+    trial_fn(config, replace(ctx, base_state=bases[int(config["base_seed"])]))
+
+
+def _base_models(cfg, session, log=print) -> tuple[dict[int, dict], dict[int, float]]:
+    """State dict and val score of every base model: the session's (``seed``), and one more per
+    other ``study.base_seeds`` entry, trained with the same recipe (or loaded: the cache key
+    holds the seed)."""
+    from omegaconf import open_dict
+
+    from trainables.base_model import prepare
+
+    states = {int(cfg.seed): session.ctx.base_state}
+    vals = {int(cfg.seed): session.base_val_acc}
+    for seed in base_seeds(cfg):
+        if seed in states:
+            continue
+        other = cfg.copy()
+        with open_dict(other):
+            other.seed = seed
+        model, _, _, meta = prepare(other, log=log)
+        states[seed] = {k: v.clone() for k, v in model.state_dict().items()}
+        vals[seed] = float(meta.get("val_acc", float("nan")))
+    return states, vals
+
+
+def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict]):
     from ray import tune
     from ray.tune import FailureConfig, RunConfig
 
-    from search.launch import _trainable
     from search.tune_callback import ProgressCallback
-    from trainables.ray_trainable import trial_fn
+    from trainables.ray_trainable import uses_fast_path
 
-    trainable = _trainable(trial_fn, session.ctx)
+    # As search.launch._trainable, with the base models beside the context (Ray's object store).
+    resources = {"cpu": 1} if uses_fast_path(session.ctx) else {"cpu": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(study_trial_fn, ctx=session.ctx, bases=bases), resources)
     space = {"cell": tune.grid_search(list(range(len(cells))))}
     space.update({key: tune.sample_from(CellValue(cells, key)) for key in cells[0]})
     if session.restore_path:
@@ -249,9 +314,10 @@ def run_row(run_id: str, status: str, cell: dict, record: dict | None, mlflow_ru
     """One ``runs.parquet`` row (``search.study_report.RUN_COLUMNS``) from a cell and its final record."""
     baseline = cell["arm"] in _BASELINES
     row = {"run_id": run_id, "status": status, "cell": cell["cell"], "arm": cell["arm"],
-           "criterion": None if baseline else cell["criterion"], "method": cell["method"], "ratio": cell.get("ratio"),
-           "target_flops_reduction": cell.get("target_flops_reduction"), "seed": cell["seed"],
-           "fraction": cell["fraction"], "mlflow_run_id": mlflow_run_id, "config_json": json.dumps(cell)}
+           "criterion": None if baseline else cell["criterion"], "method": cell["method"],
+           "prune_ratio": cell.get("ratio"), "target_flops_reduction": cell.get("target_flops_reduction"),
+           "seed": cell["seed"], "fraction": cell["fraction"], "base_seed": cell.get("base_seed"),
+           "budget": cell.get("budget", 1.0), "mlflow_run_id": mlflow_run_id, "config_json": json.dumps(cell)}
     if record is None:
         return row
     prune, finetune = record["config"].get("prune", {}), record["config"].get("finetune", {})
@@ -261,7 +327,8 @@ def run_row(run_id: str, status: str, cell: dict, record: dict | None, mlflow_ru
         ratios=[float(r) for r in record["ratios"]], base_val_acc=record["base_val_acc"],
         final_val_acc=record["final_val_acc"], final_test_acc=record.get("final_test_acc"),
         flops_before=record["flops_before"], flops_after=record["flops_after"],
-        flops_ratio=record["flops_after"] / record["flops_before"], params_before=record["params_before"],
+        flops_kept=record["flops_after"] / record["flops_before"], params_before=record["params_before"],
+        optimizer_steps=int(curve[-1]["step"]) if curve else 0,
         params_after=record["params_after"], wall_s=record["wall_s"],
         curve_step=[int(p["step"]) for p in curve], curve_val_acc=[float(p["val_acc"]) for p in curve],
         curve_phase=[str(p["phase"]) for p in curve], **_plasticity(record, delta),
@@ -299,10 +366,13 @@ def _meta(cfg, session, cells: list[dict]) -> dict:
     prune, finetune, _, _ = configs_of(cfg)
     return {"model": cfg.model.name, "data": cfg.data.name + (f" ({cfg.subset})" if cfg.get("subset") else ""),
             "level": "ratio" if cfg.study.get("ratios") is not None else "target_flops_reduction",
-            "metric": cfg.study.metric, "margin": cfg.study.margin, "confidence": cfg.study.confidence,
+            # stored as a fraction like every score in runs.parquet; the config and the report say points
+            "metric": cfg.study.metric, "margin": cfg.study.margin / 100, "confidence": cfg.study.confidence,
             "recovery_delta": finetune.recovery_delta, "p": prune.p, "q": prune.q, "lr": finetune.lr,
             "schedule": prune.schedule, "base_val_acc": session.base_val_acc, "base_flops": session.base_flops,
-            "n_cells": len(cells), "base_seed": cfg.seed, "score": config_task(cfg).score_name}
+            "n_cells": len(cells), "base_seed": cfg.seed, "score": config_task(cfg).score_name,
+            "base_seeds": base_seeds(cfg), "base_val_accs": {str(k): v for k, v in getattr(session, "base_val_accs", {}).items()},
+            "budgets": [float(b) for b in cfg.study.budgets]}
 
 
 def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print) -> dict:
@@ -324,7 +394,8 @@ def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print)
     paired = report["paired"]
     tracker.finish_search(
         {"n_runs": len(rows), "n_completed": counts["COMPLETED"],
-         "n_better_than_random": sum(r["p"] < 1 - cfg.study.confidence and r["diff"] > 0 for r in paired),
+         # BH-adjusted, as the report's verdicts
+         "n_better_than_random": sum(r["q"] < 1 - cfg.study.confidence and r["diff"] > 0 for r in paired),
          "n_equivalent_to_random": sum(r["equivalent"] for r in paired)},
         [out / "runs.parquet", out / "config.yaml", *report["files"]],
     )
@@ -351,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cells = grid_cells(cfg)
+        bases, session.base_val_accs = _base_models(cfg, session)
         print(f"study grid: {len(cells)} runs")
-        results = _tuner(cfg, session, cells).fit()
+        results = _tuner(cfg, session, cells, bases).fit()
         finish_study(cfg, out, session, results, cells)
     finally:
         if session.owns_ray:

@@ -80,7 +80,7 @@ BAD = [
     (["study.fractions=[0]"], ["study.fractions[0] must be in (0, 1], but got 0"]),
     (["study.methods=[greedy]"], ["study.methods must be a list of layer_by_layer, one_shot, iterative, greedy_car, but got 'greedy'"]),
     (["study.flops_targets=[0.5]"], ["study.ratios / study.flops_targets must be exactly one of them set"]),
-    (["study.margin=0"], ["study.margin must be in (0, 1) (accuracy units), but got 0"]),
+    (["study.margin=0"], ["study.margin must be in (0, 100) points of the score (1.0 = one point), but got 0"]),
     (["study.metric=top5"], ["study.metric must be one of final_test_acc, final_val_acc, but got 'top5'"]),
     (["study.control=maybe"], ["study.control must be auto, true or false, but got 'maybe'"]),
     (["prune.schedule=differential"], ["prune.schedule must be uniform with study.ratios", "but got 'differential'"]),
@@ -103,9 +103,9 @@ def test_bad_input_is_one_line_before_any_work(args, expected, tmp_path, capsys)
 def _row(arm: str, seed: int, acc: float, *, ratio: float = 0.5, fraction: float = 1.0, damage: float = 0.2) -> dict:
     return {"run_id": f"{arm}-{ratio}-{fraction}-{seed}", "status": "COMPLETED", "cell": 0, "arm": arm,
             "criterion": None if arm == "control" else arm, "method": "control" if arm == "control" else "layer_by_layer",
-            "ratio": 0.0 if arm == "control" else ratio, "seed": seed, "fraction": fraction, "final_test_acc": acc,
+            "prune_ratio": 0.0 if arm == "control" else ratio, "seed": seed, "fraction": fraction, "final_test_acc": acc,
             "final_val_acc": acc, "base_val_acc": 0.9, "mean_damage": damage, "steps_to_recover": 10 * seed or None,
-            "recovery_auc": 0.8, "flops_ratio": 0.3, "curve_step": [0, 5, 5, 9, 20],
+            "recovery_auc": 0.8, "flops_kept": 0.3, "budget": 1.0, "base_seed": 0, "curve_step": [0, 5, 5, 9, 20],
             "curve_val_acc": [0.9, 0.9 - damage, 0.9 - damage, 0.8, acc],
             "curve_phase": ["base", "damage", "damage", "recovery", "final_finetune"]}
 
@@ -179,15 +179,15 @@ def test_report_and_figures_from_a_synthetic_table(tmp_path):
         assert path.read_bytes()[:8] == PNG
     report = (tmp_path / "report.md").read_text()
     assert "equivalent to random within ±1.0 pts" in report  # l1
-    assert "better than random (p < 0.05)" in report  # taylor
+    assert "better than random (BH q < 0.05)" in report  # taylor: the adjusted verdict
     assert "(TOST): l1 at ratio 0.5 (fraction 1), l1 at ratio 0.5 (fraction 0.1)." in report
     # written once, read many times: the report re-renders from runs.parquet alone, with another margin
     from search.study_report import main as rerender
 
-    assert rerender([str(tmp_path), "margin=0.0002"]) == 0
+    assert rerender([str(tmp_path), "margin=0.02"]) == 0  # points, as the report speaks
     # l1's noisy pairs no longer fit in ±0.02 points; its identical pairs (fraction 0.1) fit any margin
     assert "(TOST): l1 at ratio 0.5 (fraction 0.1)." in (tmp_path / "report.md").read_text()
-    assert rerender([str(tmp_path), "margin=2"]) == 2 and rerender([str(tmp_path / "nope")]) == 2
+    assert rerender([str(tmp_path), "margin=100"]) == 2 and rerender([str(tmp_path / "nope")]) == 2
 
 
 def test_write_runs_refuses_unknown_or_missing_keys(tmp_path):
@@ -216,7 +216,7 @@ def test_a_record_without_plasticity_fields_is_derived_from_its_curve(tmp_path):
     assert steps[0]["steps_to_recover"] is None  # 0.85 never within 1 point of 0.90 inside its stage
     assert steps[1]["steps_to_recover"] == 20  # 0.895 >= 0.85 - 0.01 at step 30, 20 after its damage at 10
     assert row["steps_to_recover"] == 20  # the run is back within 1 point of the base (0.9) at step 30
-    assert row["flops_ratio"] == 0.4
+    assert row["flops_kept"] == 0.4
     with_fields = run_row("t0", "COMPLETED", cell, {**record, "mean_damage": 0.3, "steps_to_recover": None,
                                                     "recovery_auc": 0.5, "recovery_delta": 0.02, "steps": []}, None, 0.01)
     assert with_fields["metrics_source"] == "record" and with_fields["mean_damage"] == 0.3
@@ -237,7 +237,7 @@ def test_tiny_study_writes_one_row_per_cell_the_figures_and_report(tiny_fmnist, 
     assert sorted(r["cell"] for r in rows) == [0, 1, 2, 3]
     assert {(r["arm"], r["seed"]) for r in rows} == {("random", 0), ("l1", 0), ("random", 1), ("l1", 1)}
     for r in rows:
-        assert r["status"] == "COMPLETED" and r["ratio"] == 0.5 and r["fraction"] == 1.0
+        assert r["status"] == "COMPLETED" and r["prune_ratio"] == 0.5 and r["fraction"] == 1.0
         assert 0 <= r["final_test_acc"] <= 1 and 0 <= r["final_val_acc"] <= 1  # a study reads test at the end
         assert r["flops_after"] < r["flops_before"] and r["mean_damage"] is not None and r["recovery_auc"] is not None
         assert r["curve_phase"][0] == "base" and "damage" in r["curve_phase"] and r["mlflow_run_id"]
@@ -285,9 +285,9 @@ def test_control_and_scratch_runs_are_arms_without_a_criterion(tiny_fmnist, tmp_
     assert all(r["status"] == "COMPLETED" for r in rows)
     for r in rows:
         if r["arm"] == "control":  # nothing pruned, same fine-tuning
-            assert r["criterion"] is None and r["ratio"] == 0.0 and r["flops_ratio"] == 1.0 and r["mean_damage"] is None
+            assert r["criterion"] is None and r["prune_ratio"] == 0.0 and r["flops_kept"] == 1.0 and r["mean_damage"] is None
         if r["arm"] == "scratch":  # the pruned architecture, trained from a fresh init
-            assert r["criterion"] is None and r["flops_ratio"] < 1.0 and "init" in r["curve_phase"]
+            assert r["criterion"] is None and r["flops_kept"] < 1.0 and "init" in r["curve_phase"]
     pruned = {r["flops_after"] for r in rows if r["arm"] == "random"}
     assert {r["flops_after"] for r in rows if r["arm"] == "scratch"} == pruned  # same architecture as pruning gives
     report = (tmp_path / "out" / "base" / "report.md").read_text()

@@ -1,0 +1,237 @@
+"""The study's budget axis and base-model level (issue 23): the grid, the pooled statistics
+against scipy, power, the per-budget equivalence report and its figure, and a tiny real study
+over two budgets and two base models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_refused
+from scipy import stats
+
+from search.study import base_seeds, grid_cells, load_study_config, main
+from search.study_report import (
+    catch_up,
+    nested_mean_ci,
+    paired_vs_random,
+    read_runs,
+    seeds_for_power,
+    summarize,
+    write_report,
+    write_runs,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the grid -----------------------------------------------------------------------------------
+
+
+def test_budgets_and_base_seeds_multiply_the_grid_and_scale_p_and_q_together():
+    cfg = load_study_config(["study.budgets=[0.25,1,4]", "study.base_seeds=[3,5]", "study.criteria=[random,l1]",
+                             "study.ratios=[0.6]", "study.control=true"])
+    cells = grid_cells(cfg)
+    assert base_seeds(cfg) == [3, 5] and cfg.seed == 3  # the session's own base model is the first
+    # (1 control + 2 criteria) x 1 ratio x 3 seeds x 3 budgets x 2 bases
+    assert len(cells) == 3 * 3 * 3 * 2
+    for c in cells:
+        assert c["p"] == pytest.approx(c["budget"] * cfg.prune.p) and c["q"] == pytest.approx(c["budget"] * cfg.prune.q)
+    control = [c for c in cells if c["arm"] == "control"]
+    assert sorted({c["budget"] for c in control}) == [0.25, 1.0, 4.0]  # the control gets each budget too
+    keys = {(c["arm"], c["seed"], c["budget"], c["base_seed"]) for c in cells}
+    assert len(keys) == len(cells)
+    assert [c["base_seed"] for c in cells] == sorted(c["base_seed"] for c in cells)  # base-major
+
+
+def test_default_study_keeps_one_budget_of_1x_and_the_config_seed_as_its_base():
+    cfg = load_study_config([])
+    cells = grid_cells(cfg)
+    assert {c["budget"] for c in cells} == {1.0} and {c["base_seed"] for c in cells} == {cfg.seed}
+    assert {(c["p"], c["q"]) for c in cells} == {(cfg.prune.p, cfg.prune.q)}
+
+
+BAD = [
+    (["study.budgets=[0]"], ["study.budgets[0] must be a multiplier of prune.p and prune.q in (0, 1000], but got 0"]),
+    (["study.budgets=[1,-2]"], ["study.budgets[1] must be a multiplier", "but got -2"]),
+    (["study.budgets=[1,1.0]"], ["study.budgets must be a list without repeats"]),
+    (["study.base_seeds=[0,x]"], ["study.base_seeds[1] must be an integer >= 0, but got 'x'"]),
+    (["study.base_seeds=[]"], ["study.base_seeds must be a non-empty list, but got []"]),
+    (["study.base_seeds=[0,1]", "model.weights=WEIGHTS"], ["study.base_seeds must be null with model.weights"]),
+    (["study.margin=100"], ["study.margin must be in (0, 100) points of the score (1.0 = one point), but got 100"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_budget_or_base_input_is_one_line_before_any_work(args, expected, tmp_path, capsys):
+    weights = tmp_path / "given.pt"
+    weights.write_bytes(b"")  # exists: the refusal is about the combination, not a missing file
+    args = [a.replace("WEIGHTS", str(weights)) for a in args]
+    code = main([f"output_root={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}", *args])
+    assert_refused(capsys, code, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given.pt"]  # no folder, no cache, no MLflow store
+
+
+# ---- statistics with base models and budgets, against scipy ------------------------------------
+
+
+RANDOM = [0.80, 0.82, 0.79]
+
+
+def _row(arm: str, seed: int, acc: float, *, budget: float = 1.0, base: int = 0, ratio: float = 0.6) -> dict:
+    return {"run_id": f"{arm}-{budget}-{base}-{seed}", "status": "COMPLETED", "cell": 0, "arm": arm, "criterion": arm,
+            "method": "layer_by_layer", "prune_ratio": ratio, "seed": seed, "fraction": 1.0, "budget": budget,
+            "base_seed": base, "final_test_acc": acc, "final_val_acc": acc, "base_val_acc": 0.9, "mean_damage": 0.2,
+            "steps_to_recover": None, "recovery_auc": 0.8, "flops_kept": 0.17, "optimizer_steps": int(150 * budget),
+            "curve_step": [0, 5, 9], "curve_val_acc": [0.9, 0.7, acc], "curve_phase": ["base", "damage", "final_finetune"]}
+
+
+def test_two_bases_pool_per_base_mean_differences_with_a_t_interval_over_bases():
+    # base 0: l1 leads by 2, 3, 1 points; base 1: by 0.5, 1, 0 points
+    lead = {0: [0.02, 0.03, 0.01], 1: [0.005, 0.01, 0.0]}
+    rows = [_row("random", s, a, base=b) for b in (0, 1) for s, a in enumerate(RANDOM)]
+    rows += [_row("l1", s, a + lead[b][s], base=b) for b in (0, 1) for s, a in enumerate(RANDOM)]
+    (got,) = paired_vs_random(rows, margin=0.01)
+    means = [np.mean(lead[0]), np.mean(lead[1])]
+    test = stats.ttest_1samp(means, 0.0)
+    ci = test.confidence_interval(0.95)
+    assert got["n_bases"] == 2 and got["n_pairs"] == 6 and got["power_unit"] == "bases"
+    assert got["per_base"] == pytest.approx(means) and got["diff"] == pytest.approx(np.mean(means))
+    assert got["p"] == pytest.approx(test.pvalue) and (got["ci_low"], got["ci_high"]) == pytest.approx((ci.low, ci.high))
+    within = np.sqrt((np.var(lead[0], ddof=1) * 2 + np.var(lead[1], ddof=1) * 2) / 4)
+    assert got["sd_within"] == pytest.approx(within)
+    assert got["sd_between"] == pytest.approx(np.sqrt(max(0.0, np.var(means, ddof=1) - within ** 2 / 3)))
+    # for these two bases only: the within-base SD, 6 - 2 degrees of freedom
+    half = stats.t.ppf(0.975, 4) * within * np.sqrt(1 / 3 + 1 / 3) / 2
+    assert (got["within_ci_low"], got["within_ci_high"]) == pytest.approx((np.mean(means) - half, np.mean(means) + half))
+    assert got["within_p"] < got["p"]  # here the bases differ more than the seeds: fixing them narrows the answer
+    # one base only: the seed-level paired test, as before
+    (one,) = paired_vs_random([r for r in rows if r["base_seed"] == 0])
+    assert one["n_bases"] == 1 and one["p"] == pytest.approx(stats.ttest_rel(
+        [a + d for a, d in zip(RANDOM, lead[0], strict=True)], RANDOM).pvalue)
+    # the summary's CI over two bases is the t interval over the two base means
+    by_arm = {s["arm"]: s for s in summarize(rows)}
+    base_means = [np.mean([a + d for a, d in zip(RANDOM, lead[b], strict=True)]) for b in (0, 1)]
+    expected = stats.t.interval(0.95, 1, loc=np.mean(base_means), scale=stats.sem(base_means))
+    assert (by_arm["l1"]["ci_low"], by_arm["l1"]["ci_high"]) == pytest.approx(expected)
+    assert nested_mean_ci({0: [0.5, 0.7]}) == pytest.approx((0.6, *stats.t.interval(0.95, 1, loc=0.6, scale=0.1)))
+
+
+def test_seeds_for_power_matches_the_textbook_paired_t_sizes():
+    # one-sample / paired t test, two-sided alpha 0.05, 80% power: d = 1 needs 10, d = 0.5 needs 34 (Cohen; G*Power)
+    assert seeds_for_power(1.0, 1.0) == 10
+    assert seeds_for_power(0.01, 0.02) == 34
+    assert seeds_for_power(0.0, 0.01) is None and seeds_for_power(0.01, 0.0) == 2
+    assert seeds_for_power(1e-6, 1.0) is None  # beyond the limit
+
+
+def test_budget_report_finds_the_smallest_equivalent_budget_and_draws_the_figure(tmp_path):
+    noise = [0.001, -0.002, 0.0015]
+    lead = {0.25: 0.03, 1.0: 0.015, 4.0: 0.0}  # l1's lead shrinks with the budget; fpgm's never does
+    rows = []
+    for budget, d in lead.items():
+        rows += [_row("random", s, a, budget=budget) for s, a in enumerate(RANDOM)]
+        rows += [_row("l1", s, a + d + n, budget=budget) for s, (a, n) in enumerate(zip(RANDOM, noise, strict=True))]
+        rows += [_row("fpgm", s, a + 0.03 + n, budget=budget) for s, (a, n) in enumerate(zip(RANDOM, noise, strict=True))]
+    write_runs(rows, tmp_path / "runs.parquet", {"model": "small_cnn", "data": "fashion_mnist", "margin": 0.01,
+                                                  "confidence": 0.95, "metric": "final_test_acc", "level": "ratio"})
+    paired = paired_vs_random(rows, margin=0.01)
+    first = {c["arm"]: c for c in catch_up(paired)}
+    assert first["l1"]["budget"] == 4.0 and first["l1"]["holds"] and first["fpgm"]["budget"] is None
+    result = write_report(tmp_path / "runs.parquet")
+    assert (tmp_path / "difference_vs_budget.png").read_bytes()[:8] == PNG
+    assert tmp_path / "difference_vs_budget.png" in result["files"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## When does random catch up?" in report
+    assert "| ratio 0.6 | l1 | 4x |" in report and "| ratio 0.6 | fpgm | not within the budgets tried (0.25x-4x) |" in report
+    assert "| ratio 0.6 | l1 | 0.25x | 37 |" in report  # optimiser steps of the random runs at that budget
+    # the BH-adjusted verdict leads; unadjusted ones are labelled as such
+    reading = report[report.index("## Reading"):report.index("## Per arm")]
+    assert reading.index("**Better than random** (BH-adjusted)") < reading.index("TOST")
+
+
+def test_control_has_no_recovery_auc_and_columns_carry_units(tmp_path):
+    rows = [_row("random", s, a) for s, a in enumerate(RANDOM)]
+    rows += [{**_row("control", s, 0.92), "arm": "control", "criterion": None, "method": "control", "prune_ratio": 0.0,
+              "recovery_auc": 0.72} for s in range(3)]
+    by_arm = {s["arm"]: s for s in summarize(rows)}
+    assert by_arm["control"]["recovery_auc"] is None and by_arm["random"]["recovery_auc"] == pytest.approx(0.8)
+    write_runs(rows, tmp_path / "runs.parquet", {"margin": 0.01, "confidence": 0.95, "level": "ratio",
+                                                  "metric": "final_test_acc"})
+    write_report(tmp_path / "runs.parquet")
+    report = (tmp_path / "report.md").read_text()
+    assert "recovery AUC (0-1) | FLOPs kept (share) |" in report and "test accuracy (%)" in report
+    control_line = next(line for line in report.splitlines() if line.startswith("| unpruned | control |"))
+    assert control_line.split(" | ")[-2] == "-"  # recovery AUC: nothing was lost, nothing to win back
+
+
+# ---- a tiny real study -------------------------------------------------------------------------
+
+
+def test_tiny_study_over_two_budgets_and_two_base_models(tiny_fmnist, tmp_path, capsys, ray_session):
+    args = [f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+            "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}",
+            "name=budgets", "study.criteria=[random,l1]", "study.ratios=[0.5]", "study.seeds=[0,1]",
+            "study.control=false", "study.budgets=[0.5,2]", "study.base_seeds=[0,1]", "prune.p=0.1", "prune.q=0.4",
+            "prune.score_batches=1", "prune.score_batch_size=16", "measure.latency=false", "num_cpus=2"]
+    assert main(args) == 0
+    out = tmp_path / "out" / "budgets"
+    rows = read_runs(out / "runs.parquet")
+    assert len(rows) == 2 * 2 * 2 * 2 and all(r["status"] == "COMPLETED" for r in rows)
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 2  # two base models, cached apart
+    by = {(r["arm"], r["seed"], r["budget"], r["base_seed"]): r for r in rows}
+    for (arm, seed, budget, base), r in by.items():
+        assert r["p"] == pytest.approx(0.1 * budget) and r["q"] == pytest.approx(0.4 * budget)
+        if budget == 2.0:  # 4x the budget: about 4x the optimiser steps (each stage rounds its own)
+            assert 3 <= r["optimizer_steps"] / by[(arm, seed, 0.5, base)]["optimizer_steps"] <= 5
+    # another base model is another starting point: same arm, seed and budget, other numbers
+    assert by[("l1", 0, 0.5, 0)]["base_val_acc"] != by[("l1", 0, 0.5, 1)]["base_val_acc"]
+    paired = paired_vs_random(rows)
+    assert len(paired) == 2 and all(p["n_bases"] == 2 and p["n_pairs"] == 4 for p in paired)
+    report = (out / "report.md").read_text()
+    assert "## When does random catch up?" in report and "Smallest budget" in report
+    assert (out / "difference_vs_budget.png").read_bytes()[:8] == PNG
+
+
+# ---- can a longer budget continue a shorter one? ------------------------------------------------
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(tiny_fmnist, anneal):
+    """What a continuation shortcut could reuse: with the same p, a run whose final fine-tuning is
+    twice as long takes the very same first steps, so at the shorter run's last step it holds
+    the shorter run's weights exactly when the learning rate is constant (anneal_final=false).
+    With the default cosine annealing the schedule depends on the stage's length, so the runs
+    part after the first step of q. study.budgets scales p too, so runs at two budgets part
+    already at the first unit's recovery: the study runs every budget from the start."""
+    import copy
+
+    from conftest import train_small_cnn
+
+    from data import get_data
+    from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.finetune import steps_per_epoch
+    from trainables.protocol import run_protocol
+
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+    base = train_small_cnn(splits, epochs=1)
+    ft = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, anneal_final=anneal)
+    per_epoch = steps_per_epoch(splits, ft)
+    models, curves, seen = {}, {}, {}
+    for n in (8, 16):  # final fine-tuning steps; the 16-step stage evaluates at its step 8 too
+        model = copy.deepcopy(base)
+        prune = PruneConfig(criterion="l1", ratio=0.5, p=2 / per_epoch, q=n / per_epoch)
+
+        def report(m: dict, model=model, n=n) -> None:  # the weights at every evaluation of the final stage
+            if m["phase"] == "final_finetune":
+                seen[(n, m["step"])] = {k: v.clone() for k, v in model.state_dict().items()}
+
+        record = run_protocol(model, splits, prune, ft, measure=MeasureConfig(latency=False), seed=0,
+                              evaluate_test=False, report=report)
+        models[n], curves[n] = model, record["curve"]
+    before_q = [[p for p in curves[n] if p["phase"] != "final_finetune"] for n in (8, 16)]
+    assert before_q[0] == before_q[1]  # the same p stages: identical up to the final fine-tuning
+    end = curves[8][-1]["step"]
+    short, long_at_end = models[8].state_dict(), seen[(16, end)]
+    same = all(torch.equal(short[k], long_at_end[k]) for k in short)
+    assert same == (not anneal)
