@@ -46,6 +46,10 @@ def check_space(space: Mapping, criteria: list[str]) -> None:
     if "global" in space["schedules"] and GREEDY_CAR in (space["criteria"] or []):
         raise ValueError("search.schedules must not include global when search.criteria includes greedy_car "
                          "(greedy CAR has no criterion scores to rank globally), but got both")
+    if space.get("export") is not None:
+        from search.export_front import check_export_formats
+
+        check_export_formats(space["export"])
     if "blended" in (space["criteria"] or []) and not space.get("blend"):
         raise ValueError("search.criteria includes 'blended' but search.blend is missing; use search=blended")
     if not _searched(space, "ratio") and [s for s in space["schedules"] if s != "uniform"]:

@@ -123,3 +123,49 @@ def test_export_command_refuses_bad_input_in_one_line(tmp_path, capsys, argv, me
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("onnx", r"^search.export must be a list of formats from onnx, pt2 \(or \[\]\), but got 'onnx'$"),
+    (["onnx", "tflite"], r"^search.export must be a list of formats from onnx, pt2 \(or \[\]\), but got \['onnx', 'tflite'\]$"),
+])
+def test_search_export_setting_is_checked_before_the_search(value, message):
+    from search.export_front import check_export_formats
+    from search.space import check_space
+
+    with pytest.raises(ValueError, match=message):
+        check_space({"criteria": ["l1"], "schedules": ["uniform"], "ratio": {"low": 0.1, "high": 0.5}, "p": None,
+                     "q": None, "lr": None, "export": value}, ["l1"])
+    assert check_export_formats(["pt2", "pt2"]) == ["pt2"] and check_export_formats(None) == []
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="the onnx extra is not installed")
+def test_search_exports_every_pareto_optimal_trial(tiny_fmnist, tmp_path, ray_session):
+    """A tiny search over the global schedule with search.export=[onnx,pt2]: one folder per front
+    trial, both files, each the trial's pruned model (its parameter count, the same outputs)."""
+    import numpy as np
+
+    from search.launch import main as launch
+    from search.pareto import read_trials
+    from trainables.export import onnx_session
+
+    assert launch([
+        f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", f"output_root={tmp_path / 'out'}", "name=ex",
+        "search.num_trials=3", "search.max_concurrent_trials=2", "search.sampler=random", "search.seed=1",
+        "search.schedules=[global]", "search.export=[onnx,pt2]", "measure.latency=false", "num_cpus=2",
+    ]) == 0
+    out = tmp_path / "out" / "ex"
+    rows = read_trials(out / "trials.parquet")
+    assert {r["schedule"] for r in rows} == {"global"}
+    front = {r["trial_id"]: r for r in rows if r["pareto"]}
+    assert front and sorted(p.name for p in (out / "export").iterdir()) == sorted(front)
+    x = torch.randn(4, 1, 28, 28)
+    for trial_id, row in front.items():
+        program = torch.export.load(str(out / "export" / trial_id / "model.pt2")).module()
+        assert sum(p.numel() for p in program.parameters()) == row["params"]
+        session = onnx_session(out / "export" / trial_id / "model.onnx")
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            want = program(x).numpy()
+        assert got.shape == (4, 10) and np.abs(got - want).max() <= 1e-4

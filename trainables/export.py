@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMATS", "check_export", "export_model", "load_run_model", "main", "onnx_latency",
+__all__ = ["FORMATS", "check_export", "export_model", "load_run_model", "main", "onnx_latency", "onnx_session",
            "onnxruntime_available"]
 
 FORMATS = ("onnx", "pt2")
@@ -95,7 +95,7 @@ def export_model(model: nn.Module, example: Tensor, path: str | Path, fmt: str) 
     return path
 
 
-def _onnx_session(path: str | Path, threads: int | None = None):
+def onnx_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -110,7 +110,7 @@ def run_exported(path: str | Path, x: Tensor) -> list[Tensor]:
     """The outputs of an exported file (by its suffix: .onnx in ONNX Runtime, .pt2 in PyTorch) on ``x``."""
     path = Path(path)
     if path.suffix == ".onnx":
-        session = _onnx_session(path)
+        session = onnx_session(path)
         outs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         return [torch.from_numpy(o) for o in outs]
     with torch.no_grad():
@@ -140,7 +140,7 @@ def onnx_latency(path: str | Path, x: Tensor, *, threads: int = 1, warmup: int =
     ONNX Runtime applies its own graph optimisations (BN folding, conv + activation fusion) at
     session creation, the counterpart of ``measure_latency``'s deployment form.
     """
-    session = _onnx_session(path, threads)
+    session = onnx_session(path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     for _ in range(warmup):
         session.run(None, feed)
