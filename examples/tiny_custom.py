@@ -45,7 +45,7 @@ def _bands(n: int, generator: torch.Generator) -> TensorDataset:
     return TensorDataset((images - 0.5) / 0.5, labels)  # normalised to about [-1, 1]
 
 
-def data(n_train: int = 400, n_test: int = 100, seed: int = 0) -> dict:
+def data(n_train: int = 2000, n_test: int = 500, seed: int = 0) -> dict:
     """Generated, seeded train and test sets and the class names (a real factory would read files)."""
     generator = torch.Generator().manual_seed(seed)
     return {"train": _bands(n_train, generator), "test": _bands(n_test, generator), "classes": list(CLASSES)}

@@ -192,7 +192,7 @@ def test_custom_data_factory_splits_subsets_and_fractions():
     s = get_data("custom:examples.tiny_custom:data", val_size=50, seed=1, fraction=0.5)
     assert s.class_names == ["top", "upper", "middle", "lower", "bottom"] and s.input_shape == (1, 28, 28)
     assert len(s.val) == 50 and torch.bincount(s.val.targets).tolist() == [10] * 5
-    assert len(s.train) == 175 and s.train_size_full == 350 and len(s.test) == 100
+    assert len(s.train) == 975 and s.train_size_full == 1950 and len(s.test) == 500
     again = get_data("custom:examples.tiny_custom:data", val_size=50, seed=1, fraction=0.5)
     assert torch.equal(s.val.images, again.val.images)
     sub = get_data("custom:examples.tiny_custom:data", val_size=10, classes=["bottom", "top"])
@@ -335,7 +335,10 @@ def test_run_torchvision_model_on_a_folder_end_to_end(png_folder, tmp_path, caps
 def test_search_with_custom_model_and_data_end_to_end(tmp_path):
     """``search.launch`` with the user's module in the working directory (not the project's):
     local Ray trials import it there too."""
-    (tmp_path / "h5_user_tiny_custom.py").write_text((ROOT / "examples" / "tiny_custom.py").read_text())
+    source = (ROOT / "examples" / "tiny_custom.py").read_text()
+    small = source.replace("n_train: int = 2000, n_test: int = 500", "n_train: int = 400, n_test: int = 100")
+    assert small != source  # a user's copy, with less data: short trials
+    (tmp_path / "h5_user_tiny_custom.py").write_text(small)
     out = tmp_path / "search"
     cmd = [sys.executable, "-m", "search.launch", "model=custom", "model.factory=h5_user_tiny_custom:net",
            "model.kwargs.width=4", "data=custom", "data.factory=h5_user_tiny_custom:data", "data.val_size=50",
@@ -352,3 +355,21 @@ def test_search_with_custom_model_and_data_end_to_end(tmp_path):
     assert len(rows) == 4 and all(r["status"] == "COMPLETED" for r in rows)
     assert any(r["pareto"] for r in rows)
     assert list((tmp_path / "cache" / "base_models").glob("custom:h5_user_tiny_custom:net-*.pt"))
+
+
+@pytest.mark.parametrize("loader", ["search.launch", "search.blend", "search.study"])
+def test_search_study_and_blend_take_the_same_forms(loader, png_folder, tmp_path):
+    """Their configs resolve to the same qualified names the trials rebuild from."""
+    from search.launch import load_search_config
+    from search.study import load_study_config
+
+    load = {"search.launch": load_search_config, "search.study": load_study_config,
+            "search.blend": lambda args: load_search_config(["search=blended", *args])}[loader]
+    cfg = load(["model=torchvision", "model.name=mobilenet_v3_small", "data=folder", f"data.root={png_folder}",
+                "data.size=32", f"cache_dir={tmp_path}"])
+    assert (cfg.model.name, cfg.data.name) == ("torchvision:mobilenet_v3_small", "image_folder")
+    cfg = load(["model=custom", "model.factory=examples.tiny_custom:net", "data=custom",
+                "data.factory=examples.tiny_custom:data", f"cache_dir={tmp_path}"])
+    assert (cfg.model.name, cfg.data.name) == ("custom:examples.tiny_custom:net", "custom:examples.tiny_custom:data")
+    with pytest.raises(ValueError, match="model.name must be a torchvision classification model"):
+        load(["model=torchvision", "model.name=mobilenet_v3_smal"])
