@@ -91,7 +91,6 @@ def test_global_refuses_what_it_cannot_do():
     ({"schedule": "global", "method": "greedy_car"}, r"^prune.method must be .* but got 'greedy_car'$"),
     ({"schedule": "global", "global_min_keep": 0.0}, r"^prune.global_min_keep must be in \(0, 1\), but got 0.0$"),
     ({"schedule": "global", "ratio": 0.85, "global_min_keep": 0.2}, r"^prune.ratio must be <= 1 - prune.global_min_keep = 0.8"),
-    ({"schedule": "uniform", "global_min_keep": 0.3}, r"^prune.global_min_keep must be 0.1 \(unused\) unless prune.schedule=global"),
 ])
 def test_config_refuses_global_combinations_in_one_line(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -186,3 +185,23 @@ def test_search_refuses_global_where_trials_could_not_run():
         check_global_choice(_space(), {"method": "one_shot", "global_min_keep": 0.3})
     check_global_choice(_space(), {"method": "one_shot", "global_min_keep": 0.1})  # fine
     check_global_choice(_space(schedules=["uniform"]), {"method": "iterative"})  # global not offered: fine
+
+
+@pytest.mark.parametrize(("command", "argv", "musts"), [
+    ("run", ["prune.global_min_keep=0.3"], ["prune.global_min_keep is read only with prune.schedule=global, "
+                                            "but got prune.schedule=uniform"]),
+    ("run", ["prune.schedule=global", "prune.method=iterative"], ["prune.method must be layer_by_layer or one_shot "
+                                                                  "with prune.schedule=global"]),
+    ("run", ["prune.schedule=global", "prune.ratio=0.95"], ["prune.ratio must be <= 1 - prune.global_min_keep = 0.9"]),
+    ("launch", ["prune.global_min_keep=0.3", "search.schedules=[uniform]"],
+     ["prune.global_min_keep is read only with prune.schedule=global"]),
+    ("launch", ["prune.global_min_keep=0.3", "search.ratio.high=0.9"],
+     ["search.ratio.high must be <= 1 - prune.global_min_keep = 0.7 with global in search.schedules, but got 0.9"]),
+    ("launch", ["prune.method=iterative"], ["search.schedules must not include global with prune.method=iterative"]),
+])
+def test_command_lines_refuse_global_misuse_before_any_work(capsys, command, argv, musts):
+    from search.launch import main as launch
+    from tests.conftest import assert_refused
+    from trainables.run import main as run
+
+    assert_refused(capsys, {"run": run, "launch": launch}[command](argv), musts)

@@ -122,9 +122,9 @@ class PruneConfig:
         from trainables.schedules import GLOBAL, check_min_keep
 
         check_min_keep("prune.global_min_keep", self.global_min_keep)
+        # A min_keep set without schedule=global is refused by trainables.keycheck, which knows
+        # the schedules a search may draw (a uniform trial of such a search is given it too).
         if self.schedule != GLOBAL:
-            require(self.global_min_keep == _DEFAULT_MIN_KEEP, "prune.global_min_keep",
-                    f"{_DEFAULT_MIN_KEEP} (unused) unless prune.schedule=global", self.global_min_keep)
             return
         require(self.method in ("layer_by_layer", "one_shot"), "prune.method",
                 "layer_by_layer or one_shot with prune.schedule=global (control, scratch and greedy_car score no "
@@ -134,9 +134,6 @@ class PruneConfig:
             require(self.ratio <= 1 - self.global_min_keep, "prune.ratio",
                     f"<= 1 - prune.global_min_keep = {1 - self.global_min_keep:g} with prune.schedule=global",
                     self.ratio)
-
-
-_DEFAULT_MIN_KEEP = PruneConfig.global_min_keep
 
 
 @dataclass(kw_only=True)

@@ -181,6 +181,7 @@ UNREAD_RULES: tuple[Rule, ...] = (
     Rule("prune.ratio_high", f"prune.schedule={'|'.join(DIFFERENTIAL)}", _any("schedule", DIFFERENTIAL),
          _shown("schedule")),
     Rule("prune.ratio", "prune.schedule=uniform|global", _any("schedule", ["uniform", "global"]), _shown("schedule")),
+    Rule("prune.global_min_keep", "prune.schedule=global", _any("schedule", ["global"]), _shown("schedule")),
     # A FLOPs target scales the schedule's shape; uniform's single ratio is then the plan's.
     Rule("prune.ratio", "prune.target_flops_reduction=null (a FLOPs target sets the ratio)",
          lambda ctx: ctx["get"]("prune.target_flops_reduction") is None, _key_is("prune.target_flops_reduction")),
@@ -222,12 +223,16 @@ def _context(config_name: str, values: Mapping) -> dict:
     prune = {**(values.get("prune") or {}), **((values.get("search") or {}).get("prune_overrides") or {})}
     methods = {prune.get("method")}
     criteria = {(values.get("criterion") or {}).get("name")}
+    schedules = {prune.get("schedule")}
     if config_name == "launch":
-        listed = (values.get("search") or {}).get("criteria") or []
+        search = values.get("search") or {}
+        listed = search.get("criteria") or []
         if "greedy_car" in listed:  # a trial that draws it runs prune.method=greedy_car
             methods.add("greedy_car")
         criteria = set(listed) or criteria
-    return {"method": methods, "schedule": {prune.get("schedule")}, "criterion": criteria, "get": get}
+        if search.get("ratio") is not None:  # each trial draws its schedule from search.schedules
+            schedules = set(search.get("schedules") or []) or schedules
+    return {"method": methods, "schedule": schedules, "criterion": criteria, "get": get}
 
 
 def check_unread(config_name: str, values: Mapping, changed: Iterable[str]) -> None:

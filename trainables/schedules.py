@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from data import Registry
+
+if TYPE_CHECKING:  # annotations only: the schedules themselves need no torch import
+    from torch import Tensor
 
 __all__ = [
     "GLOBAL", "SCHEDULES", "check_min_keep", "check_n_filters", "check_ramp", "check_ratio", "check_ratio_count",
