@@ -373,3 +373,18 @@ def test_search_study_and_blend_take_the_same_forms(loader, png_folder, tmp_path
     assert (cfg.model.name, cfg.data.name) == ("custom:examples.tiny_custom:net", "custom:examples.tiny_custom:data")
     with pytest.raises(ValueError, match="model.name must be a torchvision classification model"):
         load(["model=torchvision", "model.name=mobilenet_v3_smal"])
+
+
+def test_other_images_train_another_base_model(tiny_fmnist, tmp_path, capsys):
+    """The folder's fingerprint is part of the base model's cache key: the same command on other
+    images trains a new base model instead of reusing the first (the name image_folder is the same)."""
+    from trainables.pretrain import main as pretrain_main
+
+    paths = []
+    for seed in (0, 0, 1):  # the same images twice, then other images under the same class names
+        root = write_png_folder(tiny_fmnist, tmp_path / f"images{seed}", {"train": 3}, classes=3, seed=seed)
+        assert pretrain_main(_cli(tmp_path, "model=torchvision", "model.name=squeezenet1_1", "data=folder",
+                                  f"data.root={root}", "data.size=32", "data.val_size=3", "data.batch_size=2",
+                                  "model.pretrain.epochs=1")) == 0
+        paths.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert paths[0] == paths[1] and paths[2] != paths[0]
