@@ -91,6 +91,9 @@ def documented_commands() -> list[Command]:
             end = next((i for i, w in enumerate(words) if w in ("&&", ";", "|", "||")), len(words))
             # `...` (or `[key=value ...]`) elides arguments: the rest of the command is composed
             args = tuple(w for w in words[3:end] if "..." not in w and w != "[key=value")
+            # --help / --cfg job are the command line's own flags (trainables.cli), not overrides
+            args = tuple(w for i, w in enumerate(args) if w not in ("-h", "--help", "--cfg", "--cfg=job")
+                         and not (w == "job" and i and args[i - 1] == "--cfg"))
             commands.append(Command(f"{rel}:{n}", words[2], args))
     return commands
 

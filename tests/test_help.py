@@ -136,3 +136,13 @@ def test_help_and_refused_keys_import_no_heavy_package(module, args, code):
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"code": code, "loaded": []}, out.stderr
+
+
+def test_the_configuration_guide_lists_every_refused_pair():
+    from trainables.keycheck import SEARCHED, UNREAD_RULES
+
+    page = (ROOT / "docs" / "guides" / "configuration.md").read_text()
+    for rule in UNREAD_RULES:
+        assert f"| `{rule.key}` | {rule.goes_with.replace('|', chr(92) + '|')}" in page, rule.key
+    for key, sampler in SEARCHED:
+        assert f"`{key}`" in page and f"`{sampler}=null`" in page

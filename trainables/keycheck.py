@@ -186,8 +186,9 @@ UNREAD_RULES: tuple[Rule, ...] = (
     Rule("prune.ratio", "prune.target_flops_reduction=null (a FLOPs target sets the ratio)",
          lambda ctx: ctx["get"]("prune.target_flops_reduction") is None, _key_is("prune.target_flops_reduction")),
     Rule("prune.steps", "prune.method=iterative", _any("method", ["iterative"]), _shown("method")),
+    # p=0 states what one_shot does anyway (no fine-tuning between cuts), so it is not refused.
     Rule("prune.p", f"prune.method={'|'.join(WITH_P)} (one_shot fine-tunes only at the end: prune.q)",
-         _any("method", WITH_P), _shown("method")),
+         lambda ctx: _any("method", WITH_P)(ctx) or ctx["get"]("prune.p") == 0, _shown("method")),
     Rule("prune.target_flops_reduction", f"prune.method={'|'.join(PLANNING)} (control prunes nothing)",
          _any("method", PLANNING), _shown("method")),
     Rule("prune.rescore_every", "prune.method=greedy_car", _any("method", ["greedy_car"]), _shown("method")),
@@ -196,8 +197,11 @@ UNREAD_RULES: tuple[Rule, ...] = (
          _shown("criterion")),
     Rule("prune.adapt_bn_batch_size", "prune.adapt_bn_batches >= 1",
          lambda ctx: (ctx["get"]("prune.adapt_bn_batches") or 0) >= 1, _key_is("prune.adapt_bn_batches")),
-    Rule("criterion", f"prune.method={'|'.join(SCORING)} (control, scratch and greedy_car choose no filters by "
-         "a criterion)", _any("method", SCORING), _shown("method")),
+    # greedy_car chooses filters by CAR itself: criterion=car states that (a search records it so).
+    Rule("criterion", f"prune.method={'|'.join(SCORING)} (control and scratch choose no filters by a criterion; "
+         "greedy_car by CAR: criterion=car)",
+         lambda ctx: _any("method", SCORING)(ctx) or ("greedy_car" in ctx["method"] and ctx["criterion"] == {"car"}),
+         _shown("method")),
     Rule("search.asha", "search.scheduler=asha", lambda ctx: ctx["get"]("search.scheduler") == "asha",
          _key_is("search.scheduler")),
     Rule("search.population_size", "search.sampler=nsga2|cmaes",
