@@ -83,3 +83,19 @@ def test_no_storage_or_empty_storage_keeps_what_tune_restored(tmp_path):
     assert newest_checkpoint(Checkpoint(str(known)), None).path == str(known)
     assert newest_checkpoint(Checkpoint(str(known)), _storage(tmp_path / "missing")).path == str(known)
     assert newest_checkpoint(None, _storage(tmp_path / "missing")) is None
+
+
+def test_a_tune_trial_finds_its_own_folder_on_storage(tmp_path, ray_session):
+    # The developer API the lookup relies on still answers inside a function trainable, with the
+    # folder Tune writes the trial's checkpoints to (a Ray upgrade that breaks it fails here).
+    from ray import tune
+
+    from trainables.ray_trainable import _trial_storage
+
+    def trial(config):
+        fs, path = _trial_storage()
+        tune.report({"path": path, "fs": fs.type_name})
+
+    result = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=str(tmp_path), name="where")).fit()[0]
+    assert result.metrics["fs"] == "local"
+    assert Path(result.metrics["path"]) == Path(result.path)

@@ -357,13 +357,13 @@ def newest_checkpoint(known, storage: tuple | None):
 def _trial_storage() -> tuple | None:
     """``(filesystem, trial folder)`` of this Tune trial on its storage, or None if not known.
 
-    Ray exposes it only through its developer API (``ray.train._internal.session.get_storage``,
-    documented to change without notice), hence the guard: without it a restored trial keeps
-    what Tune restored, as before."""
+    Ray exposes it only through a developer API (``TuneContext.get_storage``, documented to
+    change without notice), hence the guard: without it a restored trial keeps what Tune
+    restored, as before."""
     try:
-        from ray.train._internal.session import get_storage
+        import ray.tune
 
-        storage = get_storage()
+        storage = ray.tune.get_context().get_storage()
         return storage.storage_filesystem, storage.trial_fs_path
     except Exception:  # noqa: BLE001 - any failure of a private API means "not known"
         return None
