@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trainables import build_model, describe_units, mask_filters, prunable_layers, prune_layer
+from trainables.surgery import round_to_groups
 
 # Small spatial sizes keep the ImageNet models fast; their adaptive pooling accepts them.
 ARCHS = {
@@ -46,7 +47,8 @@ def _masked_and_pruned(model: nn.Module, gen: torch.Generator):
     (a unit's keep indices are unaffected by pruning other units). Returns ``(units, keeps,
     masked, pruned, records)``, ``records`` being ``prune_layer``'s."""
     units = describe_units(model)
-    keeps = {u.name: _random_keep(u.n_filters, gen) for u in units}
+    # A grouped unit keeps the same positions in every block: round the draw as prune_layer would.
+    keeps = {u.name: round_to_groups(u, _random_keep(u.n_filters, gen)) for u in units}
     masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
     for u in units:
         mask_filters(masked, u, keeps[u.name])

@@ -1,16 +1,17 @@
-"""Grouped and depthwise convs: depthwise units prune exactly, grouped ones are refused."""
+"""Grouped and depthwise convs: depthwise units prune exactly, grouped ones group-wise (the
+same positions kept in every group), and the ones that cannot be split are refused."""
 
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
 from test_surgery import _masked_and_pruned, _randomise_bn
 from torch import nn
 
-from trainables import describe_units, prunable_layers, prune_layer
+from trainables import describe_units, mask_filters, prunable_layers, prune_layer
+from trainables.surgery import round_to_groups
 
 
 def _conv_bn(c_in: int, c_out: int, k: int = 1, groups: int = 1) -> nn.Sequential:
@@ -94,38 +95,57 @@ def test_depthwise_units_prune_exactly(seed):
 
 
 @pytest.mark.parametrize("groups", [2, 4, 8])
-def test_units_that_touch_a_grouped_conv_are_not_listed(groups):
+def test_units_that_touch_a_grouped_conv_are_pruned_group_wise(groups):
     model = TinyNeXt(groups)
-    assert prunable_layers(model) == ["stem.0", "pw.0"]
-    stem = describe_units(model)[0]
+    units = {u.name: u for u in describe_units(model)}
+    assert list(units) == ["stem.0", "block.reduce.0", "block.grouped.0", "pw.0"]
+    # The one feeding the grouped conv and the grouped conv itself are split into its groups.
+    assert [u.channel_groups for u in units.values()] == [1, groups, groups, 1]
     # The stem feeds the block's shortcut, so the block's expand conv and the depthwise conv follow it.
-    assert stem.convs == ("stem.0", "block.expand.0", "dw.0")
+    assert units["stem.0"].convs == ("stem.0", "block.expand.0", "dw.0")
 
 
 @pytest.mark.parametrize(
-    "unit, why",
+    "asked, kept",
     [
-        ("block.reduce.0", "unit 'block.reduce.0' feeds the grouped conv 'block.grouped.0' (groups=4)"),
-        ("block.grouped.0", "unit 'block.grouped.0' contains the grouped conv 'block.grouped.0' (groups=4)"),
+        (range(9), [0, 1, 4, 5, 8, 9, 12, 13]),  # 9 / 4 groups -> 2 per group, the positions kept most
+        ([3, 7, 11, 15, 2], [3, 7, 11, 15]),  # position 3 in every group; one more is not enough for two
+        ([5], [1, 5, 9, 13]),  # at least one per group
+        (range(16), list(range(16))),
     ],
 )
-def test_pruning_a_unit_that_touches_a_grouped_conv_raises(unit, why):
-    model = TinyNeXt(groups=4)
-    before = copy.deepcopy(model.state_dict())
-    # 9 kept filters cannot be split into 4 groups: torch-pruning used to build a model that crashed.
-    with pytest.raises(ValueError, match=f"^{re.escape(why)}; pruning it would break the groups, so it is not prunable$"):
-        prune_layer(model, unit, list(range(9)))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+@pytest.mark.parametrize("unit", ["block.reduce.0", "block.grouped.0"])
+def test_grouped_keep_sets_are_rounded_and_prune_exactly(unit, asked, kept):
+    model, x, _ = _prepared(TinyNeXt(groups=4), seed=0)
+    u = next(v for v in describe_units(model) if v.name == unit)
+    assert round_to_groups(u, asked) == kept
+    masked = copy.deepcopy(model)
+    mask_filters(masked, u, kept)
+    record = prune_layer(model, unit, asked)
+    assert record == {"unit": unit, "filters_before": 16, "filters_after": len(kept), "keep_idxs": kept,
+                      "channel_groups": 4, "keep_asked": len(list(asked))}
+    assert model.block.grouped[0].groups == 4
+    with torch.no_grad():
+        ref, out = masked(x), model(x)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-4
+    # Replaying the record's keep set gives the same model.
+    replay = copy.deepcopy(masked)
+    prune_layer(replay, unit, record["keep_idxs"])
+    assert torch.equal(replay(x), out)
 
 
-def test_depthwise_with_a_channel_multiplier_is_refused():
-    # groups = in_channels but out = 2 x in: torch-pruning would prune its inputs and outputs alike.
+def test_depthwise_with_a_channel_multiplier():
+    # groups = in_channels but out = 2 x in: its inputs are groups of one channel, which cannot
+    # be thinned, but its outputs (two per group) can, one from each group.
     model = TinyNeXt(groups=1, dw_multiplier=2)
-    assert prunable_layers(model) == ["block.reduce.0", "block.grouped.0", "pw.0"]
-    with pytest.raises(ValueError, match=r"^unit 'stem.0' feeds the grouped conv 'dw.0' \(groups=16\); pruning"):
+    units = {u.name: u for u in describe_units(model)}
+    assert list(units) == ["block.reduce.0", "block.grouped.0", "dw.0", "pw.0"]
+    assert units["dw.0"].channel_groups == 16
+    with pytest.raises(ValueError, match=r"^unit 'stem.0' feeds the grouped conv 'dw.0' \(groups=16\), one channel "
+                                         r"per group; pruning it would break the groups, so it is not prunable$"):
         prune_layer(model, "stem.0", [0, 1])
-    with pytest.raises(ValueError, match=r"^unit 'dw.0' contains the grouped conv 'dw.0' \(groups=16\); pruning"):
-        prune_layer(model, "dw.0", [0, 1])
+    assert prune_layer(model, "dw.0", [0, 3])["keep_idxs"] == [2 * g + p for g in range(16) for p in (0,)]
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -133,6 +153,5 @@ def test_depthwise_with_a_channel_multiplier_is_refused():
 def test_grouped_models_prune_their_listed_units_exactly(groups, seed):
     torch.manual_seed(seed)
     model, x, gen = _prepared(TinyNeXt(groups), seed)
-    if groups == 1:  # a plain bottleneck: the block's own convs are units again
-        assert prunable_layers(model) == ["stem.0", "block.reduce.0", "block.grouped.0", "pw.0"]
+    assert prunable_layers(model) == ["stem.0", "block.reduce.0", "block.grouped.0", "pw.0"]
     _assert_pruned_equals_masked(model, x, gen)

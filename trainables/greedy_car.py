@@ -77,6 +77,7 @@ more images (a batch of one may take another path); on GPUs it depends on the ke
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 import warnings
@@ -153,7 +154,7 @@ def _check(model: nn.Module, unit_name: str, batches: Batches, n_remove: int, re
 
 
 def _resized(unit: Unit, n: int) -> Unit:
-    return Unit(unit.name, unit.convs, unit.act_points, unit.bns, n)
+    return dataclasses.replace(unit, n_filters=n)  # keeps every field (channel_groups, others)
 
 
 # ---- the naive reference ----

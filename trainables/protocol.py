@@ -568,7 +568,7 @@ def _surviving_filters(first: dict[str, int], state: ProtocolState) -> dict[str,
 
 def _resized(unit: Unit, n: int) -> Unit:
     """``unit`` with ``n`` filters (after earlier steps pruned it)."""
-    return Unit(unit.name, unit.convs, unit.act_points, unit.bns, n)
+    return replace(unit, n_filters=n)  # keeps every field (channel_groups, others)
 
 
 _METHODS: dict[str, MethodBuilder] = {"layer_by_layer": _layer_by_layer, "one_shot": _one_shot, "iterative": _iterative,
