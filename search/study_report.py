@@ -408,22 +408,26 @@ def _within_bases(row: Row, per_base: dict[Any, list[float]], confidence: float,
 
 
 def _spread(row: Row, per_base: dict[Any, list[float]], alpha: float) -> None:
-    """``sd_within``, ``sd_between`` and ``power_n`` of a comparison (see :func:`paired_vs_random`)."""
+    """``sd_within``, ``sd_between`` and ``power_n`` of a comparison (see :func:`paired_vs_random`);
+    each left None where the runs cannot estimate it (one pair per base has no within-base SD)."""
     import numpy as np
 
     groups = [np.asarray(v, dtype=float) for v in per_base.values()]
     n_total, n_bases = sum(len(g) for g in groups), len(groups)
-    if n_total - n_bases < 1:
-        return
-    within = math.sqrt(sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / (n_total - n_bases))
-    row["sd_within"] = within
+    within = None
+    if n_total - n_bases >= 1:
+        within = math.sqrt(sum(float(((g - g.mean()) ** 2).sum()) for g in groups) / (n_total - n_bases))
+        row["sd_within"] = within
     if n_bases == 1:
-        row["power_n"] = seeds_for_power(row["diff"], within, alpha)
+        if within is not None:
+            row["power_n"], row["power_tested"] = seeds_for_power(row["diff"], within, alpha), True
         return
     means = np.array([g.mean() for g in groups])
-    per = n_total / n_bases  # seeds per base (balanced design)
-    row["sd_between"] = math.sqrt(max(0.0, float(means.var(ddof=1)) - within ** 2 / per))
-    row["power_n"] = seeds_for_power(row["diff"], float(means.std(ddof=1)), alpha)  # in bases of `per` seeds
+    row["power_n"] = seeds_for_power(row["diff"], float(means.std(ddof=1)), alpha)  # in bases of as many seeds
+    row["power_tested"] = True
+    if within is not None:
+        per = n_total / n_bases  # seeds per base (balanced design)
+        row["sd_between"] = math.sqrt(max(0.0, float(means.var(ddof=1)) - within ** 2 / per))
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -684,8 +688,8 @@ def _summary_table(summary: list[Row], meta: dict, shape: dict[str, bool]) -> st
 
 
 def _power(r: Row) -> str:
-    if r["power_n"] is None:
-        return "-" if r["sd_within"] is None else "> 10000"
+    if r["power_n"] is None:  # not estimable (one pair), or beyond the search limit (a tiny or zero difference)
+        return "> 10000" if r.get("power_tested") else "-"
     return f"{r['power_n']} {r['power_unit']}"
 
 
@@ -908,10 +912,10 @@ def plot_difference_vs_budget(paired: list[Row], summary: list[Row], path: Path,
     axes[0].set_ylabel(f"criterion - random, {_metric_name(meta)} (points)")
     _legend(fig, axes)
     several = any(r.get("within_ci_low") is not None for r in rows)
-    bands = (" (light band: over base models, another base would fall in it; dark: these base models only)"
+    bands = ("\nlight band: over base models (another base model); dark band: these base models only"
              if several else "")
     fig.suptitle(f"When does random catch up? Mean paired difference and {100 * meta.get('confidence', 0.95):g}% CI"
-                 f"{bands}, data fraction {fraction:g}", fontsize=9)
+                 f" (data fraction {fraction:g}){bands}", fontsize=9)
     fig.savefig(path, bbox_inches="tight")
 
 
