@@ -146,3 +146,11 @@ def test_the_configuration_guide_lists_every_refused_pair():
         assert f"| `{rule.key}` | {rule.goes_with.replace('|', chr(92) + '|')}" in page, rule.key
     for key, sampler in SEARCHED:
         assert f"`{key}`" in page and f"`{sampler}=null`" in page
+
+
+def test_the_search_says_how_long_the_default_takes():
+    from search.launch import duration_hint, load_search_config
+
+    text = duration_hint(load_search_config(["search.num_trials=40", "search.max_concurrent_trials=4"]))
+    assert "the default search (16 trials, 2 at a time" in text and "5.4 min on 2 CPU cores" in text
+    assert text.endswith("this one runs 40 trials, 4 at a time")
