@@ -140,3 +140,15 @@ def test_every_criterion_scores_a_unit_of_every_family(fam):
         scores = get_criterion(name)(model, unit, ctx)
         assert scores.shape == (unit.n_filters,), (fam, name)
         assert torch.isfinite(scores).all(), (fam, name)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_conv_making_the_output_is_never_a_unit(pooled):
+    # Directly (a fully convolutional head) or through pooling and flatten (SqueezeNet's classifier).
+    tail = [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if pooled else []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 5, 1), *tail).eval()
+    model.input_shape = (3, 8, 8)
+    assert prunable_layers(model) == ["0"]
+    with pytest.raises(ValueError, match=r"^unit '2' makes channels of the model's output .*so it is not prunable$"):
+        prune_layer(model, "2", [0, 1])
+    assert model[2].out_channels == 5

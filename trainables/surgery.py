@@ -238,14 +238,14 @@ def _submodule(model: nn.Module, name: str, what: str) -> nn.Module:
 
 
 def _fixed_output_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[nn.Module]:
-    """Modules whose output channels are never pruned: the model's output layers (a layer whose
-    output nothing else reads, as a classifier head) and ``pruning_ignored``.
+    """Modules whose output channels are never pruned and whose groups are left out silently:
+    the model's Linear output layers (classifier heads) and ``pruning_ignored``.
 
     Inner Linear layers are prunable: ConvNeXt's blocks run their MLP channels-last, so the
-    residual stream's filters are also the outputs of each block's second Linear.
+    residual stream's filters are also the outputs of each block's second Linear. A conv that
+    is an output layer is refused with a reason instead (``_inspect``).
     """
-    own = set(model.modules())  # not torch-pruning's stand-ins for ops, as its _OutputOp
-    ignored = [m for m, node in graph.module2node.items() if m in own and not node.outputs]
+    ignored = [m for m, node in graph.module2node.items() if isinstance(m, nn.Linear) and not node.outputs]
     for name in getattr(model, "pruning_ignored", ()):
         ignored += list(_submodule(model, name, "pruning_ignored").modules())
     return ignored
@@ -316,6 +316,9 @@ def _inspect(graph: tp.DependencyGraph, group: tp.Group, unit: str, n: int, name
         if node.type == tp.ops.OPTYPE.OUTPUT:
             return (f"unit '{unit}' makes channels of the model's output (shape {list(node.module.shape)}); "
                     "pruning it would change what the model returns, so it is not prunable"), 1
+        if isinstance(node.module, nn.Conv2d) and not node.outputs and graph.is_out_channel_pruning_fn(dep.handler):
+            return (f"unit '{unit}' makes channels of the model's output (its conv '{names[node.module]}' is an "
+                    "output layer); pruning it would change what the model returns, so it is not prunable"), 1
         if _splits_channels(node, graph):
             return (f"unit '{unit}' passes through a view that reorders channels (a channel shuffle, "
                     "as in ShuffleNet), which torch-pruning cannot follow, so it is not prunable"), 1
