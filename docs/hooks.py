@@ -117,7 +117,8 @@ def config_reference() -> str:
         out += _key_table(describe_config(name), with_source=True)
     out += ["## Group options", "",
             "The keys each option file sets, as composed by the command that reads the group (a key the",
-            "option does not set keeps the default shown above).", ""]
+            "option does not set keeps the default shown above). `task_search` and `task_study` are not",
+            "named on the command line: `task=` picks them for `search.launch` and `search.study`.", ""]
     for group in sorted(owner):
         top = owner[group]
         out += [f"### `{group}`", ""]
@@ -131,12 +132,15 @@ def config_reference() -> str:
     rest = sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in owner)
     if rest:
         out += ["## Other folders", "",
-                "Files that no group option names: class subsets (`subset=<name>`) and the task's own",
-                "search and study settings, which `task=` picks for `search.launch` and `search.study`.", ""]
+                "Folders of `conf/` that are not config groups: their files are named by a key (class",
+                "subsets by `subset=<name>`), each shown here with its own comment.", ""]
         for folder in rest:
             out += [f"### `conf/{folder.name}/`", ""]
             for path in sorted(folder.glob("*.yaml")):
-                out += [f"- `{path.stem}`: {header_comment(path)}"]
+                # the comment as written: these carry example commands and lists line by line
+                lines = [ln.lstrip("#")[1:] for ln in path.read_text().splitlines()
+                         if ln.startswith("#") and "@package" not in ln]
+                out += [f"#### `{path.stem}`", "", "```text", *lines, "```", ""]
             out += [""]
     return "\n".join(out) + "\n"
 
