@@ -72,6 +72,7 @@ UNKNOWN_KEY_ROWS = [
     (["prune.ratio=0.3", "finetune.learning_rate=0.1"], ["unknown key 'finetune.learning_rate'"]),
     (["data.colour=label"], ["unknown key 'data.colour' (it is a key of data=coloured_fashion_mnist, "
                              "not of the chosen data=fashion_mnist)"]),
+    (["criterion.weights={l1:1.0}"], ["unknown key 'criterion.weights' (it is a key of criterion=blended"]),
     (["classes=fmnist_footwear"], ["unknown key 'classes'; did you mean data.classes?"]),
     (["+classes=fmnist_footwear"], ["unknown key 'classes'; did you mean data.classes?"]),
     (["hydra.run.dir=/tmp/x"], ["unknown key 'hydra.run.dir'"]),

@@ -91,8 +91,11 @@ def _elsewhere(config_name: str, key: str, choices: Mapping[str, str]) -> str | 
     return None
 
 
-def _free_form(key: str) -> bool:
-    return any(key == f or key.startswith(f"{f}.") for f in FREE_FORM)
+def _free_form(key: str, declared: Mapping, config_name: str) -> bool:
+    """Under a free-form map the chosen groups declare (criterion.weights is blended's alone);
+    a search reads search.prune_overrides whether its search config declares it or not."""
+    return any((key == f or key.startswith(f"{f}.")) and (f in declared or (
+        f == "search.prune_overrides" and config_name == "launch")) for f in FREE_FORM)
 
 
 def check_keys(config_name: str, overrides: Iterable[str]) -> Keys:
@@ -113,7 +116,7 @@ def check_keys(config_name: str, overrides: Iterable[str]) -> Keys:
     for text, prefix, key, value in parsed:
         if key in groups:
             out.hydra_overrides.append(f"{key}={value}")
-        elif _free_form(key):
+        elif _free_form(key, flat, config_name):
             out.hydra_overrides.append(text if prefix == "~" else f"++{key}={value}")
         elif key in flat:
             if prefix == "~":
@@ -212,6 +215,12 @@ UNREAD_RULES: tuple[Rule, ...] = (
          _key_is("search.fidelity")),
     Rule("search.blend.stages", "search.blend.layerwise=stage",
          lambda ctx: ctx["get"]("search.blend.layerwise") == "stage", _key_is("search.blend.layerwise")),
+    Rule("search.retime", "measure.latency=true", lambda ctx: ctx["get"]("measure.latency") is True,
+         _key_is("measure.latency")),
+    Rule("search.retime.layers", "search.retime.scope=front|auto",
+         lambda ctx: ctx["get"]("search.retime.scope") in ("front", "auto"), _key_is("search.retime.scope")),
+    Rule("search.retime.all_up_to", "search.retime.scope=auto",
+         lambda ctx: ctx["get"]("search.retime.scope") == "auto", _key_is("search.retime.scope")),
 )
 
 # What a search chooses per trial (search.space), so the run config's value is not read:
