@@ -26,42 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from data import Registry, import_factory, takes_keyword
+from data import import_factory, takes_keyword
+from trainables._model_registry import MODELS, register_model
 from trainables.sources import MODEL_SOURCES, check_input_shape, qualified_model_name, require
 
 __all__ = [
     "MODELS", "MODEL_SOURCES", "build_model", "check_input_shape", "check_model_fits", "cut_head", "head_of", "input_shape_of", "list_models",
     "qualified_model_name", "register_model",
 ]
-
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-
-
-def register_model(name: str, input_shape: tuple[int, int, int], head: str | None = "classifier",
-                   task: str = "classification"):
-    """Register ``builder(num_classes) -> nn.Module`` under ``name``; stamps ``input_shape``,
-    ``head_name`` (the dotted name of the output ``nn.Linear``, ``num_classes`` wide; None for a
-    model without one, such as a detector), ``task`` and ``model_name`` (``name``)."""
-    if head is None and task == "classification":
-        raise ValueError(f"model '{name}': a classification model needs its head's name, but got head=None")
-
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        def build(num_classes: int = 10, **kwargs) -> nn.Module:
-            model = builder(num_classes=num_classes, **kwargs)
-            model.input_shape = tuple(input_shape)
-            model.head_name = head
-            model.task = task
-            model.model_name = name
-            return model
-
-        build.__doc__ = builder.__doc__
-        build.input_shape = tuple(input_shape)
-        build.task = task
-        MODELS.register(name, build)
-        return builder
-
-    return wrap
-
 
 def build_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     """Build the registered model ``name`` with a ``num_classes``-way head."""
