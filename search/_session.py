@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["Session", "objective_of", "retime_rounds", "start_search", "tune_storage"]
+__all__ = ["Session", "objective_of", "retime_rounds", "retime_settings", "start_search", "tune_storage"]
 
 STATE_FILE = "launch_state.json"
 
@@ -52,10 +52,33 @@ def objective_of(cfg) -> str:
 
 
 def retime_rounds(cfg) -> int:
-    """``search.retime.rounds``: interleaved rounds of the driver's serial re-timing (search.retime)."""
+    """``search.retime.rounds``: interleaved rounds of the serial re-timing (search.retime)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.select(cfg, "search.retime.rounds", default=6)
+
+
+# What a search config without these keys (saved before they existed, or search=blended) gets.
+RETIME_DEFAULTS = {"rounds": 6, "scope": "auto", "layers": 2, "all_up_to": 100}
+
+
+def retime_settings(cfg) -> dict[str, Any]:
+    """``search.retime``, checked (one-line ValueError): rounds, scope (search.retime.SCOPES),
+    layers (non-dominated layers re-timed with scope front) and all_up_to (scope auto re-times
+    every completed trial up to this many, else the front's layers)."""
+    from search.retime import SCOPES
+    from trainables.config import require, require_int
+
+    given = OmegaConf.select(cfg, "search.retime", default=None)
+    settings = {**RETIME_DEFAULTS, **(OmegaConf.to_container(given) if given is not None else {})}
+    unknown = sorted(set(settings) - set(RETIME_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key search.retime.{unknown[0]}; valid: {', '.join(RETIME_DEFAULTS)}")
+    require_int("search.retime.rounds", settings["rounds"], 2)
+    require(settings["scope"] in SCOPES, "search.retime.scope", f"one of {', '.join(SCOPES)}", settings["scope"])
+    require_int("search.retime.layers", settings["layers"], 1)
+    require_int("search.retime.all_up_to", settings["all_up_to"], 0)
+    return settings
 
 
 def mlflow_ui_command(tracking_uri: str) -> str:

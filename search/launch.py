@@ -19,7 +19,7 @@ from pathlib import Path
 __all__ = ["main", "load_search_config"]
 
 from search._session import STATE_FILE as _STATE
-from search._session import objective_of, retime_rounds
+from search._session import objective_of, retime_settings
 
 SAMPLERS = ("tpe", "nsga2", "cmaes", "random")
 TRAIN_PATHS = ("auto", "fast", "torch_trainer")
@@ -83,7 +83,7 @@ def _check_choices(cfg) -> None:
     if cfg.search.scheduler == "asha":
         require_int("search.asha.grace_period", cfg.search.asha.grace_period, 1)
         require_int("search.asha.reduction_factor", cfg.search.asha.reduction_factor, 2)
-    require_int("search.retime.rounds", retime_rounds(cfg), 2)
+    retime_settings(cfg)  # search.retime.*: refused here, before any training
     every = cfg.get("checkpoint_every_s", 0.0)
     require(isinstance(every, (int, float)) and not isinstance(every, bool) and every >= 0, "checkpoint_every_s",
             "a number of seconds >= 0", every)

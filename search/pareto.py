@@ -103,12 +103,15 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("flops_kept", pa.float64()),  # flops / unpruned flops: share of FLOPs kept
         pa.field("params", pa.int64()),
         pa.field("params_kept", pa.float64()),  # params / unpruned params
-        # per batch (trainables.metrics.measure_latency): re-timed by the driver after the trials,
-        # one model at a time, nothing else running (search.retime); the trial's own timing is
+        # per batch (trainables.metrics.measure_latency): re-timed after the trials on each trial's
+        # node, one model at a time, nothing else running (search.retime); the trial's own timing is
         # latency_ms_trial (taken while other trials trained on the same cores)
         pa.field("latency_ms", pa.float64()),
         pa.field("latency_kept", pa.float64()),  # latency_ms / the base's, timed in the same rounds
         pa.field("latency_ms_trial", pa.float64()),  # the trial's own timing, beside other trials
+        # what latency_ms was timed on (search.retime.timing_device): "cpu: <model>, <n> threads" or
+        # "cuda: <GPU>", on the node the trial ran on; empty for a trial not re-timed (search.retime.scope)
+        pa.field("latency_device", pa.string()),
         pa.field("pareto", pa.bool_(), nullable=False),  # on the front (see mark_pareto)
         pa.field("mlflow_run_id", pa.string()),
         pa.field("wall_s", pa.float64()),  # wall-clock seconds of the trial

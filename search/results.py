@@ -106,8 +106,8 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str], commands=None)
             "prune_ratio": _share_removed(ratios, session.ctx, prune.units), "prune_ratios": ratios,
             "p": prune.p, "q": prune.q, "lr": finetune.lr, "val_acc": m.get("val_acc"), "test_acc": None,
             "flops": int(flops) if flops is not None else None, "params": m.get("params"),
-            # the driver's serial re-timing replaces latency_ms (see _retime); this is the trial's own
-            "latency_ms": None, "latency_ms_trial": m.get("latency_ms"),
+            # the serial re-timing fills latency_ms (see _retime); latency_ms_trial is the trial's own
+            "latency_ms": None, "latency_ms_trial": m.get("latency_ms"), "latency_device": None,
             "flops_kept": flops / session.base_flops if flops is not None else None,
             "params_kept": m["params"] / session.base_params if m.get("params") and session.base_params else None,
             "mlflow_run_id": tracker_run_ids.get(trial_id), "wall_s": m.get("time_total_s"),
@@ -121,31 +121,72 @@ def trial_rows(results, session, tracker_run_ids: dict[str, str], commands=None)
     return rows
 
 
-def _retime(cfg, rows: list[dict], session, log) -> dict[str, float]:
-    """Latency of every completed trial's model, re-timed by the driver one model at a time
-    (``search.retime``): fills ``latency_ms`` and ``latency_kept``; returns the summary metrics."""
-    from search._session import retime_rounds
-    from search.retime import retime_models
-    from trainables.ray_trainable import trial_base_model
+def _retime(cfg, rows: list[dict], session, log, cost: str = "flops") -> tuple[dict[str, float], list[str]]:
+    """Latency of the completed trials' models chosen by ``search.retime.scope``, re-timed one
+    at a time on the node each trial ran on (search.retime): fills ``latency_ms``,
+    ``latency_kept`` and ``latency_device``; returns the summary metrics and the devices."""
+    from search._session import retime_settings
+    from search.retime import retime_on_nodes, select_for_retiming
 
     done = [r for r in rows if r["status"] == "COMPLETED" and r["_checkpoint"] is not None]
     if not cfg.measure.latency or not done:
-        return {}
-    models = {row["trial_id"]: _trial_model(row, session.ctx)[0] for row in done}
-    base = trial_base_model(session.ctx)
-    log(f"re-timing {len(models)} models serially against the base ({retime_rounds(cfg)} interleaved rounds) ...")
-    timed = retime_models(models, base, input_shape=session.splits.input_shape, batch_size=cfg.measure.batch_size,
-                          threads=cfg.measure.threads or cfg.trial_threads, rounds=retime_rounds(cfg),
-                          repeats=cfg.measure.repeats, warmup=cfg.measure.warmup, seed=cfg.search.seed)
-    for row in done:
-        row["latency_ms"], row["latency_kept"] = timed.latency_ms[row["trial_id"]], timed.latency_kept[row["trial_id"]]
-    rho = timed.halves_spearman
-    log(f"latency: base {timed.base_ms:.2f} ms per batch of {cfg.measure.batch_size}; rank agreement of two "
-        f"half-timings: {'n/a (< 3 models)' if rho is None else f'Spearman rho {rho:.3f}'}")
-    out = {"base_latency_ms": timed.base_ms}
-    if rho is not None:
-        out["latency_halves_spearman"] = rho
-    return out
+        return {}, []
+    settings = retime_settings(cfg)
+    chosen = set(select_for_retiming(done, cost, scope=settings["scope"], layers=settings["layers"],
+                                     all_up_to=settings["all_up_to"]))
+    groups = _node_groups([r for r in done if r["trial_id"] in chosen])
+    rounds = settings["rounds"]
+    log(f"re-timing {len(chosen)} models serially where their trials ran ({len(groups)} node(s), {rounds} "
+        f"interleaved rounds against the base on each) ...")
+    skipped = [r["trial_id"] for r in done if r["trial_id"] not in chosen]
+    if skipped:
+        log(f"  re-timed (the first {settings['layers']} non-dominated layers, search.retime.scope="
+            f"{settings['scope']}): {', '.join(sorted(chosen))}")
+        log(f"  {len(skipped)} other completed trial(s) keep only latency_ms_trial (latency_ms empty): "
+            f"{_few(skipped)}")
+    timings = retime_on_nodes(groups, session.ctx, log=log, input_shape=session.splits.input_shape,
+                              batch_size=cfg.measure.batch_size, threads=cfg.measure.threads or cfg.trial_threads,
+                              rounds=rounds, repeats=cfg.measure.repeats, warmup=cfg.measure.warmup,
+                              seed=cfg.search.seed)
+    by_id = {r["trial_id"]: r for r in done}
+    out: dict[str, float] = {}
+    for node, timing in timings.items():
+        timed = timing.timed
+        for trial_id in timed.latency_ms:
+            row = by_id[trial_id]
+            row.update(latency_ms=timed.latency_ms[trial_id], latency_kept=timed.latency_kept[trial_id],
+                       latency_device=timing.device)
+        rho = timed.halves_spearman
+        log(f"latency on {timing.device} (node {timing.node_id[:12]}): base {timed.base_ms:.2f} ms per batch of "
+            f"{cfg.measure.batch_size}; {len(timed.latency_ms)} models in {timing.seconds:.1f} s; rank agreement "
+            f"of two half-timings: {'n/a (< 3 models)' if rho is None else f'Spearman rho {rho:.3f}'}")
+        suffix = "" if len(timings) == 1 else f"/{node[:12]}"  # one node: the names a single-node search has
+        out[f"base_latency_ms{suffix}"] = timed.base_ms
+        if rho is not None:
+            out[f"latency_halves_spearman{suffix}"] = rho
+    if len(timings) > 1:  # the plot's base: the node that timed the most models
+        out["base_latency_ms"] = max(timings.values(), key=lambda t: len(t.timed.latency_ms)).timed.base_ms
+    devices = sorted({t.device for t in timings.values()})
+    if len(devices) > 1:
+        log(f"warning: models were timed on {len(devices)} kinds of device; latency_ms of different devices do "
+            "not compare, latency_kept (each to the base on the same device) does")
+    return out, devices
+
+
+def _node_groups(rows: list[dict]) -> dict[str, list[tuple]]:
+    """``node id -> [(trial id, checkpoint)]``: where each trial ran (a row without a node id,
+    e.g. a result from before node ids were recorded, is timed on the driver's node)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    groups: dict[str, list[tuple]] = {}
+    for row in rows:
+        groups.setdefault(row.get("node_id") or here, []).append((row["trial_id"], row["_checkpoint"]))
+    return groups
+
+
+def _few(ids: list[str], shown: int = 10) -> str:
+    return ", ".join(ids[:shown]) + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")
 
 
 def _trial_model(row: dict, ctx) -> tuple:
@@ -160,12 +201,14 @@ def _trial_model(row: dict, ctx) -> tuple:
 
 
 def _log_latency(rows: list[dict], tracker) -> None:
-    """The driver's timings on each child run as ``latency_ms`` and ``latency_kept``, beside the
-    trial's own timing (``latency_ms_trial``): the same names as in trials.parquet."""
+    """The serial re-timings on each child run as ``latency_ms`` and ``latency_kept`` (and the
+    tag ``latency_device``), beside the trial's own timing (``latency_ms_trial``): the same
+    names as in trials.parquet."""
     for row in rows:
         if row["mlflow_run_id"] and row.get("latency_kept") is not None:
             tracker.client.log_metric(row["mlflow_run_id"], "latency_ms", row["latency_ms"])
             tracker.client.log_metric(row["mlflow_run_id"], "latency_kept", row["latency_kept"])
+            tracker.client.set_tag(row["mlflow_run_id"], "latency_device", row["latency_device"])
 
 
 def _log_commands(rows: list[dict], tracker) -> None:
@@ -306,8 +349,10 @@ def finish_search(cfg, out: Path, session, results, log=print, finetune=None) ->
     score = _score_label(cfg)
     commands = _run_command(cfg, log)
     rows = trial_rows(results, session, run_ids, commands)
-    latency_summary = _retime(cfg, rows, session, log)
+    latency_summary, devices = _retime(cfg, rows, session, log, cost)
     _log_latency(rows, tracker)
+    if devices:
+        tracker.client.set_tag(session.parent_run_id, "latency_device", "; ".join(devices))
     _log_commands(rows, tracker)
     rows = mark_pareto(rows, cost)
     _evaluate_front(rows, session, log)
