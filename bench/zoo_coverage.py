@@ -17,6 +17,7 @@ import argparse
 import copy
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -205,25 +206,40 @@ def cover(fam: str, name: str, builder: Callable[[str], nn.Module]) -> Row:
     except ValueError as err:
         row.verdict, row.refused = "refused (whole model)", str(err).split(":")[0]
         return row
+    except Exception as err:  # noqa: BLE001  (the table records any failure, model by model)
+        row.verdict = f"FAILS to describe ({type(err).__name__}: {str(err)[:80]})"
+        return row
     row.describe_s = time.perf_counter() - start
     row.units, row.reached = len(units), len({c for u in units for c in u.convs})
     row.grouped = sum(u.channel_groups > 1 for u in units)
-    reasons = {why.split(",")[0].split(";")[0].replace(f"unit '{n}' ", "") for n, why in
-               _units_from_graph(model, dependency_graph(model))[1].items() if "keeps the filters" not in why}
-    row.refused = "; ".join(sorted(reasons))[:140]
+    reasons = Counter(_short(name, why) for name, why in _units_from_graph(model, dependency_graph(model))[1].items()
+                      if "keeps the filters" not in why)
+    row.refused = "; ".join(f"{k}: {why}" for why, k in sorted(reasons.items()))
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, *model.input_shape, generator=gen)
     keeps = {u: half(u, gen) for u in sample(units)}
     start = time.perf_counter()
-    error, _ = prune_and_compare(model, keeps, x)
+    try:
+        error, _ = prune_and_compare(model, keeps, x)
+    except Exception as err:  # noqa: BLE001  (the table records any failure, model by model)
+        row.verdict = f"FAILS ({type(err).__name__}: {str(err)[:80]})"
+        return row
     row.prune_s = time.perf_counter() - start  # includes the reference's forward: a few percent
     row.verdict = "exact" if error < 1e-4 else f"DIFFERS ({error:.1e})"
     return row
 
 
+def _short(name: str, why: str) -> str:
+    """A refusal without its unit's name and its conclusion, so that equal reasons count together."""
+    why = why.replace(f"unit '{name}': ", "").replace(f"unit '{name}' ", "")
+    for end in ("; pruning", ", which torch-pruning", ", so it is not", " (a split"):
+        why = why.split(end)[0]
+    return re.sub(r"'[^']*'", "'…'", why)
+
+
 def table(rows: list[Row]) -> str:
     head = ("| family | model | units | convs reached / all | grouped units | exact (3 units, half) | "
-            "describe s | prune 3 units s | refused units: why |\n|---|---|---|---|---|---|---|---|---|\n")
+            "describe s | prune 3 units s | refused units (count: why) |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(
         f"| {r.family} | {r.model} | {r.units} | {r.reached} / {r.convs} | {r.grouped} | {r.verdict} | "
         f"{r.describe_s:.2f} | {r.prune_s:.2f} | {r.refused or '-'} |" for r in rows

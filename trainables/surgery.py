@@ -167,6 +167,7 @@ def _refuse_transformer(model: nn.Module) -> None:
 
 
 _ORIGINAL_RESHAPE_MAPPING = _tp_index_mapping.update_reshape_index_mapping
+_ORIGINAL_CONCAT_MAPPING = _tp_index_mapping.update_concat_index_mapping
 _RESHAPE_LOCK = threading.Lock()
 
 
@@ -190,7 +191,17 @@ def _tolerant_reshape_mapping(graph: tp.DependencyGraph, node: object) -> None:
             return
         except ZeroDivisionError:
             pass
-    graph.__dict__.setdefault("unmapped_reshapes", set()).add(node)
+    graph.__dict__.setdefault("unmapped_ops", set()).add(node)
+
+
+def _tolerant_concat_mapping(graph: tp.DependencyGraph, node: object) -> None:
+    """torch-pruning's concatenation index mapping, except that a concatenation whose input
+    sizes it cannot infer (it adds None, a TypeError) is recorded as ``_tolerant_reshape_mapping``
+    records a view, and units passing through it are refused."""
+    try:
+        _ORIGINAL_CONCAT_MAPPING(graph, node)
+    except TypeError:
+        graph.__dict__.setdefault("unmapped_ops", set()).add(node)
 
 
 # Installed once, because torch-pruning recomputes the index mappings on every
@@ -198,6 +209,8 @@ def _tolerant_reshape_mapping(graph: tp.DependencyGraph, node: object) -> None:
 with _RESHAPE_LOCK:
     if _tp_index_mapping.update_reshape_index_mapping is _ORIGINAL_RESHAPE_MAPPING:
         _tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping
+    if _tp_index_mapping.update_concat_index_mapping is _ORIGINAL_CONCAT_MAPPING:
+        _tp_index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
 
 
 def _trace_fn(model: nn.Module) -> Callable | None:
@@ -303,16 +316,33 @@ def _blocks_of(graph: tp.DependencyGraph, dep: object, unit: str, n: int, names:
 
 
 def _splits_channels(node: object, graph: tp.DependencyGraph) -> bool:
-    """A view torch-pruning cannot follow (``_tolerant_reshape_mapping``)."""
-    return node in graph.__dict__.get("unmapped_reshapes", ())
+    """A view or concatenation torch-pruning cannot follow (``_tolerant_reshape_mapping``)."""
+    return node in graph.__dict__.get("unmapped_ops", ())
+
+
+def _beyond_channels(graph: tp.DependencyGraph, dep: object, idxs: list) -> bool:
+    """Whether torch-pruning's indices for the layer ``dep`` reaches exceed its channels (seen on
+    timm's CSPNet, where a split feeds a concatenation): pruning would fail or be wrong."""
+    module = dep.target.module
+    pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+    if pruner is None or not idxs or dep.target.type in (tp.ops.OPTYPE.OUTPUT, tp.ops.OPTYPE.ELEMENTWISE):
+        return False
+    into = graph.is_in_channel_pruning_fn(dep.handler)
+    if not (into or graph.is_out_channel_pruning_fn(dep.handler)):
+        return False
+    count = pruner.get_in_channels(module) if into else pruner.get_out_channels(module)
+    return count is not None and max(int(i) for i in idxs) >= count
 
 
 def _inspect(graph: tp.DependencyGraph, group: tp.Group, unit: str, n: int, names: dict) -> tuple[str | None, int]:
     """Why pruning ``group`` (the unit called ``unit``, of ``n`` filters) is refused, or None;
     and the channel groups its filters are pruned in (``Unit.channel_groups``)."""
     blocks = 1
-    for dep, _ in group:
+    for dep, idxs in group:
         node = dep.target
+        if _beyond_channels(graph, dep, idxs):
+            return (f"unit '{unit}': torch-pruning maps its filters beyond the channels of '{names[node.module]}' "
+                    "(a split or concatenation it misreads), so it is not prunable"), 1
         if node.type == tp.ops.OPTYPE.OUTPUT:
             return (f"unit '{unit}' makes channels of the model's output (shape {list(node.module.shape)}); "
                     "pruning it would change what the model returns, so it is not prunable"), 1
@@ -320,8 +350,9 @@ def _inspect(graph: tp.DependencyGraph, group: tp.Group, unit: str, n: int, name
             return (f"unit '{unit}' makes channels of the model's output (its conv '{names[node.module]}' is an "
                     "output layer); pruning it would change what the model returns, so it is not prunable"), 1
         if _splits_channels(node, graph):
-            return (f"unit '{unit}' passes through a view that reorders channels (a channel shuffle, "
-                    "as in ShuffleNet), which torch-pruning cannot follow, so it is not prunable"), 1
+            what = ("a view that reorders channels (a channel shuffle, as in ShuffleNet)"
+                    if node.type == tp.ops.OPTYPE.RESHAPE else "a concatenation of channels it cannot size")
+            return f"unit '{unit}' passes through {what}, which torch-pruning cannot follow, so it is not prunable", 1
         found = _blocks_of(graph, dep, unit, n, names)
         if isinstance(found, str):
             return found, 1
@@ -357,7 +388,8 @@ def _group_layers(graph: tp.DependencyGraph, group: tp.Group, n: int, order: dic
     return sorted(convs, key=order.__getitem__), sorted(others, key=order.__getitem__)
 
 
-def _conv_group(graph: tp.DependencyGraph, root: nn.Conv2d, ignored: set, order: dict, names: dict) -> _ConvGroup | None:
+def _conv_group(graph: tp.DependencyGraph, root: nn.Conv2d, ignored: set, order: dict, names: dict,
+                rerooted: bool = False) -> _ConvGroup | None:
     """The group of ``root``'s filters, or None when it holds an ignored layer's output (as
     torch-pruning's ``get_all_groups`` leaves those out). A group torch-pruning fails to build
     is refused with its error instead of crashing the whole model."""
@@ -371,6 +403,10 @@ def _conv_group(graph: tp.DependencyGraph, root: nn.Conv2d, ignored: set, order:
     if any(dep.target.module in ignored and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
         return None
     convs, others = _group_layers(graph, group, n, order)
+    if convs[0] is not root and not rerooted:
+        # Judge the group as prune_layer will build it, from the unit's first conv: torch-pruning's
+        # index mapping is not always symmetric (timm's CSPNet: a split feeding a concatenation).
+        return _conv_group(graph, convs[0], ignored, order, names, rerooted=True)
     return _ConvGroup(convs, others, *_inspect(graph, group, names[convs[0]], n, names))
 
 
