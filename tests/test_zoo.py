@@ -152,3 +152,23 @@ def test_a_conv_making_the_output_is_never_a_unit(pooled):
     with pytest.raises(ValueError, match=r"^unit '2' makes channels of the model's output .*so it is not prunable$"):
         prune_layer(model, "2", [0, 1])
     assert model[2].out_channels == 5
+
+
+@pytest.mark.parametrize("name, refused", [("convnext_atto", 0), ("cs3darknet_s", 4)])
+def test_timm_cnns_prune_exactly_or_refuse_by_name(name, refused):
+    pytest.importorskip("timm")
+    from bench.zoo_coverage import build_timm
+
+    model = build_timm(name)
+    units = describe_units(model)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    missing = convs - {c for u in units for c in u.convs}
+    # CS3-DarkNet splits conv_exp's filters and concatenates half of them again: refused by name.
+    assert len({n.rsplit(".", 1)[0] for n in missing if "conv_exp" in n}) == refused
+    for name_ in missing:
+        if name_.endswith("conv_exp.conv"):
+            with pytest.raises(ValueError, match=rf"^unit '{re.escape(name_)}': torch-pruning maps its filters beyond"):
+                prune_layer(model, name_, [0])
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, *model.input_shape, generator=gen)
+    _assert_prunes_exactly(model, {u: half(u, gen) for u in sample(units)}, x)
