@@ -3,7 +3,7 @@
 A trial times its pruned model while other trials train on the same cores, so its
 ``latency_ms`` measures the neighbours as much as the model (seen on the default search: a
 0.5 MFLOPs model timed 14.4 ms while a 6.2 MFLOPs one timed 6.5 ms). After the trials end
-nothing else runs, so the driver times every model again, in rounds: each round times the
+nothing else runs, so every model is timed again, in rounds: each round times the
 unpruned base and then every model in a fresh, seeded order, so slow drifts of the machine
 (another process, clock changes) hit all models alike, and each model's latency is also
 reported as a ratio to the base timed in the same round. The rounds are split in two halves
@@ -14,6 +14,8 @@ Where: a trial's model is timed on the node its trial ran on (trials.parquet's `
 in one Ray task per node pinned there with the trial's resources (one CPU, and a GPU when
 trials used one), all of a node's models in that one task, so nothing else of this search runs
 there meanwhile. A driver on a CPU head would otherwise time models meant for GPU workers.
+Always a task, even on a single machine: one code path, the one the tests run, for the price
+of one worker start per node (bench/RESULTS.md, "Re-timing cost").
 
 Which: at hundreds of trials, re-timing every model costs more than the search's front needs
 (``search.retime.scope``); :func:`select_for_retiming` keeps the first non-dominated layers.
