@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainables._model_registry import register_model
+from trainables.model_registry import register_model
 
 __all__ = ["FasterRCNNDetector", "SegNet", "padded_targets_to_dicts"]
 

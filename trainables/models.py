@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from data import import_factory, takes_keyword
-from trainables._model_registry import MODELS, register_model
+from trainables.model_registry import MODELS, register_model
 from trainables.sources import MODEL_SOURCES, check_input_shape, qualified_model_name, require
 
 __all__ = [
