@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 import operator
-import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -168,7 +167,6 @@ def _refuse_transformer(model: nn.Module) -> None:
 
 _ORIGINAL_RESHAPE_MAPPING = _tp_index_mapping.update_reshape_index_mapping
 _ORIGINAL_CONCAT_MAPPING = _tp_index_mapping.update_concat_index_mapping
-_RESHAPE_LOCK = threading.Lock()
 
 
 def _is_shuffle_view(node: object) -> bool:
@@ -204,13 +202,13 @@ def _tolerant_concat_mapping(graph: tp.DependencyGraph, node: object) -> None:
         graph.__dict__.setdefault("unmapped_ops", set()).add(node)
 
 
-# Installed once, because torch-pruning recomputes the index mappings on every
-# ``get_pruning_group`` too, not only while tracing; the wrapper changes nothing else.
-with _RESHAPE_LOCK:
-    if _tp_index_mapping.update_reshape_index_mapping is _ORIGINAL_RESHAPE_MAPPING:
-        _tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping
-    if _tp_index_mapping.update_concat_index_mapping is _ORIGINAL_CONCAT_MAPPING:
-        _tp_index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
+# Installed once, at import (Python's import lock makes it happen once per process), because
+# torch-pruning recomputes the index mappings on every ``get_pruning_group`` too, not only
+# while tracing; for every op it can map, the wrappers change nothing.
+if _tp_index_mapping.update_reshape_index_mapping is _ORIGINAL_RESHAPE_MAPPING:
+    _tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping
+if _tp_index_mapping.update_concat_index_mapping is _ORIGINAL_CONCAT_MAPPING:
+    _tp_index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
 
 
 def _trace_fn(model: nn.Module) -> Callable | None:
