@@ -388,6 +388,9 @@ def test_the_search_space_offers_greedy_car_among_the_criteria():
 
     space = OmegaConf.to_container(compose("launch", []).search, resolve=True)
     space["criteria"] = ["l1", "greedy_car"]
+    with pytest.raises(ValueError, match="must not include global when search.criteria includes greedy_car"):
+        check_space(space, list_criteria())  # greedy CAR has no scores for the global schedule to rank
+    space["schedules"] = [s for s in space["schedules"] if s != "global"]
     check_space(space, list_criteria())  # accepted, though not a registered criterion
     fn = define_space(space, 5, list_criteria())
     drawn = {"criterion": "greedy_car", "schedule": "uniform", "ratio": 0.3, "p": 0.01, "q": 0.2, "lr": 0.01}
