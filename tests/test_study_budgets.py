@@ -235,3 +235,31 @@ def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(
     short, long_at_end = models[8].state_dict(), seen[(16, end)]
     same = all(torch.equal(short[k], long_at_end[k]) for k in short)
     assert same == (not anneal)
+
+
+def test_budget_bench_runs_the_study_cells_resumes_and_reports(tiny_fmnist, tmp_path):
+    """bench/budget_study.py: the study's own cells and report without Ray; a second start
+    recomputes nothing already on disk."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("budget_study", Path(__file__).parent.parent / "bench" / "budget_study.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+            "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", "study.criteria=[random,l1]",
+            "study.ratios=[0.5]", "study.seeds=[0,1]", "study.control=false", "study.budgets=[0.5,2]",
+            "prune.p=0.1", "prune.q=0.4", "prune.score_batches=1", "prune.score_batch_size=16"]
+    out = tmp_path / "bench"
+    assert bench.main(["--out", str(out), "--worker", "1/2", *args]) == 0  # half of the 8 cells
+    assert len(list((out / "cells").glob("*.json"))) == 4
+    assert bench.main(["--out", str(out), *args]) == 0  # the other half only
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert len(stamps) == 8
+    assert bench.main(["--out", str(out), *args]) == 0  # nothing left to run
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+    assert bench.main(["--out", str(out), "--report", *args]) == 0
+    rows = read_runs(out / "runs.parquet")
+    assert sorted(r["cell"] for r in rows) == list(range(8)) and {r["budget"] for r in rows} == {0.5, 2.0}
+    assert "## When does random catch up?" in (out / "report.md").read_text()
+    assert bench.main(["--out", str(out), "--worker", "2/2", *args]) == 2
