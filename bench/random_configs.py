@@ -22,8 +22,9 @@ Two modes:
   50% of the FLOPs kept): the planner keeps each drawn shape and scales it until the FLOPs target is
   met (within 2 points), which is Li et al.'s "random configurations under a FLOPs budget".
   Every trial then has about the same FLOPs, so what counts is the best accuracy at the target.
-  A target of 0.75 is out of reach for many random shapes (a unit drawn at 0.1 beside one at
-  0.8 cannot be scaled far enough before the latter hits the planner's 95% cap); those trials fail.
+  A target of 0.75 is out of reach for about 1 random shape in 11 on small_cnn (a unit drawn at
+  0.1 beside one at 0.8 cannot be scaled far enough before the latter hits the planner's 95%
+  cap); those trials fail (see docs/guides/random-baseline.md).
 
 Numbers are read from each search's ``trials.parquet`` (``search.pareto.read_trials``), never
 from logs; a search whose folder already holds ``trials.parquet`` is not run again.
@@ -72,7 +73,8 @@ def folder_name(target: float | None, sampler: str, seed: int) -> str:
 
 
 def run_search(out_root: Path, name: str, extra: list[str], log: Path) -> float | None:
-    """Runs one search unless its ``trials.parquet`` exists; its wall seconds, or None if reused."""
+    """Runs one search unless its ``trials.parquet`` exists; its wall seconds (also written to
+    ``bench_wall_s.txt`` in its folder), or None if it was already there."""
     if (out_root / name / "trials.parquet").exists():
         return None
     t0 = time.perf_counter()
@@ -81,7 +83,9 @@ def run_search(out_root: Path, name: str, extra: list[str], log: Path) -> float 
         fh.flush()
         subprocess.run([sys.executable, "-m", "search.launch", f"name={name}", f"output_root={out_root}", *extra],
                        cwd=ROOT, check=True, stdout=fh, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    (out_root / name / "bench_wall_s.txt").write_text(f"{wall:.1f}\n")  # for --table-only
+    return wall
 
 
 def best_under(rows: list[dict], kept: float) -> dict | None:
@@ -97,6 +101,8 @@ def summarise(rows: list[dict], target: float | None) -> dict:
         "trials": len(rows), "completed": sum(r["status"] == "COMPLETED" for r in rows),
         "hypervolume": hypervolume([(r["val_acc"], r["flops_kept"]) for r in front], REF),
         "flops_kept": sorted(round(r["flops_kept"], 3) for r in rows if r["flops_kept"] is not None),
+        # the drawn shapes (planned ratios), to count the trials a search shares with random's
+        "configs": [tuple(round(x, 4) for x in r["prune_ratios"] or []) for r in rows],
     }
     shares = KEPT if target is None else (1 - target,)
     for kept in shares:
@@ -120,8 +126,8 @@ def _median(values: list[float | None]) -> float | None:
 
 def table(results: list[dict]) -> str:
     """Markdown: one row per search, then one median row per (mode, sampler)."""
-    lines = ["| mode | sampler | seed | trials (completed) | wall (s) | hypervolume | best val @<=0.5 FLOPs (test) "
-             "| best val @<=0.25 FLOPs (test) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | sampler | seed | trials (completed) | own trials | wall (s) | hypervolume "
+             "| best val @<=0.5 FLOPs (test) | best val @<=0.25 FLOPs (test) |", "|---|---|---|---|---|---|---|---|---|"]
 
     def cells(r: dict, kept: float) -> str:
         if f"val@{kept:g}" not in r:
@@ -130,7 +136,8 @@ def table(results: list[dict]) -> str:
 
     for r in results:
         wall = "reused" if r["wall_s"] is None else f"{r['wall_s']:.0f}"
-        lines.append(f"| {r['mode']} | {r['sampler']} | {r['seed']} | {r['trials']} ({r['completed']}) | {wall} "
+        own = "-" if r.get("own") is None else str(r["own"])
+        lines.append(f"| {r['mode']} | {r['sampler']} | {r['seed']} | {r['trials']} ({r['completed']}) | {own} | {wall} "
                      f"| {r['hypervolume']:.4f} | {cells(r, 0.5)} | {cells(r, 0.25)} |")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
@@ -143,9 +150,19 @@ def table(results: list[dict]) -> str:
                 return "n/a"
             return f"{_pct(med[f'val@{kept:g}'])} ({_pct(med[f'test@{kept:g}'])})"
 
-        lines.append(f"| **{mode}** | **{sampler}** | median of {len(rs)} | {sum(r['trials'] for r in rs)} | "
+        lines.append(f"| **{mode}** | **{sampler}** | median of {len(rs)} | {sum(r['trials'] for r in rs)} | | "
                      f"| {med['hypervolume']:.4f} | {mcell(0.5)} | {mcell(0.25)} |")
     return "\n".join(lines)
+
+
+def count_own(results: list[dict]) -> None:
+    """``own``: a search's trials whose shape the random search of the same mode and seed did not
+    draw. Optuna's TPE (first 10 trials) and NSGA-II (first generation) start from the same seeded
+    random draws as ``RandomSampler``, so only the own trials are the search's doing."""
+    random_configs = {(r["mode"], r["seed"]): set(r["configs"]) for r in results if r["sampler"] == "random"}
+    for r in results:
+        seen = random_configs.get((r["mode"], r["seed"]))
+        r["own"] = None if r["sampler"] == "random" or seen is None else sum(c not in seen for c in r["configs"])
 
 
 def merge_targets(per_target: list[dict], mode: str, sampler: str, seed: int) -> dict:
@@ -158,6 +175,7 @@ def merge_targets(per_target: list[dict], mode: str, sampler: str, seed: int) ->
         row["wall_s"] = None if s["wall_s"] is None or row["wall_s"] is None else row["wall_s"] + s["wall_s"]
         # the two searches' trials together on one plane (each alone is one vertical line of points)
         row["points"] = row.get("points", []) + s["points"]
+        row["configs"] = row.get("configs", []) + s["configs"]
         row.update({k: v for k, v in s.items() if k.startswith(("val@", "test@"))})
     row["hypervolume"] = hypervolume(row["points"], REF)
     return row
@@ -169,7 +187,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=["plane", "target"], choices=["plane", "target"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5],
-                    help="target mode: FLOPs reductions, one search each (0.75 leaves many random shapes out of reach)")
+                    help="target mode: FLOPs reductions, one search each (0.75: about 1 random shape in 11 is out of reach)")
     ap.add_argument("--trials", type=int, default=12, help="trials per search (equal for every sampler)")
     ap.add_argument("--concurrent", type=int, default=2, help="search.max_concurrent_trials")
     ap.add_argument("--q", type=float, default=0.1, help="search.prune_overrides.q: fine-tuning epochs of every trial")
@@ -200,19 +218,22 @@ def main() -> None:
                     if args.table_only and not (out_root / name / "trials.parquet").exists():
                         continue
                     wall = None if args.table_only else run_search(out_root, name, extra, log)
+                    if wall is None and (out_root / name / "bench_wall_s.txt").exists():
+                        wall = float((out_root / name / "bench_wall_s.txt").read_text())
                     rows = read_trials(out_root / name / "trials.parquet")
                     s = summarise(rows, target)
                     s["wall_s"] = wall
                     s["points"] = [(r["val_acc"], r["flops_kept"]) for r in rows
                                    if r["status"] == "COMPLETED" and r["val_acc"] is not None]
                     per_target.append(s)
-                    print(f"{name}: {json.dumps({k: v for k, v in s.items() if k != 'points'})}", flush=True)
+                    print(f"{name}: {json.dumps({k: v for k, v in s.items() if k not in ('points', 'configs')})}", flush=True)
                 if not per_target:
                     continue
                 if mode == "plane":
                     results.append({"mode": mode, "sampler": sampler, "seed": seed, **per_target[0]})
                 else:
                     results.append(merge_targets(per_target, mode, sampler, seed))
+    count_own(results)
     text = (f"Command: `python bench/random_configs.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n"
             + table(results) + "\n")
     (out_root / "table.md").write_text(text)
