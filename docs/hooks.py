@@ -175,6 +175,37 @@ def api_trainables() -> str:
     return "\n".join(out)
 
 
+def api_data() -> str:
+    """The data layer's public names (``data.__all__``), each under the module that defines it:
+    the package binds them on first use (PEP 562), which griffe cannot follow, and its modules
+    are private, so each block names the defining module and shows the public name."""
+    import importlib
+
+    import data
+
+    out = ["# API: `data`", "",
+           "Data sets and loaders, offline: the registry every layer uses, seeded validation splits, class",
+           "subsets and data fractions. Every name below is exported by the package (`data.__all__`), so",
+           "`from data import get_data` works; the package imports its loaders (and torch) on the first",
+           "use of a name. This page is generated from `__all__` when the site is built (`docs/hooks.py`).", ""]
+    for name in sorted(data.__all__):
+        obj = getattr(data, name)
+        module = getattr(obj, "__module__", None) or "data"
+        attr = getattr(obj, "__name__", name)
+        if module == "data" or not hasattr(importlib.import_module(module), attr):  # a constant: where it is assigned
+            module, attr = _assigned_in("data", name), name
+        out += [f"::: {module}.{attr}", "    options:", "      show_root_full_path: false", ""]
+    return "\n".join(out)
+
+
+def _assigned_in(package: str, name: str) -> str:
+    """The module of ``package`` whose source assigns ``name`` at the top level."""
+    for path in sorted((ROOT / package).glob("*.py")):
+        if re.search(rf"^{re.escape(name)}\s*[:=]", path.read_text(), re.MULTILINE):
+            return f"{package}.{path.stem}"
+    raise ValueError(f"{package}.{name}: no module of {package} assigns it; document it by hand")
+
+
 def api_search() -> str:
     """Every public module of ``search`` that declares ``__all__``, found on disk."""
     package = ROOT / "search"
@@ -211,6 +242,7 @@ def on_files(files: Any, config: Any) -> Any:
     files.append(File.generated(config, CONFIG_PAGE, content=config_reference()))
     files.append(File.generated(config, "reference/api-trainables.md", content=api_trainables()))
     files.append(File.generated(config, "reference/api-search.md", content=api_search()))
+    files.append(File.generated(config, "reference/api-data.md", content=api_data()))
     text, images = results_page()
     files.append(File.generated(config, RESULTS_PAGE, content=text))
     for src in images:

@@ -124,6 +124,9 @@ print(json.dumps({"code": code, "loaded": sorted({m.split(".")[0] for m in sys.m
     ("trainables.run", ["+ratio=0.9"], 2),
     ("trainables.run", ["data.fraction=0"], 2),
     ("trainables.run", ["prune.ratios=[0.1,0.2,0.3,0.4,0.5]"], 2),
+    ("trainables.run", ["prune.ratio=1.5"], 2),  # values out of range: refused before any registry
+    ("trainables.run", ["finetune.lr=0"], 2),
+    ("trainables.run", ["model.pretrain.epochs=-1"], 2),
     ("search.launch", ["--help"], 0),
     ("search.launch", ["+search.num_trial=8"], 2),
     ("search.study", ["--help"], 0),

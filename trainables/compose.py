@@ -105,16 +105,20 @@ def configs_of(cfg: Any) -> tuple[PruneConfig, FinetuneConfig, MeasureConfig, Pr
     # Keys of the criterion group besides name/options (e.g. blended's weights) are its options too.
     crit = c["criterion"]
     options = {**(crit.get("options") or {}), **{k: v for k, v in crit.items() if k not in ("name", "options")}}
-    prune = _dataclass_from(PruneConfig, "prune", c["prune"], criterion=crit["name"], criterion_options=options)
+    # prune last: its criterion-name check is the only one that imports a registry (and torch)
     finetune = _dataclass_from(FinetuneConfig, "finetune", c["finetune"], batch_size=c["data"]["batch_size"],
                                eval_batch_size=c["data"]["eval_batch_size"])
     measure = _dataclass_from(MeasureConfig, "measure", c["measure"])
     pretrain = _dataclass_from(PretrainConfig, "model.pretrain", c["model"]["pretrain"], batch_size=c["data"]["batch_size"])
+    prune = _dataclass_from(PruneConfig, "prune", c["prune"], criterion=crit["name"], criterion_options=options)
     return prune, finetune, measure, pretrain
 
 
 def check_config(cfg: Any) -> None:
     """Validate names, ranges and lengths; builds the (untrained) model to count its units."""
+    # The typed configs' values first: they need no registry, so a value out of range is
+    # refused before torch is imported (the registries below import it).
+    configs_of(cfg)
     from data import dataset_task
     from trainables.models import MODELS, build_model
     from trainables.schedules import check_ratio_count

@@ -79,13 +79,11 @@ class PruneConfig:
     units: str = "all"  # which units are pruned: all, or a part the model declares (SegNet: encoder | decoder)
 
     def __post_init__(self) -> None:
-        from trainables.criteria import list_criteria
-        from trainables.criteria.blended import check_blend_options
         from trainables.schedules import check_ramp, check_ratio, list_schedules
 
+        # Values first, names of registered criteria last: the criteria registry imports torch
+        # (seconds), the rest does not, so a value out of range is refused at once.
         _one_of("prune.method", self.method, METHODS)
-        if self.criterion not in list_criteria():
-            raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(list_criteria())}")
         require(isinstance(self.criterion_options, dict), "criterion.options", "a mapping", self.criterion_options)
         _one_of("prune.schedule", self.schedule, list_schedules())
         for key in ("ratio", "ratio_low", "ratio_high"):
@@ -110,7 +108,13 @@ class PruneConfig:
         require_int("prune.adapt_bn_batches", self.adapt_bn_batches, 0)
         require_int("prune.rescore_every", self.rescore_every, 1)
         require_int("prune.greedy_retrain_steps", self.greedy_retrain_steps, 0)
+        from trainables.criteria import list_criteria
+
+        if self.criterion not in list_criteria():
+            raise ValueError(f"unknown criterion '{self.criterion}'; valid: {', '.join(list_criteria())}")
         if self.criterion == "blended":
+            from trainables.criteria.blended import check_blend_options
+
             check_blend_options(self.criterion_options)
         if self.criterion == "class_specific":
             require(bool(self.target_classes), "prune.target_classes",
