@@ -235,5 +235,5 @@ def test_class_subsets_are_refused_in_one_line(fake_fmnist, name):
 
 
 def test_missing_fashion_mnist_says_which_data_set_wanted_it(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"^fmnist_segmentation needs Fashion-MNIST: .*not found"):
+    with pytest.raises(DatasetNotFoundError, match=r"^fmnist_segmentation needs Fashion-MNIST: .*does not hold fashion_mnist.s IDX files"):
         get_data("fmnist_segmentation", tmp_path / "empty")

@@ -394,7 +394,7 @@ def test_progress_callback_prints_one_line_per_ended_trial():
     progress.on_trial_complete(0, [], stopped)
     progress.on_trial_error(0, [], failed)
     assert [ln.split("  (")[0] for ln in lines] == [
-        "[1/3] done    criterion=l1 ratio=0.3 seed=1  val_acc=0.9123",
+        "[1/3] done    criterion=l1 prune.ratio=0.3 seed=1  val_acc=0.9123",  # command-line keys
         "[2/3] stopped criterion=taylor  val_acc=0.5000",
         "[3/3] failed  criterion=apoz  val_acc=-",
     ]
