@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -50,23 +48,14 @@ def header_comment(path: Path) -> str:
     return " ".join(lines).strip()
 
 
-def _show(value: Any) -> str:
-    """A default as it would be written on the command line (YAML flow style)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (dict, list)):
-        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-    return str(value)
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def _code(value: Any) -> str:
-    text = _cell(_show(value))
+    from trainables.confdoc import show_value
+
+    text = _cell(show_value(value))
     return f"``{text}``" if "`" in text else f"`{text}`"
 
 

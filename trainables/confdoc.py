@@ -26,7 +26,7 @@ import yaml
 
 __all__ = [
     "CONF_DIR", "FREE_FORM", "MISSING", "ConfigKey", "Group", "LightConfig", "compose_light", "describe_config",
-    "describe_groups", "flatten", "format_reference", "group_options", "split_override",
+    "describe_groups", "flatten", "format_reference", "group_options", "show_value", "split_override",
 ]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -297,7 +297,8 @@ def describe_config(config_name: str, overrides: Iterable[str] = ()) -> list[Con
             for key, value in flatten(light.values).items()]
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A default as it would be written on the command line (YAML flow style)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -319,7 +320,7 @@ def format_reference(config_name: str, overrides: Iterable[str] = (), width: int
     import textwrap
 
     for k in describe_config(config_name, overrides):
-        lines.append(f"  {k.key} = {_show(k.default)}")
+        lines.append(f"  {k.key} = {show_value(k.default)}")
         if k.comment:  # wrapped under the key, so a long explanation is read whole
             lines += textwrap.wrap(k.comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
