@@ -240,4 +240,14 @@ def retime_on_nodes(groups: Mapping[str, Sequence[tuple[str, Any]]], ctx: Any, *
         else:
             log(f"warning: node {node} of {len(items)} trial(s) is gone; their models are timed on another node")
         pending[node] = task.options(**options).remote(shared, list(items), timing)
-    return {node: ray.get(ref) for node, ref in pending.items()}
+    timed = {}
+    for node, ref in pending.items():
+        try:
+            timed[node] = ray.get(ref)
+        except ray.exceptions.TaskUnschedulableError:
+            # The node died so recently that Ray still listed it alive (seen right after a worker
+            # was lost mid-search): time its group wherever the resources are, as for a gone node.
+            log(f"warning: node {node} of {len(groups[node])} trial(s) is gone; their models are timed on another node")
+            options = {"num_cpus": 1, "num_gpus": 1 if ctx.use_gpu else 0, "max_retries": 0}
+            timed[node] = ray.get(task.options(**options).remote(shared, list(groups[node]), timing))
+    return timed
