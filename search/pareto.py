@@ -68,7 +68,7 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
     # name in search.objectives: (cost column, its share of the unpruned model's, axis label)
     "flops": ("flops", "flops_kept", "FLOPs per image ({unit}, 1 FLOP = 1 multiply or add)"),
     "params": ("params", "params_kept", "parameters ({unit})"),
-    "latency": ("latency_ms", "latency_kept", "latency per batch (ms, re-timed serially by the driver)"),
+    "latency": ("latency_ms", "latency_kept", "latency per batch (ms, re-timed one model at a time on the node its trial ran on)"),
 }
 """The costs a search can trade accuracy against; the front, hypervolume and plot follow the one chosen."""
 
