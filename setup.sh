@@ -7,4 +7,4 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist \
         || echo "warning: could not install dataset-fashion-mnist; set data.root or data.download=true" >&2
 fi
-python -m pip install -c constraints.txt -e ".[dev]"
+python -m pip install -c constraints.txt -e ".[dev,onnx,timm]"
