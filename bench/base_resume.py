@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import write_idx  # noqa: E402
 
-from trainables.base_model import _atomic_save, partial_checkpoint_path  # noqa: E402
+from trainables.cli.base_model import _atomic_save, partial_checkpoint_path  # noqa: E402
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

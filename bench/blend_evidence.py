@@ -48,9 +48,9 @@ def _single(job: tuple[str, int, float, list[str]]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from trainables.base_model import prepare
-    from trainables.compose import configs_of, load_run_config
-    from trainables.protocol import run_protocol
+    from trainables.cli.base_model import prepare
+    from trainables.cli.compose import configs_of, load_run_config
+    from trainables.protocol.stages import run_protocol
 
     cfg = load_run_config([*COMMON, f"prune.q={q}", f"criterion={criterion}", f"seed={seed}", *extra])
     base, splits, _, _ = prepare(cfg, log=lambda *_: None)

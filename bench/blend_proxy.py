@@ -55,8 +55,8 @@ def _run(base, splits, prune: dict, weights: dict[str, float], finetune, seed: i
     skip the base evaluation, scoring and BN re-estimation that the k = 0 run already did:
     the protocol's own resume, which gives the numbers of an uninterrupted run.
     """
-    from trainables.config import MeasureConfig, PruneConfig
-    from trainables.protocol import run_protocol
+    from trainables.protocol.config import MeasureConfig, PruneConfig
+    from trainables.protocol.stages import run_protocol
 
     options = {**prune.get("criterion_options", {}), "weights": weights}
     cfg = PruneConfig(**{**prune, "criterion": "blended", "criterion_options": options})
@@ -80,9 +80,9 @@ def measure(args) -> dict:
     torch.set_num_threads(1)
     from search._session import blend_candidates, trial_prune
     from search.launch import load_search_config
-    from trainables.base_model import prepare
-    from trainables.compose import configs_of
-    from trainables.finetune import steps_per_epoch
+    from trainables.cli.base_model import prepare
+    from trainables.cli.compose import configs_of
+    from trainables.protocol.finetune import steps_per_epoch
 
     cfg = load_search_config(["search=blended", f"seed={args.seed}", "progress=false", *args.overrides])
     base, splits, base_path, _ = prepare(cfg, log=lambda *_: None)

@@ -3,7 +3,7 @@
 Issue 23's evidence: ``python -m search.study`` with ``study.budgets`` and ``study.base_seeds``
 runs the same cells through Ray Tune. On the shared 2-core machine Ray's trial workers run at
 nice 15 and starve behind every other job, so this script runs the very same cells
-(``search.study.grid_cells``) with the very same protocol (``trainables.protocol.run_protocol``,
+(``search.study.grid_cells``) with the very same protocol (``trainables.protocol.stages.run_protocol``,
 the configs the study's trainable builds) in ordinary processes, one record per cell on disk so
 that a stopped run resumes, and writes ``runs.parquet`` and the report with the study's own
 ``run_row`` / ``write_runs`` / ``write_report``. No MLflow, no checkpoints inside a run.
@@ -40,7 +40,7 @@ def _cells(cfg) -> list[dict]:
 def _base(cfg, seed: int):
     from omegaconf import open_dict
 
-    from trainables.base_model import prepare
+    from trainables.cli.base_model import prepare
 
     other = cfg.copy()
     with open_dict(other):
@@ -55,9 +55,9 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
 
     import torch
 
-    from trainables.compose import configs_of
-    from trainables.config import MeasureConfig, PruneConfig
-    from trainables.protocol import run_protocol
+    from trainables.cli.compose import configs_of
+    from trainables.protocol.config import MeasureConfig, PruneConfig
+    from trainables.protocol.stages import run_protocol
 
     torch.set_num_threads(int(cfg.trial_threads or 1))
     prune0, finetune, _, _ = configs_of(cfg)
@@ -86,7 +86,7 @@ def report(cfg, out: Path) -> Path:
     """runs.parquet from the cells on disk (missing cells are left out and counted) and the report."""
     from search.study import base_seeds, run_row
     from search.study_report import write_report, write_runs
-    from trainables.compose import config_task, configs_of
+    from trainables.cli.compose import config_task, configs_of
 
     prune, finetune, _, _ = configs_of(cfg)
     rows = []

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.latency import machine_header, write_section  # noqa: E402
 from trainables.compress import load_compress_config  # noqa: E402
-from trainables.compression import STAGES  # noqa: E402
+from trainables.experiments.compression import STAGES  # noqa: E402
 
 SECTION = "## Compression of the pruned layers: CAR + Deep Compression (issue 14)"
 
@@ -116,7 +116,7 @@ def main() -> None:
         f"(lr {cfg['finetune']['lr']}, stage 3 lr {c['quant_lr']}). Seeds {', '.join(map(str, args.seeds))}: "
         "median (min-max). Bits count the conv weights as Deep Compression does (sparse entries with "
         "relative indices and fillers, 32-bit centroids, Huffman streams plus their tables; see "
-        "`trainables/compression.py`); `with bias` adds 32 bits per kept filter's bias, which is not "
+        "`trainables/experiments/compression.py`); `with bias` adds 32 bits per kept filter's bias, which is not "
         "compressed. Ratios are to the dense float32 original layer; stage 4 (Huffman) is lossless, and its "
         "accuracy is measured on the model rebuilt from the decoded storage.\n\n"
         + table(records) + "\n\nPer seed (after stage 4):\n\n" + per_seed(records, args.seeds) + "\n"

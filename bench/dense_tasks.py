@@ -71,9 +71,9 @@ def summarise(folder: Path) -> list[dict]:
 
 
 def _l1_pruned(model, ratio: float):
+    from trainables.core.surgery import describe_units, prune_layer
     from trainables.criteria import get_criterion
-    from trainables.schedules import kept_count
-    from trainables.surgery import describe_units, prune_layer
+    from trainables.protocol.schedules import kept_count
 
     pruned = copy.deepcopy(model)
     l1 = get_criterion("l1")
@@ -86,9 +86,9 @@ def _l1_pruned(model, ratio: float):
 def speed(task: str, base_path: Path, ratios: list[float], rounds: int, batches: tuple[int, ...]) -> list[dict]:
     """fps of the base and l1-pruned copies, interleaved (base, r1, r2, base, ...), 1 thread."""
     from data import get_data
-    from trainables.base_model import load_checkpoint
-    from trainables.metrics import count_backbone_flops, count_flops, deployment_form
-    from trainables.models import build_model
+    from trainables.cli.base_model import load_checkpoint
+    from trainables.core.metrics import count_backbone_flops, count_flops, deployment_form
+    from trainables.core.models import build_model
 
     torch.set_num_threads(1)
     data = "fmnist_detection" if task == "detection" else "fmnist_segmentation"

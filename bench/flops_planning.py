@@ -35,16 +35,16 @@ sys.path.insert(0, str(ROOT))
 from latency import machine_header  # noqa: E402  (bench/ is on sys.path)
 
 from trainables import build_model, count_flops, describe_units, prune_layer  # noqa: E402
-from trainables.config import PruneConfig  # noqa: E402
-from trainables.planning import _MAX_UNIT_RATIO, FlopsModel, _bisect_scale, plan_ratios  # noqa: E402
-from trainables.schedules import kept_count, make_ratios  # noqa: E402
-from trainables.surgery import Unit  # noqa: E402
+from trainables.core.surgery import Unit  # noqa: E402
+from trainables.protocol.config import PruneConfig  # noqa: E402
+from trainables.protocol.planning import _MAX_UNIT_RATIO, FlopsModel, _bisect_scale, plan_ratios  # noqa: E402
+from trainables.protocol.schedules import kept_count, make_ratios  # noqa: E402
 
 SECTION = "## FLOPs-target planning: analytical FLOPs model vs copy-and-prune bisection"
 PRUNE = dict(schedule="differential_depth", ratio_low=0.1, ratio_high=0.5, target_flops_reduction=0.5)
 
 
-# --- the old planner, as it was in trainables/planning.py before the FLOPs model -------------
+# --- the old planner, as it was in trainables/protocol/planning.py before the FLOPs model -------------
 
 
 def old_flops_with_ratios(model: nn.Module, units: list[Unit], ratios: Sequence[float], round_to: int) -> int:

@@ -44,7 +44,7 @@ def main() -> None:
 
     from search._session import trial_prune
     from search.command import RunCommand
-    from trainables.compose import compose, configs_of, load_run_config
+    from trainables.cli.compose import compose, configs_of, load_run_config
     from trainables.ray_trainable import TrialContext, trial_configs
 
     cfg = compose("launch", [])

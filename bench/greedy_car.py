@@ -4,7 +4,7 @@ The naive loop (``greedy_car_order_naive``) masks a copy of the model per remain
 and evaluates every scoring image, at every step: O(n^2) full evaluations per unit. The fast
 one caches what is upstream of the unit, screens each ablation from the next conv's output on
 (with error bounds, near-ties decided exactly), batches (candidate, image) rows, and evaluates
-a candidate only while it could still be the best (see ``trainables.greedy_car``). Both
+a candidate only while it could still be the best (see ``trainables.protocol.greedy_car``). Both
 orders must be identical (asserted every repeat); the script times them side by side,
 interleaved (fast, naive, fast, naive, ...), and reports medians, the ratio of the medians,
 and the 1-minute load average before and after each case (the machine is shared).
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from latency import machine_header, write_section  # noqa: E402  (bench/ is on sys.path)
 
 from trainables import build_model, describe_units  # noqa: E402
-from trainables.greedy_car import greedy_car_order, greedy_car_order_naive  # noqa: E402
+from trainables.protocol.greedy_car import greedy_car_order, greedy_car_order_naive  # noqa: E402
 
 SECTION = "## Greedy CAR: incremental vs naive greedy loop"
 HEADER = ["| model | base | base wrong | unit (filters) | images | greedy steps | repeats | naive s (median) "
@@ -79,13 +79,13 @@ def _trained(name: str, width: int, steps: int, seed: int, splits) -> nn.Module:
 
 
 def _project_base(name: str, width: int, seed: int, splits, data: str) -> tuple[nn.Module, str]:
-    """The base model as the project trains its bases: ``trainables.base_model`` with the
+    """The base model as the project trains its bases: ``trainables.cli.base_model`` with the
     model's ``conf/model/<name>.yaml`` pretraining (small_cnn: 6 epochs SGD, one-cycle peak
     lr 0.1), cached like theirs; and a few words on it for the table."""
     import yaml
 
-    from trainables.base_model import get_base_model
-    from trainables.config import PretrainConfig
+    from trainables.cli.base_model import get_base_model
+    from trainables.protocol.config import PretrainConfig
 
     pretrain = PretrainConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())["pretrain"])
     cache = os.environ.get("PRUNESEARCH_CACHE", "~/.cache/prunesearch")
@@ -118,7 +118,7 @@ def run_case(model: nn.Module, unit: str, batches: list, steps: int,
 def rows_evaluated(model: nn.Module, unit: str, batches: list, steps: int) -> tuple[int, list[dict[int, int]]]:
     """(candidate, image) rows the fast path evaluates (any evaluator, calibration included),
     and per greedy step, per candidate (unit index), the images it was evaluated on."""
-    from trainables import greedy_car
+    from trainables.protocol import greedy_car
 
     count, rows, run = [0], greedy_car._Race._rows, greedy_car._Scoring.run
     per_step: list[dict[int, int]] = []
@@ -150,7 +150,7 @@ def fewest_rows(model: nn.Module, unit: str, batches: list,
     image left out could be wrong); a loser needs a certificate that its (wrong, loss) key is
     above the winner's: one more wrong image than the winner has, or as many wrong images
     plus the highest losses among its right ones until its loss sum passes the winner's."""
-    from trainables.greedy_car import ablated_outcome
+    from trainables.protocol.greedy_car import ablated_outcome
 
     u = next(v for v in describe_units(model) if v.name == unit)
     removed: list[int] = []

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from trainables import build_model, describe_units, get_criterion, prune_layer  # noqa: E402
-from trainables.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
-from trainables.schedules import kept_count  # noqa: E402
+from trainables.core.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
+from trainables.protocol.schedules import kept_count  # noqa: E402
 
 SECTION = "## Latency vs FLOPs after pruning"
 # Tracing small inputs keeps torch-pruning's graph building fast; the ImageNet models end in

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.latency import machine_header, prune_uniform  # noqa: E402
+from trainables.core.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
 from trainables.export import export_model, onnx_session, onnxruntime_available  # noqa: E402
-from trainables.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
 
 RUNTIMES = ("pytorch", "pytorch_eager", "onnxruntime")
 TRACE_SHAPE = (3, 64, 64)  # torch-pruning's graph of these models does not depend on the input size

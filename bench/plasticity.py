@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.latency import write_section  # noqa: E402  (one writer of RESULTS.md sections)
 from data import iterate_batches  # noqa: E402
-from trainables.base_model import prepare  # noqa: E402
-from trainables.compose import configs_of, load_run_config  # noqa: E402
-from trainables.metrics import evaluate  # noqa: E402
-from trainables.protocol import run_protocol  # noqa: E402
+from trainables.cli.base_model import prepare  # noqa: E402
+from trainables.cli.compose import configs_of, load_run_config  # noqa: E402
+from trainables.core.metrics import evaluate  # noqa: E402
+from trainables.protocol.stages import run_protocol  # noqa: E402
 
 SECTION = "## Plasticity: damage and recovery per criterion (Mittal et al.)"
 

@@ -49,7 +49,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 # FLOPs kept (share of the unpruned model's) at which the best accuracy is reported; the target
 # mode prunes to the same shares (target_flops_reduction = 1 - kept).
 KEPT = (0.5, 0.25)
-# The planner meets a FLOPs target within 2 points (trainables.planning), so a target trial may
+# The planner meets a FLOPs target within 2 points (trainables.protocol.planning), so a target trial may
 # keep e.g. 0.51 of the FLOPs; in the target mode a trial counts at its target with that slack.
 TARGET_SLACK = 0.02
 REF = (0.0, 1.0)  # the search's own default hypervolume reference: accuracy 0, all FLOPs kept

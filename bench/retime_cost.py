@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from search.retime import retime_models, retime_on_nodes, select_for_retiming, timing_device  # noqa: E402
-from trainables.models import build_model  # noqa: E402
+from trainables.core.models import build_model  # noqa: E402
+from trainables.core.surgery import describe_units, prune_layer  # noqa: E402
 from trainables.ray_trainable import TrialContext, load_trial_model  # noqa: E402
-from trainables.surgery import describe_units, prune_layer  # noqa: E402
 
 TIMING = {"input_shape": (1, 28, 28), "batch_size": 64, "threads": 1, "repeats": 3, "warmup": 1, "seed": 0}
 ROUNDS = 6

@@ -32,7 +32,7 @@ def _time(fn) -> float:
 
 
 def measure(name: str, size: int, repeats: int) -> dict:
-    from trainables.models import MODELS, build_model, check_model_fits
+    from trainables.core.models import MODELS, build_model, check_model_fits
 
     channels = 1 if name.startswith("custom:examples") else 3
     shape = (channels, size, size)

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.latency import write_section  # noqa: E402
-from trainables.base_model import prepare  # noqa: E402
-from trainables.compose import configs_of, data_args, load_run_config  # noqa: E402
-from trainables.protocol import run_protocol  # noqa: E402
+from trainables.cli.base_model import prepare  # noqa: E402
+from trainables.cli.compose import configs_of, data_args, load_run_config  # noqa: E402
+from trainables.protocol.stages import run_protocol  # noqa: E402
 from trainables.ray_trainable import TrialContext, trial_configs, trial_fn  # noqa: E402
 
 # The middle of the default search space: p in [0, 0.05], q in [0.1, 0.4], lr log-uniform [1e-3, 3e-2].

@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from trainables.surgery import (  # _units_from_graph: the reasons for every refused unit at once
+from trainables.core.surgery import (  # _units_from_graph: the reasons for every refused unit at once
     Unit,
     _units_from_graph,
     dependency_graph,

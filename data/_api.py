@@ -50,7 +50,7 @@ class DataSplits:
     train_size_full: int | None = None
     # Original label ids of the kept classes, in label order (label j of a remapped subset is
     # class class_ids[j] of the whole data set); None when every class is kept. What cutting a
-    # classifier head to the subset needs (trainables.models.cut_head).
+    # classifier head to the subset needs (trainables.core.models.cut_head).
     class_ids: list[int] | None = None
     # Classes of the whole data set, subset or not: the head width of a model trained on all of them.
     source_num_classes: int | None = None

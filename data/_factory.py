@@ -1,6 +1,6 @@
 """Importing a user's factory by name: ``<module>:<callable>`` (``model.factory``, ``data.factory``).
 
-It lives in ``data``, the bottom layer, so that both the model sources (``trainables.models``)
+It lives in ``data``, the bottom layer, so that both the model sources (``trainables.core.models``)
 and the data sources import it without any layer importing one above it.
 """
 

@@ -1,7 +1,7 @@
 """MkDocs hooks: pages generated from the repository at build time, so they cannot drift.
 
 - ``reference/configuration.md``: every command's config and every option of every group, each
-  key with its default and the comment beside it in ``conf/``, through ``trainables.confdoc``
+  key with its default and the comment beside it in ``conf/``, through ``trainables.cli.confdoc``
   (the same reader ``--help`` and the unknown-key check use; it needs PyYAML, not torch).
 - ``reference/api-trainables.md`` and ``reference/api-search.md``: mkdocstrings blocks for every
   name of ``trainables.__all__`` and every public module of ``search`` that declares ``__all__``
@@ -26,7 +26,7 @@ RESULTS_PAGE = "results.md"
 if str(ROOT) not in sys.path:  # mkdocs does not put the project on the path
     sys.path.insert(0, str(ROOT))
 
-# The command lines that compose each top-level config (trainables.compose, search.launch,
+# The command lines that compose each top-level config (trainables.cli.compose, search.launch,
 # search.study and trainables.compress read them).
 COMMANDS = {
     "config": ("python -m trainables.run", "python -m trainables.pretrain", "python -m trainables.colour_report"),
@@ -53,7 +53,7 @@ def _cell(text: str) -> str:
 
 
 def _code(value: Any) -> str:
-    from trainables.confdoc import show_value
+    from trainables.cli.confdoc import show_value
 
     text = _cell(show_value(value))
     return f"``{text}``" if "`" in text else f"`{text}`"
@@ -71,14 +71,14 @@ def _key_table(keys: list[Any], with_source: bool) -> list[str]:
 
 
 def config_reference() -> str:
-    """The configuration reference page, in Markdown, from ``conf/`` through ``trainables.confdoc``."""
-    from trainables.confdoc import describe_config, describe_groups
+    """The configuration reference page, in Markdown, from ``conf/`` through ``trainables.cli.confdoc``."""
+    from trainables.cli.confdoc import describe_config, describe_groups
 
     out = [
         "# Configuration reference",
         "",
         "Generated from `conf/` each time the site is built (`docs/hooks.py`, through",
-        "`trainables.confdoc`, which also writes every command's `--help`), so it cannot disagree with",
+        "`trainables.cli.confdoc`, which also writes every command's `--help`), so it cannot disagree with",
         "the configs: every key, its default and the comment beside it, which says what the key means",
         "and what it allows. A command line changes a key with Hydra's `key=value`; a group",
         "(`model=`, `data=`, ...) swaps in one file of its folder. The checks behind the comments run",

@@ -39,7 +39,7 @@ def objective_of(cfg) -> str:
     from omegaconf import OmegaConf
 
     from search.pareto import check_objective
-    from trainables.config import require
+    from trainables.protocol.config import require
 
     objectives = OmegaConf.select(cfg, "search.objectives", default=["val_acc", "flops"])
     objectives = OmegaConf.to_object(objectives) if OmegaConf.is_config(objectives) else objectives
@@ -67,7 +67,7 @@ def retime_settings(cfg) -> dict[str, Any]:
     layers (non-dominated layers re-timed with scope front) and all_up_to (scope auto re-times
     every completed trial up to this many, else the front's layers)."""
     from search.retime import SCOPES
-    from trainables.config import require, require_int
+    from trainables.protocol.config import require, require_int
 
     given = OmegaConf.select(cfg, "search.retime", default=None)
     settings = {**RETIME_DEFAULTS, **(OmegaConf.to_container(given) if given is not None else {})}
@@ -94,7 +94,7 @@ def trial_prune(cfg, prune, steps_per_epoch: int | None = None) -> tuple[dict, d
     config before the data is loaded) the proxy's ``q`` is 0."""
     from dataclasses import fields
 
-    from trainables.config import PruneConfig
+    from trainables.protocol.config import PruneConfig
 
     overrides = dict(cfg.search.get("prune_overrides") or {})
     known = {f.name for f in fields(PruneConfig)}
@@ -109,7 +109,7 @@ def trial_prune(cfg, prune, steps_per_epoch: int | None = None) -> tuple[dict, d
     trial = dict(full)
     if cfg.search.get("fidelity", "full") == "proxy":
         from search.blend.proxy import proxy_epochs
-        from trainables.config import require_int
+        from trainables.protocol.config import require_int
 
         proxy = {"adapt_bn_batches": 50, "adapt_bn_batch_size": 128, "finetune_steps": 0,
                  **dict(cfg.search.get("proxy") or {})}
@@ -140,9 +140,9 @@ def blend_candidates(cfg, base, splits, base_path: Path, prune: dict, out: Path,
         write_groups,
     )
     from search.blend.layout import make_layout, unit_groups
-    from trainables.config import PruneConfig
-    from trainables.protocol import resolve_classes, scoring_batches
-    from trainables.surgery import describe_units
+    from trainables.core.surgery import describe_units
+    from trainables.protocol.config import PruneConfig
+    from trainables.protocol.stages import resolve_classes, scoring_batches
 
     blend = cfg.search.blend
     mode = blend.get("layerwise", "global")
@@ -216,11 +216,11 @@ def start_search(cfg, out: Path, log=print) -> Session:
     from search.pareto import check_objective
     from search.tracking import SearchTracker, default_tracking_uri
     from search.tune_callback import MLflowTuneCallback
-    from trainables.base_model import prepare
-    from trainables.compose import configs_of, data_args
-    from trainables.metrics import count_flops, count_params
+    from trainables.cli.base_model import prepare
+    from trainables.cli.compose import configs_of, data_args
+    from trainables.core.metrics import count_flops, count_params
+    from trainables.core.surgery import describe_units, select_units
     from trainables.ray_trainable import TrialContext
-    from trainables.surgery import describe_units, select_units
 
     state_path = out / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -236,7 +236,7 @@ def start_search(cfg, out: Path, log=print) -> Session:
     base, splits, base_path, meta = prepare(cfg, log=log)  # trained once, here, before any trial
     prune, finetune, measure, _ = configs_of(cfg)
     units = select_units(base, describe_units(base), prune.units)  # what the trials prune (prune.units)
-    from trainables.finetune import steps_per_epoch
+    from trainables.protocol.finetune import steps_per_epoch
 
     prune_trial, prune_full = trial_prune(cfg, prune, steps_per_epoch(splits, finetune, cfg.train.num_workers))
     candidates, artifacts = state.get("candidates"), []

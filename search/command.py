@@ -182,7 +182,7 @@ class RunCommand:
     def __init__(self, cfg: Any) -> None:
         from omegaconf import OmegaConf
 
-        from trainables.compose import CONF_DIR
+        from trainables.cli.compose import CONF_DIR
 
         self._conf_dir = CONF_DIR
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -209,7 +209,7 @@ class RunCommand:
     def _compose(self, overrides: list[str]) -> dict:
         from omegaconf import OmegaConf
 
-        from trainables.compose import compose
+        from trainables.cli.compose import compose
 
         return OmegaConf.to_container(compose("config", overrides), resolve=True)
 
@@ -267,7 +267,7 @@ class RunCommand:
 
 def _task_of(resolved: Mapping) -> str:
     """The task the search's model solves (``task=`` of the run command)."""
-    from trainables.models import MODELS
+    from trainables.core.models import MODELS
 
     try:
         return MODELS.get(resolved["model"]["name"]).task

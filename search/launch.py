@@ -55,7 +55,7 @@ def check_trial_resources(cfg) -> None:
     """``train.*`` and ``trial_threads``: how each trial runs (shared by the search and the study)."""
     from omegaconf import OmegaConf
 
-    from trainables.config import require, require_int
+    from trainables.protocol.config import require, require_int
 
     require(cfg.train.path in TRAIN_PATHS, "train.path", f"one of {', '.join(TRAIN_PATHS)}", cfg.train.path)
     for key in ("train.num_workers", "trial_threads"):
@@ -64,7 +64,7 @@ def check_trial_resources(cfg) -> None:
 
 
 def _check_choices(cfg) -> None:
-    from trainables.config import require, require_int
+    from trainables.protocol.config import require, require_int
 
     for key, value, allowed in (
         ("search.sampler", cfg.search.sampler, SAMPLERS),
@@ -97,7 +97,7 @@ def _check_choices(cfg) -> None:
 def load_search_config(argv: list[str]):
     """Compose ``conf/launch.yaml`` with overrides and check it all, before any work; a resumed
     search reuses its saved config (see ``RESUME_SAFE`` for the overrides it still accepts)."""
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resume:
@@ -107,7 +107,7 @@ def load_search_config(argv: list[str]):
 
     from search._session import trial_prune
     from search.space import check_global_choice, check_space
-    from trainables.compose import check_config, configs_of
+    from trainables.cli.compose import check_config, configs_of
     from trainables.criteria import list_criteria
 
     check_config(cfg)
@@ -123,7 +123,7 @@ def _narrow_criteria(cfg) -> None:
     """Keep only the criteria that apply to the run's task in ``search.criteria`` (a detector has
     no class logits for taylor or car), saying which were left out; none left is an error."""
     from search.space import GREEDY_CAR
-    from trainables.compose import config_task
+    from trainables.cli.compose import config_task
     from trainables.criteria import list_criteria
 
     task = config_task(cfg)

@@ -10,7 +10,7 @@ Conventions (docs/guides/reading-results.md has the table of every name and its 
     * ``prune_ratio`` is the share of filters *removed*; ``flops_kept``, ``params_kept`` and
       ``latency_kept`` are the shares of the unpruned model's cost *kept* (pruned / unpruned).
     * ``flops`` counts one multiply or one add as a FLOP (FLOPs = 2 x MACs, as
-      ``trainables.metrics.count_flops``).
+      ``trainables.core.metrics.count_flops``).
     * The front maximizes ``val_acc`` and minimizes a cost: ``flops`` by default, or ``params``
       or ``latency_ms`` (``search.objectives``; see :data:`OBJECTIVES`). Only trials that finished the protocol
       (``status == "COMPLETED"``) are eligible: a trial stopped early by the scheduler never had
@@ -73,7 +73,7 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
 """The costs a search can trade accuracy against; the front, hypervolume and plot follow the one chosen."""
 
 SCORE_LABELS: dict[str, str] = {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}
-"""What a task's headline score (``trainables.tasks.Task.score_name``) is called in tables and figures;
+"""What a task's headline score (``trainables.protocol.tasks.Task.score_name``) is called in tables and figures;
 ``val_acc``/``test_acc`` hold it for every task."""
 
 
@@ -89,8 +89,8 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("trial_id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # COMPLETED | STOPPED_EARLY | FAILED | RUNNING
         pa.field("criterion", pa.string(), nullable=False),  # criterion registry name
-        pa.field("schedule", pa.string()),  # ratio schedule name (trainables.schedules): uniform | differential | differential_depth | per_layer | ..._inverted
-        pa.field("method", pa.string()),  # prune.method (trainables.config.METHODS)
+        pa.field("schedule", pa.string()),  # ratio schedule name (trainables.protocol.schedules): uniform | differential | differential_depth | per_layer | ..._inverted
+        pa.field("method", pa.string()),  # prune.method (trainables.protocol.config.METHODS)
         # share of filters removed (fraction): over all pruned units, weighted by their filters
         pa.field("prune_ratio", pa.float64()),
         pa.field("prune_ratios", pa.list_(pa.float64())),  # share removed per prunable unit, network order
@@ -103,7 +103,7 @@ TRIAL_COLUMNS: pa.Schema = pa.schema(
         pa.field("flops_kept", pa.float64()),  # flops / unpruned flops: share of FLOPs kept
         pa.field("params", pa.int64()),
         pa.field("params_kept", pa.float64()),  # params / unpruned params
-        # per batch (trainables.metrics.measure_latency): re-timed after the trials on each trial's
+        # per batch (trainables.core.metrics.measure_latency): re-timed after the trials on each trial's
         # node, one model at a time, nothing else running (search.retime); the trial's own timing is
         # latency_ms_trial (taken while other trials trained on the same cores)
         pa.field("latency_ms", pa.float64()),

@@ -34,8 +34,8 @@ def _status(result) -> str:
 def _ratios(result, session, config: dict) -> list[float]:
     """The ratios the trial applied: from its final record (which includes any FLOPs-target
     scaling), else (a trial stopped before the end) as its config's schedule gives them."""
+    from trainables.protocol.schedules import make_ratios
     from trainables.ray_trainable import read_trial_record, trial_configs
-    from trainables.schedules import make_ratios
 
     record = read_trial_record(result.checkpoint)
     if record is not None:
@@ -54,8 +54,8 @@ def _ratios(result, session, config: dict) -> list[float]:
 def _unit_filters(model_name: str, num_classes: int, model_kwargs: str, part: str = "all") -> tuple[int, ...]:
     """The base model's filter count per pruned unit (``prune.units``), input to output (the
     differential schedule reads them); from the architecture alone, built once per search."""
-    from trainables.models import build_model
-    from trainables.surgery import describe_units, select_units
+    from trainables.core.models import build_model
+    from trainables.core.surgery import describe_units, select_units
 
     model = build_model(model_name, num_classes=num_classes, **json.loads(model_kwargs))
     return tuple(u.n_filters for u in select_units(model, describe_units(model), part))
@@ -223,7 +223,7 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
     import torch
 
     from data import iterate_batches
-    from trainables.tasks import task_of
+    from trainables.protocol.tasks import task_of
 
     front = [r for r in rows if r["pareto"]]
     if not front:
@@ -238,7 +238,7 @@ def _evaluate_front(rows: list[dict], session, log) -> None:
             record_file = Path(d) / "record.json"
             if record_file.exists():
                 session.tracker.log_artifact(row["trial_id"], record_file)
-        task = task_of(model)  # top-1, mAP@0.5 or mIoU (trainables.tasks)
+        task = task_of(model)  # top-1, mAP@0.5 or mIoU (trainables.protocol.tasks)
         batches = iterate_batches(splits.test, task.eval_batch_size, shuffle=False, num_workers=splits.num_workers)
         test = task.evaluate(model, batches, classes=splits.eval_classes)
         row["test_acc"] = test["score"]
@@ -316,7 +316,7 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log, com
 
 def _score_label(cfg) -> str:
     """What the task's headline score is called (accuracy, mAP@0.5, mIoU)."""
-    from trainables.compose import config_task
+    from trainables.cli.compose import config_task
 
     name = config_task(cfg).score_name
     return SCORE_LABELS.get(name, name)

@@ -36,7 +36,7 @@ from typing import Any
 from torch import nn
 
 from search.pareto import pareto_mask
-from trainables.metrics import deployment_form, measure_latency
+from trainables.core.metrics import deployment_form, measure_latency
 
 __all__ = ["SCOPES", "NodeTiming", "Retimed", "nondominated_layers", "retime_models", "retime_on_nodes",
            "select_for_retiming", "timing_device"]

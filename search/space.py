@@ -17,7 +17,7 @@ from collections.abc import Mapping
 __all__ = ["SearchSpace", "define_space", "check_global_choice", "check_space"]
 
 # The inverted differential schedules are not searched: the space samples ratio_low <= ratio_high.
-# global ranks the criterion's scores over all units (trainables.schedules), one overall ratio.
+# global ranks the criterion's scores over all units (trainables.protocol.schedules), one overall ratio.
 _SCHEDULES = ("uniform", "differential", "differential_depth", "per_layer", "global")
 _GLOBAL_METHODS = ("layer_by_layer", "one_shot")  # the methods that plan with the criterion's scores
 # A method offered among the criteria: a trial that draws it runs prune.method=greedy_car (greedy CAR

@@ -47,7 +47,7 @@ def _is_number(v: Any) -> bool:
 def _list(study, key: str) -> list:
     from omegaconf import OmegaConf
 
-    from trainables.config import require
+    from trainables.protocol.config import require
 
     value = study.get(key)
     value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -63,10 +63,10 @@ def check_study(cfg) -> None:
 
     from search.launch import check_trial_resources
     from search.study_report import METRICS
-    from trainables.compose import config_task
-    from trainables.config import METHODS, require, require_int
+    from trainables.cli.compose import config_task
     from trainables.criteria import list_criteria
-    from trainables.schedules import check_ratio
+    from trainables.protocol.config import METHODS, require, require_int
+    from trainables.protocol.schedules import check_ratio
 
     study = cfg.study
     criteria = _list(study, "criteria")
@@ -128,7 +128,7 @@ def check_study(cfg) -> None:
 
 
 def _baseline_on(study, name: str) -> bool:
-    from trainables.config import METHODS
+    from trainables.protocol.config import METHODS
 
     return study.get(name) is True or (study.get(name) == "auto" and name in METHODS)
 
@@ -177,8 +177,8 @@ def grid_cells(cfg) -> list[dict]:
 
 def _check_cells(cfg, cells: list[dict]) -> None:
     """Every cell's prune settings are valid (e.g. class_specific has target classes)."""
-    from trainables.compose import configs_of
-    from trainables.config import PruneConfig
+    from trainables.cli.compose import configs_of
+    from trainables.protocol.config import PruneConfig
 
     prune = asdict(configs_of(cfg)[0])
     seen = set()
@@ -194,7 +194,7 @@ def load_study_config(argv: list[str]):
     """Compose ``conf/study.yaml`` with overrides and check it all, before any work; a resumed
     study reuses its saved config (only ``num_cpus`` and ``ray_address`` may change)."""
     from search.launch import _resumed_config
-    from trainables.compose import check_config, compose
+    from trainables.cli.compose import check_config, compose
 
     resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
     if resume:
@@ -243,7 +243,7 @@ def _base_models(cfg, session, log=print) -> tuple[dict[int, dict], dict[int, fl
     holds the seed)."""
     from omegaconf import open_dict
 
-    from trainables.base_model import prepare
+    from trainables.cli.base_model import prepare
 
     states = {int(cfg.seed): session.ctx.base_state}
     vals = {int(cfg.seed): session.base_val_acc}
@@ -287,13 +287,13 @@ def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict]):
 
 def _plasticity(record: dict, delta: float) -> dict:
     """The record's run-level recovery metrics, or (a record from before the protocol measured
-    them) the same quantities computed from its curve by ``trainables.recovery``."""
+    them) the same quantities computed from its curve by ``trainables.protocol.recovery``."""
     if "mean_damage" in record:
         steps = record.get("steps") or []
         return {"mean_damage": record.get("mean_damage"), "steps_to_recover": record.get("steps_to_recover"),
                 "recovery_auc": record.get("recovery_auc"), "recovery_delta": record.get("recovery_delta"),
                 "n_steps": len(steps), "steps_json": json.dumps(steps), "metrics_source": "record"}
-    from trainables.recovery import run_recovery, stage_recovery
+    from trainables.protocol.recovery import run_recovery, stage_recovery
 
     curve = record["curve"]
     damage_at = [i for i, p in enumerate(curve) if p["phase"] == "damage"]
@@ -361,7 +361,7 @@ def _rows(results, session, cells: list[dict], delta: float, log) -> list[dict]:
 
 
 def _meta(cfg, session, cells: list[dict]) -> dict:
-    from trainables.compose import config_task, configs_of
+    from trainables.cli.compose import config_task, configs_of
 
     prune, finetune, _, _ = configs_of(cfg)
     return {"model": cfg.model.name, "data": cfg.data.name + (f" ({cfg.subset})" if cfg.get("subset") else ""),
@@ -385,7 +385,7 @@ def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print)
     if orphans:
         log(f"deleted {len(orphans)} MLflow run(s) of trials the resumed study never knew: {', '.join(orphans)}")
     tracker.finalize_dangling()
-    from trainables.compose import configs_of
+    from trainables.cli.compose import configs_of
 
     rows = _rows(results, session, cells, configs_of(cfg)[1].recovery_delta, log)
     write_runs(rows, out / "runs.parquet", _meta(cfg, session, cells))
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     from search._session import start_search
     from search.launch import _output_folder
     from trainables.cli import cli_config
-    from trainables.compose import configs_of
+    from trainables.cli.compose import configs_of
 
     cfg, code = cli_config(__doc__, argv, load_study_config, config_name="study")
     if cfg is None:

@@ -109,7 +109,7 @@ RUN_COLUMNS: pa.Schema = pa.schema([
     pa.field("n_steps", pa.int64()),  # pruning steps (units for layer_by_layer, 1 for one_shot)
     pa.field("mean_damage", pa.float64()),  # mean over pruning steps of (pre-prune - right-after-prune) val acc
     pa.field("steps_to_recover", pa.int64()),  # steps after the last pruning until >= base - recovery_delta; null = never
-    pa.field("recovery_auc", pa.float64()),  # share of the lost accuracy won back, time-weighted, in [0, 1] (trainables.recovery)
+    pa.field("recovery_auc", pa.float64()),  # share of the lost accuracy won back, time-weighted, in [0, 1] (trainables.protocol.recovery)
     pa.field("recovery_delta", pa.float64()),  # the tolerance of steps_to_recover (fraction; 0.01 = 1 point)
     pa.field("metrics_source", pa.string()),  # record (the protocol measured them) | curve (derived here)
     pa.field("steps_json", pa.string()),  # per pruning step: step, units, pre/damage/recovered acc, recovery
@@ -632,7 +632,7 @@ def plot_data_efficiency(summary: list[Row], path: Path, meta: dict) -> None:
 
 
 def _score_name(meta: dict) -> str:
-    """The task's headline score (trainables.tasks): accuracy, mAP@0.5 or mIoU."""
+    """The task's headline score (trainables.protocol.tasks): accuracy, mAP@0.5 or mIoU."""
     return {"top1": "accuracy", "map50": "mAP@0.5", "miou": "mIoU"}.get(meta.get("score", "top1"), "accuracy")
 
 
@@ -993,7 +993,7 @@ def _markdown(rows: list[Row], summary: list[Row], paired: list[Row], meta: dict
         "right after pruning (points, mean over pruning steps), steps to recover = optimiser steps after the last pruning "
         "step until val score is back within the recovery delta of the base model's (mean over the runs that got there; "
         "'never' counts the others), recovery AUC = time-weighted share of the lost score won back from the first pruning "
-        "step to the end (0 = stayed at its worst, 1 = never below base; `trainables.recovery`); the unpruned control "
+        "step to the end (0 = stayed at its worst, 1 = never below base; `trainables.protocol.recovery`); the unpruned control "
         "lost nothing, so it has no recovery AUC (-). FLOPs kept = pruned / unpruned FLOPs.", "",
         _summary_table(summary, meta, shape) if summary else "(no completed run)",
         "", "## Every criterion against random, paired by seed", "",

@@ -439,7 +439,7 @@ class SearchTracker:
         """A detector as ``model/state_dict.pt`` + ``model/record.json``: ``torch.export`` cannot
         trace torchvision's R-CNNs (data-dependent proposal counts), so the pruned model is rebuilt
         instead: ``rebuild_pruned(build_model(b["name"], num_classes=b["num_classes"], **b["kwargs"]),
-        record, state_dict)`` with ``b = record["architecture"]`` (``trainables.protocol``) replays
+        record, state_dict)`` with ``b = record["architecture"]`` (``trainables.protocol.stages``) replays
         ``record["prune_log"]`` on the base architecture and loads the weights."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp, "model")

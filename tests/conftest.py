@@ -118,7 +118,7 @@ def train_small_cnn(splits, epochs: int = 1):
     order (seed 0), in eval mode: a quick real base model for protocol and criterion tests."""
     import torch
 
-    from trainables.models import build_model
+    from trainables.core.models import build_model
 
     torch.manual_seed(0)
     model = build_model("small_cnn")

@@ -21,9 +21,9 @@ from search import launch
 from trainables import build_model, get_criterion, prune_layer
 from trainables import compress as compress_cli
 from trainables import run as run_cli
-from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
-from trainables.greedy_car import greedy_car_order
-from trainables.schedules import make_ratios
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.protocol.greedy_car import greedy_car_order
+from trainables.protocol.schedules import make_ratios
 
 # (args, every one of these substrings must be in the message)
 RUN_ROWS = [
@@ -299,20 +299,20 @@ def test_python_api_refuses(call, exc, musts):
 
 @pytest.mark.parametrize("prefix", ["", "+", "++"])
 def test_a_declared_key_is_set_with_or_without_plus(prefix):
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     assert compose("config", [f"{prefix}prune.ratio=0.3"]).prune.ratio == 0.3
 
 
 def test_free_form_maps_take_any_key_with_or_without_plus():
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     cfg = compose("config", ["model.kwargs.width=8", "+criterion.options.eps=0.5"])
     assert cfg.model.kwargs.width == 8 and cfg.criterion.options.eps == 0.5
 
 
 def test_restating_a_default_is_not_a_change():
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     # prune.ratio=0.5 is uniform's default: with a differential schedule it changes nothing, so it is accepted
     cfg = compose("config", ["prune.schedule=differential", "prune.ratio=0.5"])
@@ -320,7 +320,7 @@ def test_restating_a_default_is_not_a_change():
 
 
 def test_a_group_changes_which_keys_exist():
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     assert compose("config", ["data=coloured_fashion_mnist", "data.colour=label"]).data.colour == "label"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainables.base_model import (
+from trainables.cli.base_model import (
     DamagedCheckpointError,
     _save_if_absent,
     _write_temp,
@@ -25,7 +25,7 @@ from trainables.base_model import (
     partial_checkpoint_path,
     prepare,
 )
-from trainables.compose import load_run_config
+from trainables.cli.compose import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def test_writer_that_finishes_second_uses_the_first_writers_entry(tiny_fmnist, t
     # (a stand-in with its own weights). This one stops at its next epoch's end, loads that entry,
     # and leaves it as it is.
     from trainables import build_model
-    from trainables.base_model import save_checkpoint
+    from trainables.cli.base_model import save_checkpoint
 
     cfg = load_run_config(_args(tiny_fmnist, tmp_path, 3))
     path: list[Path] = []

@@ -22,7 +22,7 @@ from search.launch import load_search_config, main
 from search.space import define_space
 from trainables import ScoringContext, build_model, describe_units, get_criterion
 from trainables.criteria.blended import check_blend_options, normalize_scores, rank_normalize
-from trainables.protocol import recalibrate_bn, select_keep
+from trainables.protocol.stages import recalibrate_bn, select_keep
 
 
 def _model() -> nn.Module:
@@ -455,7 +455,7 @@ def test_proxy_epochs_give_back_exactly_k_protocol_steps(per_epoch):
     from types import SimpleNamespace as NS
 
     from search.blend.proxy import proxy_epochs
-    from trainables.finetune import steps_per_epoch
+    from trainables.protocol.finetune import steps_per_epoch
 
     full, part = NS(train=range(5_500), train_size_full=55_000), NS(train=range(90), train_size_full=100)
     assert steps_per_epoch(full, NS(batch_size=128, steps_follow_fraction=False)) == 429  # the full set's epoch
@@ -469,10 +469,10 @@ def test_proxy_epochs_give_back_exactly_k_protocol_steps(per_epoch):
 def test_proxy_trial_takes_adaptive_bn_and_exactly_k_optimiser_steps(tiny_fmnist):
     from data import get_data
     from search._session import trial_prune
-    from trainables.compose import configs_of
-    from trainables.config import MeasureConfig, PruneConfig
-    from trainables.finetune import steps_per_epoch
-    from trainables.protocol import run_protocol
+    from trainables.cli.compose import configs_of
+    from trainables.protocol.config import MeasureConfig, PruneConfig
+    from trainables.protocol.finetune import steps_per_epoch
+    from trainables.protocol.stages import run_protocol
 
     splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
     cfg = load_search_config(["search=blended", "data.batch_size=32", "search.proxy.finetune_steps=7",

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from data import get_data
-from trainables.base_model import prepare, save_checkpoint
-from trainables.compose import load_run_config
-from trainables.models import MODELS, build_model, cut_head, head_of, list_models
+from trainables.cli.base_model import prepare, save_checkpoint
+from trainables.cli.compose import load_run_config
+from trainables.core.models import MODELS, build_model, cut_head, head_of, list_models
 from trainables.run import main as run_main
 
 FOOTWEAR = [5, 7, 9]  # Sandal, Sneaker, Ankle boot: conf/classes/fmnist_footwear.yaml

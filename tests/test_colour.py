@@ -13,14 +13,14 @@ from torch import nn
 import data._fashion_mnist as fmnist
 from data import coloured_channel_stats, dataset_options, get_data
 from data._coloured import colourise
-from trainables.colour import (
+from trainables.core.models import build_model
+from trainables.core.surgery import describe_units
+from trainables.experiments.colour import (
     colour_threshold,
     greyscale,
     luminance_colour_index,
     response_colour_index,
 )
-from trainables.models import build_model
-from trainables.surgery import describe_units
 
 CFM = "coloured_fashion_mnist"
 
@@ -116,7 +116,7 @@ def test_bad_options_are_refused_before_any_file_is_read(tmp_path, no_fallback, 
 
 
 def test_run_config_passes_the_colour_and_keys_the_base_model_by_it():
-    from trainables.compose import base_data_args, data_args, load_run_config
+    from trainables.cli.compose import base_data_args, data_args, load_run_config
 
     cfg = load_run_config(["data=coloured_fashion_mnist", "model=small_alexnet", "data.colour=label"])
     assert data_args(cfg)["options"] == {"colour": "label"} and base_data_args(cfg)["options"] == {"colour": "label"}

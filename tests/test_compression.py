@@ -14,7 +14,8 @@ from torch import nn
 
 from data import get_data
 from trainables import build_model, get_criterion
-from trainables.compression import (
+from trainables.criteria import ScoringContext
+from trainables.experiments.compression import (
     STAGES,
     CompressConfig,
     SharedWeights,
@@ -36,8 +37,7 @@ from trainables.compression import (
     sparse_bits,
     sparse_layout,
 )
-from trainables.config import FinetuneConfig
-from trainables.criteria import ScoringContext
+from trainables.protocol.config import FinetuneConfig
 
 
 def test_sparse_layout_by_hand():
@@ -210,8 +210,8 @@ def test_stages_shrink_the_layers_and_the_result_runs(splits):
 
 
 def test_greedy_chooser_keeps_what_greedy_car_does_not_remove(splits):
-    from trainables.greedy_car import greedy_car_order_naive
-    from trainables.surgery import describe_units
+    from trainables.core.surgery import describe_units
+    from trainables.protocol.greedy_car import greedy_car_order_naive
 
     torch.manual_seed(1)
     model = build_model("small_cnn", width=4)

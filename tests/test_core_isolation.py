@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 CORE_MODULES = [
-    "trainables", "trainables.criteria", "trainables.protocol", "trainables.run", "trainables.pretrain",
-    "trainables.metrics", "trainables.surgery", "trainables.schedules", "trainables.models", "trainables.compose",
-    "trainables.base_model", "trainables.cli", "trainables.config", "data",
+    "trainables", "trainables.criteria", "trainables.protocol.stages", "trainables.run", "trainables.pretrain",
+    "trainables.core.metrics", "trainables.core.surgery", "trainables.protocol.schedules", "trainables.core.models", "trainables.cli.compose",
+    "trainables.cli.base_model", "trainables.cli", "trainables.protocol.config", "data",
 ]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from trainables import ScoringContext, build_model, describe_units, get_criterion, mask_filters
 from trainables.criteria.car import _needs_input_expansion, car_naive, combine
-from trainables.protocol import select_keep
+from trainables.protocol.stages import select_keep
 
 
 def _two_filter_model() -> tuple[nn.Module, list]:

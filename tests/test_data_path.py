@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data import DataSplits, InMemoryDataset, get_data, iterate_batches
-from trainables.config import FinetuneConfig
-from trainables.finetune import Finetuner
+from trainables.protocol.config import FinetuneConfig
+from trainables.protocol.finetune import Finetuner
 
 CLASSES, PER_CLASS = ("ant", "bee", "cow"), 16  # 48 training images
 

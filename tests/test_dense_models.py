@@ -12,9 +12,9 @@ import torch_pruning as tp
 from test_surgery import _masked_and_pruned, _random_keep, _randomise_bn
 from torch import nn
 
-from trainables.metrics import count_flops
-from trainables.models import build_model, cut_head, head_of, list_models
-from trainables.surgery import (
+from trainables.core.metrics import count_flops
+from trainables.core.models import build_model, cut_head, head_of, list_models
+from trainables.core.surgery import (
     dependency_graph,
     describe_units,
     mask_filters,
@@ -218,7 +218,7 @@ def test_vgg16_unit_counts():
 
 
 def test_vgg16_weights_load_by_index(tmp_path):
-    from trainables.dense_models import _vgg16_backbone
+    from trainables.core.dense_models import _vgg16_backbone
 
     torch.manual_seed(3)
     features = _vgg16_backbone()

@@ -71,8 +71,8 @@ def test_segmentation_run_prunes_only_the_decoder_when_asked(small_scenes, tmp_p
     assert record["unit_names"] and all(u.startswith("decoder.") for u in record["unit_names"])
     assert "mIoU" in out
     # The encoder kept every filter: the pruned architecture's encoder convs have the base widths.
-    from trainables.models import build_model
-    from trainables.protocol import rebuild_pruned
+    from trainables.core.models import build_model
+    from trainables.protocol.stages import rebuild_pruned
 
     base = build_model("small_segnet", num_classes=11, width=8)
     pruned = rebuild_pruned(build_model("small_segnet", num_classes=11, width=8), record)
@@ -103,7 +103,7 @@ def test_detection_search_logs_map_to_mlflow(tiny_fmnist, tmp_path):
     """`python -m search.launch task=detection`: two trials on a given (saved, untrained) detector;
     each trial's MLflow run carries val_map50 beside val_acc, and the front's models are logged
     as weights + record (torch.export cannot trace torchvision's R-CNNs)."""
-    from trainables.models import build_model
+    from trainables.core.models import build_model
 
     weights = tmp_path / "frcnn.pt"
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_detection_search_logs_map_to_mlflow(tiny_fmnist, tmp_path):
     # The front's detectors are logged as weights + record, and load back into a working model.
     import mlflow
 
-    from trainables.protocol import rebuild_pruned
+    from trainables.protocol.stages import rebuild_pruned
 
     front = [r for r in runs if r.data.tags.get("pareto") == "true"]
     assert front

@@ -119,7 +119,7 @@ def _stand_ins(args: tuple[str, ...], tmp: Path) -> list[str]:
 
 
 def _run_config(args: list[str]) -> Any:
-    from trainables.compose import load_run_config
+    from trainables.cli.compose import load_run_config
 
     return load_run_config(args)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainables.core.models import build_model
+from trainables.core.surgery import describe_units, prune_layer
 from trainables.export import (
     FORMATS,
     check_export,
@@ -18,8 +20,6 @@ from trainables.export import (
     main,
     onnxruntime_available,
 )
-from trainables.models import build_model
-from trainables.surgery import describe_units, prune_layer
 
 # CI installs the onnx extra (.ci/run), so the ONNX round trip runs there; a bare install skips it.
 ONNX = pytest.param("onnx", marks=pytest.mark.skipif(not onnxruntime_available(),
@@ -88,8 +88,8 @@ def test_export_command_from_a_run_folder(tiny_fmnist, tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from data import iterate_batches
-    from trainables.base_model import prepare
-    from trainables.tasks import task_of
+    from trainables.cli.base_model import prepare
+    from trainables.protocol.tasks import task_of
 
     torch.set_num_threads(1)
     folder = _run_folder(tiny_fmnist, tmp_path, capsys)

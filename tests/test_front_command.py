@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from search.command import RunCommand, hydra_value, searched_keys
 from search.launch import main as launch
 from search.pareto import read_trials
-from trainables.compose import compose, configs_of, load_run_config
+from trainables.cli.compose import compose, configs_of, load_run_config
 
 
 def _run_args(command: str) -> list[str]:

@@ -13,13 +13,13 @@ import torch
 from data import get_data
 from search.space import check_global_choice, check_space, define_space
 from tests.conftest import train_small_cnn
-from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.core.models import build_model
+from trainables.core.surgery import describe_units
 from trainables.criteria import ScoringContext, get_criterion
-from trainables.models import build_model
-from trainables.planning import FlopsModel, plan_ratios
-from trainables.protocol import run_protocol
-from trainables.schedules import global_floors, global_kept, kept_count, make_ratios
-from trainables.surgery import describe_units
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.protocol.planning import FlopsModel, plan_ratios
+from trainables.protocol.schedules import global_floors, global_kept, kept_count, make_ratios
+from trainables.protocol.stages import run_protocol
 
 
 def _scores(counts: list[int], seed: int = 0) -> list[torch.Tensor]:

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-import trainables.greedy_car as greedy
+import trainables.protocol.greedy_car as greedy
 from data import get_data
 from tests.conftest import train_small_cnn
 from trainables import build_model, describe_units
-from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
-from trainables.greedy_car import greedy_car_order, greedy_car_order_naive
-from trainables.protocol import run_protocol
-from trainables.schedules import kept_count
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.protocol.greedy_car import greedy_car_order, greedy_car_order_naive
+from trainables.protocol.schedules import kept_count
+from trainables.protocol.stages import run_protocol
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -368,7 +368,7 @@ def test_protocol_greedy_car_record(base, splits, extra):
         prune_layer(replay, rec["unit"], rec["keep_idxs"])
     assert [p.shape for p in replay.parameters()] == [p.shape for p in model.parameters()]
     if not extra:  # without retraining the first unit pruned follows greedy_car_order on the validation batches
-        from trainables.protocol import validation_batches
+        from trainables.protocol.stages import validation_batches
 
         first = units[-1]
         expect = greedy_car_order(base, first.name, validation_batches(splits, prune, 0),
@@ -384,7 +384,7 @@ def test_the_search_space_offers_greedy_car_among_the_criteria():
 
     from search.space import check_space, define_space
     from trainables import list_criteria
-    from trainables.compose import compose
+    from trainables.cli.compose import compose
 
     space = OmegaConf.to_container(compose("launch", []).search, resolve=True)
     space["criteria"] = ["l1", "greedy_car"]

@@ -1,7 +1,7 @@
 """``--help`` teaches the keys: generated from conf/ (keys, defaults, comments, group choices),
 accepted anywhere on the line, fast (no torch), and ``--cfg job`` prints the resolved config.
 
-The keys come from ``trainables.confdoc``'s own reading of conf/; the first test proves that
+The keys come from ``trainables.cli.confdoc``'s own reading of conf/; the first test proves that
 reading composes exactly what Hydra composes, for every config and every group option."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainables.confdoc import (
+from trainables.cli.confdoc import (
     CONF_DIR,
     compose_light,
     describe_config,
@@ -142,7 +142,7 @@ def test_help_and_refused_keys_import_no_heavy_package(module, args, code):
 
 
 def test_the_configuration_guide_lists_every_refused_pair():
-    from trainables.keycheck import SEARCHED, UNREAD_RULES
+    from trainables.cli.keycheck import SEARCHED, UNREAD_RULES
 
     page = (ROOT / "docs" / "guides" / "configuration.md").read_text()
     for rule in UNREAD_RULES:

@@ -55,7 +55,7 @@ def imports_of(module: str) -> list[str]:
 
 def test_the_scan_sees_the_code():
     # A broken scan would pass every check below: make sure it finds known imports.
-    assert "trainables.surgery" in imports_of("trainables.criteria._base")
+    assert "trainables.core.surgery" in imports_of("trainables.criteria._base")
     assert "data._datasets" in imports_of("data")
     assert len(MODULES) > 30
 
@@ -76,6 +76,59 @@ def test_no_private_imports_across_packages(module):
         and t.split(".")[0] != own
     ]
     assert not private, f"{module} imports private modules of another package: {private}"
+
+
+# Inside trainables, bottom to top. The modules at the top of the package (the commands and the
+# Ray adapter) sit above every subpackage; a new subpackage must be placed here to pass.
+SUBPACKAGES = ("core", "criteria", "protocol", "experiments", "cli")
+TOP = len(SUBPACKAGES)
+TRAINABLES = sorted(m for m in MODULES if m.startswith("trainables."))
+
+
+def sublayer(module: str) -> int:
+    """Where a ``trainables.*`` module sits: its subpackage's place, or TOP for a top-level module."""
+    part = module.split(".")[1]
+    return SUBPACKAGES.index(part) if part in SUBPACKAGES else TOP
+
+
+def test_every_trainables_folder_has_a_layer():
+    folders = {p.parent.name for p in (ROOT / "trainables").rglob("*.py") if p.parent != ROOT / "trainables"}
+    assert folders == set(SUBPACKAGES), f"place the new subpackages in SUBPACKAGES: {sorted(folders ^ set(SUBPACKAGES))}"
+    tops = sorted(m for m in TRAINABLES if sublayer(m) == TOP)
+    # Only the commands and the Ray adapter live at the top: everything else has a layer below.
+    assert tops == ["trainables.colour_report", "trainables.compress", "trainables.export",
+                    "trainables.pretrain", "trainables.ray_trainable", "trainables.run"]
+
+
+def test_sublayer_of_known_modules():
+    assert sublayer("trainables.core.surgery") < sublayer("trainables.criteria.car") < sublayer("trainables.protocol.stages")
+    assert sublayer("trainables.protocol.stages") < sublayer("trainables.experiments.compression") < sublayer("trainables.cli.compose")
+    assert sublayer("trainables.cli.compose") < sublayer("trainables.run") == sublayer("trainables.ray_trainable")
+
+
+@pytest.mark.parametrize("module", TRAINABLES)
+def test_trainables_imports_go_down_its_subpackages(module):
+    own = sublayer(module)
+    upward = [t for t in imports_of(module)
+              if t.startswith("trainables.") and t in MODULES and sublayer(t) > own]
+    assert not upward, (f"{module} imports {upward} from above its layer "
+                        f"({' -> '.join(reversed(SUBPACKAGES))} under the commands)")
+
+
+@pytest.mark.parametrize("module", TRAINABLES)
+def test_no_private_imports_across_subpackages(module):
+    mine = module.split(".")[1]
+    private = [t for t in imports_of(module)
+               if t.startswith("trainables.") and t.split(".")[1] != mine
+               and any(part.startswith("_") and not part.startswith("__") for part in t.split(".")[2:])]
+    assert not private, f"{module} imports private modules of another subpackage: {private}"
+
+
+def test_the_subpackage_checks_can_fail():
+    # The checks above read imports_of; make sure they would see an upward and a private import.
+    assert "trainables.criteria" in imports_of("trainables.protocol.greedy_car")
+    assert sublayer("trainables.criteria") > sublayer("trainables.core.models")
+    assert "trainables.criteria._base" in imports_of("trainables.criteria.car")
 
 
 def circles_of(graph: dict[str, set[str]]) -> list[list[str]]:

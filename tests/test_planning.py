@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from trainables import build_model, count_flops, describe_units, prune_layer
-from trainables.config import PruneConfig
-from trainables.planning import FlopsModel, plan_ratios
-from trainables.schedules import kept_count
+from trainables.protocol.config import PruneConfig
+from trainables.protocol.planning import FlopsModel, plan_ratios
+from trainables.protocol.schedules import kept_count
 
 FAST_MODELS = ["small_cnn", "vgg16_bn_cifar", "resnet20_cifar", "resnet56_cifar"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from trainables.base_model import prepare
-from trainables.compose import configs_of, load_run_config
-from trainables.protocol import run_protocol
+from trainables.cli.base_model import prepare
+from trainables.cli.compose import configs_of, load_run_config
+from trainables.protocol.stages import run_protocol
 
 pytestmark = [
     pytest.mark.slow,

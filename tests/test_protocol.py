@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-import trainables.finetune as finetune_module
-import trainables.protocol as protocol
+import trainables.protocol.finetune as finetune_module
+import trainables.protocol.stages as protocol
 from data import InMemoryDataset, get_data, iterate_batches
 from tests.conftest import train_small_cnn
 from trainables import count_flops, describe_units, get_criterion, prune_layer
-from trainables.base_model import train_base_model
-from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
-from trainables.protocol import plan_ratios, run_protocol, scoring_batches, select_keep
-from trainables.records import ProtocolState
+from trainables.cli.base_model import train_base_model
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.protocol.records import ProtocolState
+from trainables.protocol.stages import plan_ratios, run_protocol, scoring_batches, select_keep
 
 # The record's keys in order: its JSON shape is an interface (run.py, search, bench read it).
 RECORD_KEYS = [
@@ -222,7 +222,7 @@ def test_eval_max_images_limits_intermediate_evaluations_only(base, splits, monk
     seen = []
     ft = dataclasses.replace(FAST, eval_max_images=30)
     model = copy.deepcopy(base)
-    from trainables.tasks import TASKS
+    from trainables.protocol.tasks import TASKS
 
     task = TASKS.get("classification")
 
@@ -237,7 +237,7 @@ def test_eval_max_images_limits_intermediate_evaluations_only(base, splits, monk
     n_val, n_test = len(splits.val), len(splits.test)
     assert seen[0] == n_val and seen[-1] == n_test and seen[-2] == n_val  # base, final val, test: all images
     assert set(seen[1:-2]) == {30}
-    from trainables.metrics import evaluate
+    from trainables.core.metrics import evaluate
 
     assert record["final_val_acc"] == evaluate(model, iterate_batches(splits.val, 100, shuffle=False))["top1"]
 

@@ -14,9 +14,9 @@ from search._session import trial_prune
 from search.launch import load_search_config
 from search.space import define_space
 from trainables import build_model, describe_units
-from trainables.compose import configs_of
-from trainables.config import PruneConfig
-from trainables.planning import FlopsModel, plan_ratios
+from trainables.cli.compose import configs_of
+from trainables.protocol.config import PruneConfig
+from trainables.protocol.planning import FlopsModel, plan_ratios
 
 
 def test_every_trial_gets_the_same_budget_and_target():

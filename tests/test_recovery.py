@@ -10,12 +10,17 @@ import torch
 
 from data import get_data
 from trainables import build_model, describe_units
-from trainables.base_model import train_base_model
-from trainables.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
-from trainables.finetune import Finetuner, stage_eval_steps
-from trainables.protocol import run_protocol
-from trainables.recovery import recovery_auc, run_recovery, stage_recovery, steps_to_recover
-from trainables.schedules import kept_count
+from trainables.cli.base_model import train_base_model
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.protocol.finetune import Finetuner, stage_eval_steps
+from trainables.protocol.recovery import (
+    recovery_auc,
+    run_recovery,
+    stage_recovery,
+    steps_to_recover,
+)
+from trainables.protocol.schedules import kept_count
+from trainables.protocol.stages import run_protocol
 
 FT = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100)
 NO_LATENCY = MeasureConfig(latency=False)

@@ -20,9 +20,9 @@ from search import launch
 from search.pareto import front_rows, mark_pareto
 from search.results import _retime
 from search.retime import nondominated_layers, select_for_retiming
-from trainables.models import build_model
+from trainables.core.models import build_model
+from trainables.core.surgery import describe_units, prune_layer
 from trainables.ray_trainable import TrialContext
-from trainables.surgery import describe_units, prune_layer
 
 # ---- scope: which models are re-timed ----------------------------------------------------------
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainables import list_criteria
-from trainables.compose import CONF_DIR
+from trainables.cli.compose import CONF_DIR
 from trainables.run import main
 
 
@@ -55,7 +55,7 @@ def test_checkpoint_mismatch_names_keys(tmp_path):
     import torch
 
     from trainables import build_model
-    from trainables.base_model import load_checkpoint, save_checkpoint
+    from trainables.cli.base_model import load_checkpoint, save_checkpoint
 
     path = tmp_path / "ck.pt"
     save_checkpoint(build_model("small_cnn", width=8), path, {})

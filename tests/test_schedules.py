@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from search.space import check_space, define_space
-from trainables.config import PruneConfig
-from trainables.models import build_model
-from trainables.planning import plan_ratios
-from trainables.schedules import kept_count, list_schedules, make_ratios
-from trainables.surgery import describe_units
+from trainables.core.models import build_model
+from trainables.core.surgery import describe_units
+from trainables.protocol.config import PruneConfig
+from trainables.protocol.planning import plan_ratios
+from trainables.protocol.schedules import kept_count, list_schedules, make_ratios
 
 VGG16_FILTERS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 LOW, HIGH = 0.25, 0.75

@@ -121,7 +121,7 @@ def test_fast_path_and_torch_trainer_give_the_same_metrics(tiny_fmnist, tmp_path
     from ray import tune
 
     from data import get_data
-    from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
     from trainables.ray_trainable import TrialContext, trial_fn
 
     torch_seed_model = build_model("small_cnn")

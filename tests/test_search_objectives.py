@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from search.pareto import OBJECTIVES, check_objective, front_rows, mark_pareto, plot_front
 from search.retime import retime_models
 from search.searcher import FinishedOnlyOptunaSearch
-from trainables.models import build_model
+from trainables.core.models import build_model
 from trainables.ray_trainable import _Reporter, last_recovery_acc, with_recovery_acc
 
 # ---- Optuna is told only finished trials as COMPLETE ------------------------------------------

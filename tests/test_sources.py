@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data import dataset_fingerprint, get_data, iterate_batches, known_class_names
-from trainables.models import MODELS, build_model, check_model_fits
+from trainables.core.models import MODELS, build_model, check_model_fits
 from trainables.run import main as run_main
 
 ROOT = Path(__file__).resolve().parent.parent

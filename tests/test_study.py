@@ -26,7 +26,7 @@ from search.study_report import (
     write_report,
     write_runs,
 )
-from trainables.config import METHODS
+from trainables.protocol.config import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"

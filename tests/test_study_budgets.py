@@ -209,9 +209,9 @@ def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(
     from conftest import train_small_cnn
 
     from data import get_data
-    from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
-    from trainables.finetune import steps_per_epoch
-    from trainables.protocol import run_protocol
+    from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.protocol.finetune import steps_per_epoch
+    from trainables.protocol.stages import run_protocol
 
     splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
     base = train_small_cnn(splits, epochs=1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainables import build_model, describe_units, mask_filters, prunable_layers, prune_layer
-from trainables.surgery import round_to_groups
+from trainables.core.surgery import round_to_groups
 
 # Small spatial sizes keep the ImageNet models fast; their adaptive pooling accepts them.
 ARCHS = {

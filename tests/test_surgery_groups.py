@@ -11,7 +11,7 @@ from test_surgery import _masked_and_pruned, _randomise_bn
 from torch import nn
 
 from trainables import describe_units, mask_filters, prunable_layers, prune_layer
-from trainables.surgery import round_to_groups
+from trainables.core.surgery import round_to_groups
 
 
 def _conv_bn(c_in: int, c_out: int, k: int = 1, groups: int = 1) -> nn.Sequential:

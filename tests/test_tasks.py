@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.tasks import (
+from trainables.protocol.tasks import (
     IGNORE_INDEX,
     TASKS,
     check_criterion,
@@ -142,7 +142,7 @@ def test_pairing_and_criterion_checks_are_one_line():
 
 
 def test_segmentation_training_loss_is_median_frequency_balanced():
-    from trainables.tasks import median_frequency_weights
+    from trainables.protocol.tasks import median_frequency_weights
 
     y = torch.zeros(1, 4, 10, dtype=torch.uint8)  # 40 pixels: 30 background, 8 of class 1, 2 of class 2
     y[0, 0, :8] = 1

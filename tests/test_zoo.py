@@ -30,7 +30,13 @@ from bench.zoo_coverage import (
     sample,
 )
 from trainables import ScoringContext, get_criterion, list_criteria
-from trainables.surgery import Unit, describe_units, prunable_layers, prune_layer, round_to_groups
+from trainables.core.surgery import (
+    Unit,
+    describe_units,
+    prunable_layers,
+    prune_layer,
+    round_to_groups,
+)
 
 CNNS = sorted(set(SMALLEST) - TRANSFORMERS)
 

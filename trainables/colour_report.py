@@ -5,12 +5,12 @@ Per seed and per colour variant of the data (``--variants``; ``data.colour`` of
 coloured_fashion_mnist: ``random``, where colour carries no label information, and the
 control ``label``, where the hue names the class) it
 
-1. trains the base model, or loads it from the base-model cache (``trainables.base_model.prepare``);
+1. trains the base model, or loads it from the base-model cache (``trainables.cli.base_model.prepare``);
 2. computes greedy CAR's removal order of the first conv layer's filters on validation images
-   (``trainables.greedy_car``; ``--order car`` ranks by one-shot CAR instead), the first ``--k``
+   (``trainables.protocol.greedy_car``; ``--order car`` ranks by one-shot CAR instead), the first ``--k``
    removals (``--k 0``: all but one filter, the whole order);
 3. classifies every first-layer filter as colour or not from its weights
-   (``trainables.colour.luminance_colour_index`` against the untrained-filter threshold), and
+   (``trainables.experiments.colour.luminance_colour_index`` against the untrained-filter threshold), and
    gives each second-layer unit Rafegas and Vanrell's response index (``--second-layer``);
 4. compares the share of colour filters among the first k greedy-CAR removals with the base
    rate, with the k lowest-l1 filters and with k random filters; p-values are permutation tests
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainables.colour import (
+from trainables.experiments.colour import (
     NULL_QUANTILE,
     colour_threshold,
     greyscale,
@@ -47,7 +47,7 @@ from trainables.colour import (
     response_colour_index,
     response_threshold,
 )
-from trainables.config import require, require_int
+from trainables.protocol.config import require, require_int
 
 __all__ = ["ReportOptions", "figure", "main", "merge_reports", "run_report", "summarise"]
 
@@ -124,7 +124,7 @@ def _configs(opts: ReportOptions, overrides: list[str]) -> list[tuple[int, str, 
     from omegaconf import OmegaConf
 
     from data import dataset_options
-    from trainables.compose import check_config, load_run_config
+    from trainables.cli.compose import check_config, load_run_config
 
     first = load_run_config([*DEFAULTS, *overrides])
     colours = dataset_options(first.data.name).get("colour")
@@ -161,7 +161,7 @@ def _order(model, unit_name: str, batches, n_remove: int, opts: ReportOptions) -
 
         scores = get_criterion("car")(model, unit_name, ScoringContext(batches=batches))
         return torch.argsort(scores, stable=True)[:n_remove].tolist()  # lowest (least important) first
-    from trainables.greedy_car import greedy_car_order
+    from trainables.protocol.greedy_car import greedy_car_order
 
     return greedy_car_order(model, unit_name, batches, n_remove=n_remove, rescore_every=opts.rescore_every)
 
@@ -170,7 +170,7 @@ def _layer_index(model, unit, layer: int, images: torch.Tensor, cfg: Any, num_cl
                  stats: tuple | None, opts: ReportOptions) -> tuple[list[float], float, str]:
     """Each filter's colour index, the layer's threshold and the kind of index: from the
     weights for a first layer reading RGB, else from responses (greyscale versions need ``stats``)."""
-    from trainables.models import build_model
+    from trainables.core.models import build_model
 
     conv = model.get_submodule(unit.convs[0])
     if layer == 1 and conv.in_channels == 3:
@@ -197,8 +197,8 @@ def _one_run(seed: int, variant: str, cfg: Any, opts: ReportOptions, log) -> tup
     """Per-filter rows of one (seed, variant) and the run's metadata."""
     from data import iterate_batches
     from trainables import ScoringContext, get_criterion
-    from trainables.base_model import prepare
-    from trainables.surgery import describe_units
+    from trainables.cli.base_model import prepare
+    from trainables.core.surgery import describe_units
 
     model, splits, base_path, meta = prepare(cfg, log=log)
     model.eval()

@@ -8,7 +8,7 @@ Examples::
 
 Loads (or trains and caches) the base model of ``conf/compress.yaml`` (which extends
 ``conf/config.yaml``), removes filters with the criterion, prunes and shares the remaining
-weights, Huffman-codes them (``trainables.compression``), and prints per stage the layers'
+weights, Huffman-codes them (``trainables.experiments.compression``), and prints per stage the layers'
 bits, the ratio to the dense float32 layers and the val accuracy. Writes ``record.json``,
 ``config.yaml`` and ``layers.npz`` (the storage form) to a folder under ``output_dir`` and
 prints the record's path last.
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from trainables.cli import run_cli, save_run
-from trainables.compose import load_run_config
-from trainables.compression import (
+from trainables.cli.compose import load_run_config
+from trainables.experiments.compression import (
     STAGES,
     CompressConfig,
     check_layers,
@@ -32,7 +32,7 @@ from trainables.compression import (
     keep_by_greedy_car,
     keep_by_score,
 )
-from trainables.config import require
+from trainables.protocol.config import require
 
 __all__ = ["compress_config", "format_table", "load_compress_config", "main", "run"]
 
@@ -54,8 +54,8 @@ def compress_config(cfg: Any) -> CompressConfig:
 def load_compress_config(overrides: list[str]) -> Any:
     """The composed ``conf/compress.yaml`` with every check run: the run config's, the
     ``compress`` section's, and the layers against the (untrained) model's units."""
-    from trainables.compose import config_task
-    from trainables.models import build_model
+    from trainables.cli.compose import config_task
+    from trainables.core.models import build_model
 
     cfg = load_run_config(overrides, config_name="compress")
     task = config_task(cfg).name
@@ -87,10 +87,10 @@ def run(cfg: Any, log=print) -> tuple[dict, Path]:
     """Run one composed config; returns the record and the path it was written to."""
     from omegaconf import OmegaConf
 
-    from trainables.base_model import prepare
-    from trainables.compose import configs_of
+    from trainables.cli.base_model import prepare
+    from trainables.cli.compose import configs_of
     from trainables.criteria import ScoringContext, get_criterion
-    from trainables.protocol import scoring_batches
+    from trainables.protocol.stages import scoring_batches
 
     ccfg = compress_config(cfg)
     prune, finetune, _, _ = configs_of(cfg)

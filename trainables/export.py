@@ -135,7 +135,7 @@ def check_export(model: nn.Module, path: str | Path, x: Tensor, atol: float = AT
 
 def onnx_latency(path: str | Path, x: Tensor, *, threads: int = 1, warmup: int = 3, repeats: int = 10) -> dict:
     """Median wall time (ms) of one ONNX Runtime (CPU) run of the model at ``path`` on ``x``, as
-    ``trainables.metrics.measure_latency`` times PyTorch: ``warmup`` untimed runs, then ``repeats``.
+    ``trainables.core.metrics.measure_latency`` times PyTorch: ``warmup`` untimed runs, then ``repeats``.
 
     ONNX Runtime applies its own graph optimisations (BN folding, conv + activation fusion) at
     session creation, the counterpart of ``measure_latency``'s deployment form.
@@ -159,8 +159,8 @@ def load_run_model(folder: str | Path, log=print) -> tuple[nn.Module, dict]:
     run's fine-tuned weights when the folder holds ``model.pt``."""
     from omegaconf import OmegaConf
 
-    from trainables.base_model import prepare
-    from trainables.protocol import rebuild_pruned
+    from trainables.cli.base_model import prepare
+    from trainables.protocol.stages import rebuild_pruned
 
     folder = Path(folder)
     missing = [n for n in ("config.yaml", "record.json") if not (folder / n).is_file()]
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from trainables.models import input_shape_of
+    from trainables.core.models import input_shape_of
 
     x = torch.randn(args.batch_size, *input_shape_of(model), generator=torch.Generator().manual_seed(0))
     out = Path(args.out or args.run_folder)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from trainables.cli import cli_config
-from trainables.compose import load_run_config
+from trainables.cli.compose import load_run_config
 
 __all__ = ["main"]
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, code = cli_config(__doc__, argv, load_run_config)
     if cfg is None:
         return code
-    from trainables.base_model import prepare  # torch: only once the config is good
+    from trainables.cli.base_model import prepare  # torch: only once the config is good
 
     try:
         _, _, path, meta = prepare(cfg)  # missing data files are found only here

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from trainables.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.core.models import build_model
 from trainables.criteria.blended import with_factors
-from trainables.models import build_model
-from trainables.protocol import run_protocol
+from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+from trainables.protocol.stages import run_protocol
 
 __all__ = [
     "RECOVERY_PHASES", "TrialContext", "front_trial_fn", "load_trial_model", "read_trial_record", "train_loop_per_worker", "trial_configs",
@@ -114,7 +114,7 @@ def load_trial_model(ctx: TrialContext, checkpoint_dir: str | Path) -> tuple[tor
     """The pruned, fine-tuned model of a trial checkpoint and its record (or state)."""
     state = torch.load(Path(checkpoint_dir) / _STATE_FILE, map_location="cpu", weights_only=True)
     model = trial_base_model(ctx)
-    from trainables.surgery import prune_layer
+    from trainables.core.surgery import prune_layer
 
     for rec in state["prune_log"]:
         prune_layer(model, rec["unit"], rec["keep_idxs"])
@@ -394,8 +394,8 @@ def _scratch_args(ctx: TrialContext) -> dict:
     """``run_protocol``'s pretraining recipe for ``prune.method=scratch`` (when the context has one)."""
     if ctx.pretrain is None:
         return {}
-    from trainables.base_model import train_base_model
-    from trainables.config import PretrainConfig
+    from trainables.cli.base_model import train_base_model
+    from trainables.protocol.config import PretrainConfig
 
     return {"pretrain": PretrainConfig(**ctx.pretrain), "pretrainer": train_base_model}
 

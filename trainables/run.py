@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainables.cli import run_cli, save_run
-from trainables.compose import configs_of, load_run_config
+from trainables.cli.compose import configs_of, load_run_config
 
 __all__ = ["format_summary", "main", "run"]
 
@@ -75,8 +75,8 @@ def run(cfg: Any, report=None, log=print) -> tuple[dict, Path]:
     """Run one composed config end to end; returns the record and the path it was written to."""
     from omegaconf import OmegaConf
 
-    from trainables.base_model import prepare, train_base_model
-    from trainables.protocol import resolve_classes, run_protocol
+    from trainables.cli.base_model import prepare, train_base_model
+    from trainables.protocol.stages import resolve_classes, run_protocol
 
     prune, finetune, measure, pretrain = configs_of(cfg)
     model, splits, base_path, _ = prepare(cfg, log=log)

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from search._session import blend_candidates, trial_prune
     from search.tracking import SearchTracker, default_tracking_uri
-    from trainables.base_model import prepare
-    from trainables.compose import configs_of
+    from trainables.cli.base_model import prepare
+    from trainables.cli.compose import configs_of
 
     root = Path(cfg.output_root).expanduser().resolve()
     out = root.parent / "blend" / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))

@@ -83,8 +83,8 @@ def pool_scores(model: torch.nn.Module, pool: Sequence[str], batches, *, seed: i
     scores are saved as ``<cache_dir>/criteria_scores/<model_key>/<criterion>-<batches hash>.pt``
     and read back next time, so growing the pool scores only the new criteria.
     """
+    from trainables.core.surgery import describe_units
     from trainables.criteria import ScoringContext, get_criterion
-    from trainables.surgery import describe_units
 
     units = describe_units(model)
     ctx = ScoringContext(batches=list(batches), seed=seed, target_classes=target_classes)

@@ -1,14 +1,14 @@
 """The short-fine-tune proxy of the blended search: adaptive BN plus ``k`` optimiser steps.
 
 The protocol counts fine-tuning in epochs (``prune.q``) and turns them into optimiser steps
-as ``round(q x steps_per_epoch)`` (``trainables.finetune``: ``steps_per_epoch`` is its rule for
+as ``round(q x steps_per_epoch)`` (``trainables.protocol.finetune``: ``steps_per_epoch`` is its rule for
 an epoch's length). ``proxy_epochs`` inverts that rule so a proxy trial takes exactly ``k`` steps; ``k = 0`` is the
 adaptive-BN-only proxy (EagleEye).
 """
 
 from __future__ import annotations
 
-from trainables.config import require_int
+from trainables.protocol.config import require_int
 
 __all__ = ["proxy_epochs"]
 

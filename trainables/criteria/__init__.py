@@ -9,9 +9,14 @@ from trainables.criteria._base import (
     CRITERIA,
     Criterion,
     ScoringContext,
+    device_of,
     get_criterion,
+    hooked,
     list_criteria,
     register_criterion,
 )
 
-__all__ = ["CRITERIA", "Criterion", "ScoringContext", "get_criterion", "list_criteria", "register_criterion"]
+__all__ = [
+    "CRITERIA", "Criterion", "ScoringContext", "device_of", "get_criterion", "hooked", "list_criteria",
+    "register_criterion",
+]

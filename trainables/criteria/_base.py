@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data import Registry
-from trainables.surgery import Unit, describe_units
+from trainables.core.surgery import Unit, describe_units
 
 Batch = tuple[Tensor, Tensor]
 ScoreFn = Callable[[nn.Module, Unit, "ScoringContext"], Tensor]

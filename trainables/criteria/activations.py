@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from trainables.core.surgery import Unit
 from trainables.criteria._base import ScoringContext, channel_stats, register_criterion
-from trainables.surgery import Unit
 
 
 def _mean_act(a: Tensor) -> Tensor:

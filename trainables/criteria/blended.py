@@ -27,8 +27,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from trainables.core.surgery import Unit
 from trainables.criteria._base import CRITERIA, ScoringContext, register_criterion
-from trainables.surgery import Unit
 
 __all__ = ["LAYERWISE", "NORMALIZERS", "check_blend_options", "example_options", "factor_key", "normalize_scores",
            "rank_normalize", "unit_weights", "with_factors"]

@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from trainables.core.surgery import Unit, mask_filters
 from trainables.criteria._base import ScoringContext, device_of, hooked, register_criterion
-from trainables.surgery import Unit, mask_filters
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

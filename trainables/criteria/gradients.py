@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from trainables.core.surgery import Unit
 from trainables.criteria._base import ScoringContext, device_of, hooked, register_criterion
-from trainables.surgery import Unit
 
 # Per-image weight gradients are (images, *weight shape); this many elements per vmap chunk
 # keeps a 64-image batch on a wide conv (512x512x3x3) near 0.6 GB instead of several.

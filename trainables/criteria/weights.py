@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from trainables.core.surgery import Unit
 from trainables.criteria._base import ScoringContext, filter_weights, register_criterion
-from trainables.surgery import Unit
 
 
 @register_criterion("random", needs_data=False)

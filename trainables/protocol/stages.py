@@ -10,7 +10,7 @@
   evaluations (one ``p`` stage per unit, then ``q``): is the pruned model better than its base
   only because the base was still improving?
 - ``greedy_car``: layer_by_layer's stages, but each unit's filters are removed one at a time
-  by greedy CAR (``trainables.greedy_car``: the filter whose removal costs the least accuracy,
+  by greedy CAR (``trainables.protocol.greedy_car``: the filter whose removal costs the least accuracy,
   ties by loss, re-scored after every ``prune.rescore_every`` removals, optionally
   ``prune.greedy_retrain_steps`` SGD steps between), scored on validation batches; the
   criterion is not used.
@@ -20,13 +20,13 @@
   the same ``p`` stages and ``q`` as layer_by_layer. The criterion is ignored.
 
 Every fine-tuning stage evaluates at ``finetune.evals_per_stage`` points, and the record
-measures recovery speed (``trainables.recovery``); its schema is in ``trainables.records``.
+measures recovery speed (``trainables.protocol.recovery``); its schema is in ``trainables.protocol.records``.
 
 The protocol talks to the outside only through ``report(metrics: dict)``, called at
 every evaluation; the Ray trainable and MLflow plug in there. It returns the run record,
 plain JSON-serialisable data (see ``run_protocol``). Fine-tuning lives in
-``trainables.finetune``, ratio planning in ``trainables.planning``, the typed state and
-record in ``trainables.records``.
+``trainables.protocol.finetune``, ratio planning in ``trainables.protocol.planning``, the typed state and
+record in ``trainables.protocol.records``.
 """
 
 from __future__ import annotations
@@ -41,19 +41,25 @@ import torch
 from torch import Tensor, nn
 
 from data import DataSplits, iterate_batches, take
-from trainables.config import METHODS, FinetuneConfig, MeasureConfig, PretrainConfig, PruneConfig
+from trainables.core.metrics import count_backbone_flops, count_flops, count_params, measure_latency
+from trainables.core.surgery import Unit, describe_units, prune_layer, select_units
 from trainables.criteria import Criterion, ScoringContext, get_criterion
-from trainables.finetune import Finetuner, Report, recalibrate_bn
-from trainables.greedy_car import greedy_prune_unit
-from trainables.metrics import count_backbone_flops, count_flops, count_params, measure_latency
-from trainables.planning import plan_ratios, select_keep
-from trainables.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
-from trainables.recovery import run_recovery, stage_recovery
-from trainables.schedules import global_drop as _global_drop
-from trainables.schedules import kept_count
-from trainables.schedules import unit_normalised as _unit_normalised
-from trainables.surgery import Unit, describe_units, prune_layer, select_units
-from trainables.tasks import Task, task_of
+from trainables.protocol.config import (
+    METHODS,
+    FinetuneConfig,
+    MeasureConfig,
+    PretrainConfig,
+    PruneConfig,
+)
+from trainables.protocol.finetune import Finetuner, Report, recalibrate_bn
+from trainables.protocol.greedy_car import greedy_prune_unit
+from trainables.protocol.planning import plan_ratios, select_keep
+from trainables.protocol.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
+from trainables.protocol.recovery import run_recovery, stage_recovery
+from trainables.protocol.schedules import global_drop as _global_drop
+from trainables.protocol.schedules import kept_count
+from trainables.protocol.schedules import unit_normalised as _unit_normalised
+from trainables.protocol.tasks import Task, task_of
 
 __all__ = ["run_protocol", "plan_ratios", "select_keep", "resolve_classes", "recalibrate_bn", "scoring_batches",
            "validation_batches"]
@@ -62,7 +68,7 @@ _SCORING_SEED_OFFSET = 7919  # keeps the scoring batches apart from every other 
 _ITERATIVE_MIN_KEPT = 0.1  # iterative: no unit loses more than 90% of its filters
 _SCRATCH_SEED_OFFSET = 104_729  # the scratch model's initialisation and data cycling
 
-# ``trainables.base_model.train_base_model``'s signature: the scratch baseline trains with the
+# ``trainables.cli.base_model.train_base_model``'s signature: the scratch baseline trains with the
 # base model's own recipe. Passed in rather than imported: base_model sits above the protocol.
 Pretrainer = Callable[..., dict]
 
@@ -129,7 +135,7 @@ def run_protocol(
     recovered val acc, keep_idxs), ``curve``, ``final_val_acc``, ``final_test_acc``
     (+ ``final_test_top5`` with more than 10 classes), FLOPs, params and latency
     before/after, ``prune_log`` (replayable ``prune_layer`` records in order), ``wall_s``
-    and ``config`` (see ``trainables.records.RunRecord``).
+    and ``config`` (see ``trainables.protocol.records.RunRecord``).
 
     The protocol is a list of stages (one per unit or step, then the final fine-tuning).
     After each stage ``checkpoint(state)`` receives a plain state (with the model's
@@ -141,7 +147,7 @@ def run_protocol(
     The configs are validated when they are built, so nothing is re-checked here.
 
     ``prune.method=scratch`` needs ``pretrain`` (the base model's ``PretrainConfig``) and
-    ``pretrainer`` (``trainables.base_model.train_base_model``).
+    ``pretrainer`` (``trainables.cli.base_model.train_base_model``).
     """
     t0 = time.perf_counter()
     finetune = finetune or FinetuneConfig()
@@ -149,7 +155,7 @@ def run_protocol(
     report = report or (lambda _m: None)
     if prune.method == "scratch" and (pretrain is None or pretrainer is None):
         raise ValueError("pretrain and pretrainer must be the base model's PretrainConfig and "
-                         "trainables.base_model.train_base_model for prune.method=scratch, but got None")
+                         "trainables.cli.base_model.train_base_model for prune.method=scratch, but got None")
     task = task_of(model)
     units = select_units(model, describe_units(model), prune.units)
     plan = _Plan(units, [], prune, finetune.recovery_delta, pretrain, pretrainer, task=task)

@@ -12,7 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from trainables.config import (
+from trainables.cli.keycheck import check_data, check_keys, check_unread
+from trainables.protocol.config import (
     FinetuneConfig,
     MeasureConfig,
     PretrainConfig,
@@ -20,9 +21,8 @@ from trainables.config import (
     require,
     require_int,
 )
-from trainables.keycheck import check_data, check_keys, check_unread
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # subset_base: what the base model of a class-specific run is trained on (all: every class, as in
 # Mittal et al.; subset: only the subset's classes). subset_head: keep the all-class head and
@@ -76,7 +76,7 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     values = OmegaConf.to_container(cfg, resolve=False)
     check_data(values)
     check_unread(config_name, values, keys.changed(values))
-    from trainables.sources import apply_sources
+    from trainables.core.sources import apply_sources
 
     apply_sources(cfg)  # model=torchvision|timm|custom, data=custom: one qualified name each
     return cfg
@@ -120,10 +120,10 @@ def check_config(cfg: Any) -> None:
     # refused before torch is imported (the registries below import it).
     configs_of(cfg)
     from data import dataset_task
-    from trainables.models import MODELS, build_model
-    from trainables.schedules import check_ratio_count
-    from trainables.sources import check_sources
-    from trainables.surgery import describe_units
+    from trainables.core.models import MODELS, build_model
+    from trainables.core.sources import check_sources
+    from trainables.core.surgery import describe_units
+    from trainables.protocol.schedules import check_ratio_count
 
     # Registered names and qualified ones (torchvision:<name>, custom:<module>:<callable>) alike;
     # an unknown one is a one-line error listing the valid names or the close matches.
@@ -146,7 +146,7 @@ def check_config(cfg: Any) -> None:
             "an integer >= 1 for prune.method=scratch (its budget is pretraining + fine-tuning)", pretrain.epochs)
     _check_target_classes(cfg, prune)
     if prune.schedule == "per_layer" or prune.units != "all":
-        from trainables.surgery import select_units
+        from trainables.core.surgery import select_units
 
         model = build_model(cfg.model.name, **(cfg.model.kwargs or {}))
         units = select_units(model, describe_units(model), prune.units)
@@ -155,11 +155,11 @@ def check_config(cfg: Any) -> None:
 
 
 def config_task(cfg: Any) -> Any:
-    """The ``trainables.tasks.Task`` of a composed config, after checking that its model and its
+    """The ``trainables.protocol.tasks.Task`` of a composed config, after checking that its model and its
     data set solve the same one (both registries stamp the task on the entry)."""
     from data import dataset_task
-    from trainables.models import MODELS
-    from trainables.tasks import check_pairing, get_task
+    from trainables.core.models import MODELS
+    from trainables.protocol.tasks import check_pairing, get_task
 
     task = get_task(MODELS.get(cfg.model.name).task)
     check_pairing(cfg.model.name, task.name, cfg.data.name, dataset_task(cfg.data.name))
@@ -168,7 +168,7 @@ def config_task(cfg: Any) -> Any:
 
 def _check_task(cfg: Any, prune: PruneConfig) -> None:
     """The model and the data solve the same task, and the pruning settings apply to it."""
-    from trainables.tasks import check_criterion
+    from trainables.protocol.tasks import check_criterion
 
     task = config_task(cfg)
     if task.name == "classification":
@@ -222,7 +222,7 @@ def _check_target_classes(cfg: Any, prune: PruneConfig) -> None:
     """Unknown ``prune.target_classes`` fail here when the data set's class names are known
     without reading it (else once the data is loaded, still before any training)."""
     from data import known_class_names
-    from trainables.protocol import resolve_classes
+    from trainables.protocol.stages import resolve_classes
 
     names = known_class_names(cfg.data.name)
     if not prune.target_classes or names is None:

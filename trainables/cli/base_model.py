@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from data import dataset_fingerprint, iterate_batches
-from trainables.compose import NO_WEIGHTS_FOR_EPOCHS_0, base_data_args, configs_of, data_args
-from trainables.config import PretrainConfig
-from trainables.models import build_model, check_model_fits, cut_head
-from trainables.tasks import task_of
+from trainables.cli.compose import NO_WEIGHTS_FOR_EPOCHS_0, base_data_args, configs_of, data_args
+from trainables.core.models import build_model, check_model_fits, cut_head
+from trainables.protocol.config import PretrainConfig
+from trainables.protocol.tasks import task_of
 
 __all__ = [
     "DamagedCheckpointError", "base_model_key", "base_model_path", "file_digest", "get_base_model", "load_checkpoint",
@@ -104,7 +104,7 @@ def train_base_model(
     )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=pretrain.lr, total_steps=total)
     device = next(model.parameters()).device
-    task = task_of(model)  # its loss and evaluation (trainables.tasks)
+    task = task_of(model)  # its loss and evaluation (trainables.protocol.tasks)
     shape = {"epochs": pretrain.epochs, "steps_per_epoch": steps_per_epoch, "seed": seed}
     # Fork the RNG of the device trained on too: manual_seed below reseeds every device.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

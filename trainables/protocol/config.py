@@ -19,7 +19,7 @@ __all__ = ["METHODS", "FinetuneConfig", "MeasureConfig", "PretrainConfig", "Prun
 
 # control: no pruning, the base fine-tuned with layer_by_layer's budget; scratch: the pruned
 # architecture re-initialised and trained with the whole prune + fine-tune budget; greedy_car:
-# layer_by_layer's order, each unit pruned by greedy CAR (trainables.greedy_car), criterion unused.
+# layer_by_layer's order, each unit pruned by greedy CAR (trainables.protocol.greedy_car), criterion unused.
 METHODS = ("layer_by_layer", "one_shot", "iterative", "control", "scratch", "greedy_car")
 
 
@@ -79,7 +79,7 @@ class PruneConfig:
     units: str = "all"  # which units are pruned: all, or a part the model declares (SegNet: encoder | decoder)
 
     def __post_init__(self) -> None:
-        from trainables.schedules import check_ramp, check_ratio, list_schedules
+        from trainables.protocol.schedules import check_ramp, check_ratio, list_schedules
 
         # Values first, names of registered criteria last: the criteria registry imports torch
         # (seconds), the rest does not, so a value out of range is refused at once.
@@ -122,11 +122,11 @@ class PruneConfig:
 
     def _check_global(self) -> None:
         """schedule=global ranks the criterion's scores: only methods that score filters with
-        the criterion and take a per-unit plan can use it (rule in trainables.schedules)."""
-        from trainables.schedules import GLOBAL, check_min_keep
+        the criterion and take a per-unit plan can use it (rule in trainables.protocol.schedules)."""
+        from trainables.protocol.schedules import GLOBAL, check_min_keep
 
         check_min_keep("prune.global_min_keep", self.global_min_keep)
-        # A min_keep set without schedule=global is refused by trainables.keycheck, which knows
+        # A min_keep set without schedule=global is refused by trainables.cli.keycheck, which knows
         # the schedules a search may draw (a uniform trial of such a search is given it too).
         if self.schedule != GLOBAL:
             return
@@ -178,7 +178,7 @@ class FinetuneConfig:
 
 @dataclass(kw_only=True)
 class MeasureConfig:
-    """How latency is measured for the record (see ``trainables.metrics.measure_latency``)."""
+    """How latency is measured for the record (see ``trainables.core.metrics.measure_latency``)."""
 
     latency: bool = True
     batch_size: int = 64

@@ -5,7 +5,7 @@ al.'s Deep Compression (ICLR 2016) and report the size of the pruned layer. Four
 fine-tuned on the whole network before it is measured:
 
 1. filters removed: the criterion (``car`` by default) scores the layer's filters, the lowest
-   go (``trainables.surgery.prune_layer``; the next layer loses the matching input channels);
+   go (``trainables.core.surgery.prune_layer``; the next layer loses the matching input channels);
 2. weights pruned: the smallest-magnitude remaining weights of each layer are masked with
    ``torch.nn.utils.prune.l1_unstructured`` and the mask is held while fine-tuning;
 3. weights shared: per layer, scikit-learn's k-means with Deep Compression's linear
@@ -47,10 +47,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
-from trainables.config import require, require_int
-from trainables.planning import select_keep
-from trainables.schedules import kept_count
-from trainables.surgery import Unit, describe_units, prune_layer
+from trainables.core.surgery import Unit, describe_units, prune_layer
+from trainables.protocol.config import require, require_int
+from trainables.protocol.planning import select_keep
+from trainables.protocol.schedules import kept_count
 
 __all__ = [
     "FLOAT_BITS", "LENGTH_BITS", "STAGES", "CompressConfig", "SharedWeights", "canonical_codes", "check_layers",
@@ -98,7 +98,7 @@ class CompressConfig:
     """What the compression pipeline does to which layers (``compress.*`` in ``conf/compress.yaml``)."""
 
     layers: list[str] | None = None  # prunable units (single convs), input order; None: the first two
-    greedy: bool = False  # stage 1 by greedy CAR (trainables.greedy_car) instead of the criterion's one-shot scores
+    greedy: bool = False  # stage 1 by greedy CAR (trainables.protocol.greedy_car) instead of the criterion's one-shot scores
     # one value for every layer, or a sequence with one per layer (the defaults: the colour model's first two convs)
     filter_ratio: float | Sequence[float] = 0.5  # stage 1: share of each layer's filters removed by the criterion
     sparsity: float | Sequence[float] = (0.8, 0.85)  # stage 2: share of the remaining weights zeroed by magnitude
@@ -341,11 +341,11 @@ def keep_by_score(score: Callable[[nn.Module, Unit], Tensor]) -> Callable[[nn.Mo
 
 
 def keep_by_greedy_car(batches: Sequence[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, Unit, int], list[int]]:
-    """A ``remove_filters`` chooser: keep what greedy CAR (``trainables.greedy_car``, Abbasi-Asl
+    """A ``remove_filters`` chooser: keep what greedy CAR (``trainables.protocol.greedy_car``, Abbasi-Asl
     and Yu's algorithm, re-scored after every removal on ``batches``) does not remove."""
 
     def choose(model: nn.Module, unit: Unit, k: int) -> list[int]:
-        from trainables.greedy_car import greedy_car_order
+        from trainables.protocol.greedy_car import greedy_car_order
 
         removed = set(greedy_car_order(model, unit.name, batches, n_remove=unit.n_filters - k))
         return [i for i in range(unit.n_filters) if i not in removed]
@@ -460,7 +460,7 @@ def compress_model(model: nn.Module, splits: Any, cfg: CompressConfig, finetune:
     """
     from dataclasses import replace
 
-    from trainables.finetune import Finetuner
+    from trainables.protocol.finetune import Finetuner
 
     t0 = time.perf_counter()
     units = check_layers(model, cfg.layers)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainables.models import input_shape_of
+from trainables.core.models import input_shape_of
 
 __all__ = ["count_backbone_flops", "count_flops", "count_flops_by_layer", "count_params", "measure_latency", "deployment_form", "evaluate"]
 
@@ -51,7 +51,7 @@ def count_flops_by_layer(model: nn.Module, input_shape: Sequence[int] | None = N
     total ``count_flops`` gives, in one pass; same convention (2 x MACs).
 
     Works on a model whose weights live on the meta device (shapes only), which is how the
-    FLOPs-target planner (``trainables.planning.FlopsModel``) calls it.
+    FLOPs-target planner (``trainables.protocol.planning.FlopsModel``) calls it.
     """
     shape = tuple(input_shape) if input_shape is not None else input_shape_of(model)
     device = next(model.parameters()).device

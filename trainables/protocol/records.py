@@ -16,7 +16,7 @@ it), ``pre_prune_val_acc`` (the last evaluation before it: the base model's for 
 step, else the previous stage's last), ``damage_val_acc`` (right after pruning, after adaptive
 BN if configured), ``recovered_val_acc`` (end of the fine-tuning that followed: ``p`` epochs,
 or the final ``q`` for ``one_shot``; the damage itself when that fine-tuning is empty),
-``steps_to_recover`` and ``recovery_auc`` of that fine-tuning (``trainables.recovery``).
+``steps_to_recover`` and ``recovery_auc`` of that fine-tuning (``trainables.protocol.recovery``).
 
 ``units``: one row per pruned unit in pruning order (``UnitRow``): ``filters_before``,
 ``filters_after`` and ``keep_idxs`` always. Only ``layer_by_layer`` measures a unit on its own,
@@ -28,7 +28,7 @@ give the architecture (first filters kept) with None measurements; ``control`` h
 Run level: ``method``; ``recovery_delta``; ``steps_to_recover`` (steps after the last pruning
 step, or after the re-initialisation for ``scratch``, until val acc >= ``base_val_acc`` -
 delta, counting through the final fine-tuning; None = never; 0 for ``control``);
-``recovery_auc`` (``trainables.recovery.run_recovery``); ``mean_damage`` (mean over ``steps``
+``recovery_auc`` (``trainables.protocol.recovery.run_recovery``); ``mean_damage`` (mean over ``steps``
 of pre_prune - damage; None without pruning steps).
 """
 
@@ -211,7 +211,7 @@ class RunRecord:
     recovery_auc: float | None = None
     mean_damage: float | None = None
     final_test_top5: float | None = None  # only recorded with more than 10 classes
-    # What the accuracies are (trainables.tasks): classification's top1, detection's map50
+    # What the accuracies are (trainables.protocol.tasks): classification's top1, detection's map50
     # (mAP@0.5), segmentation's miou. Every metric of the test evaluation, for tasks with more
     # than one (detection: map50, map, map75; segmentation: miou, pixel_acc, class_acc).
     task: str = "classification"

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainables.config import require, require_int
+from trainables.protocol.config import require, require_int
 
 __all__ = [
     "NULL_QUANTILE",

@@ -5,7 +5,7 @@ so that graph tracing (torch-pruning), FLOP counting and latency measurement kno
 input size without being told, a ``head_name`` attribute naming its output ``nn.Linear``
 (what ``cut_head`` cuts; None for detectors and segmenters, which have none) and a ``task``
 attribute (``classification``, ``detection`` or ``segmentation``). ``num_classes`` sets the
-width of the output layer. The dense-prediction builders live in ``trainables.dense_models``
+width of the output layer. The dense-prediction builders live in ``trainables.core.dense_models``
 and are registered when the ``trainables`` package is imported (which any import of this module does first).
 
 Models from outside the project come through *sources* beside the registry, by qualified name:
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from data import import_factory, takes_keyword
-from trainables.model_registry import MODELS, register_model
-from trainables.sources import MODEL_SOURCES, check_input_shape, qualified_model_name, require
+from trainables.core.model_registry import MODELS, register_model
+from trainables.core.sources import MODEL_SOURCES, check_input_shape, qualified_model_name, require
 
 __all__ = [
     "MODELS", "MODEL_SOURCES", "build_model", "check_input_shape", "check_model_fits", "cut_head", "head_of", "input_shape_of", "list_models",
@@ -450,4 +450,4 @@ def check_model_fits(name: str, kwargs: dict, data_shape: Sequence[int], num_cla
 
 # The dense-prediction builders register themselves into MODELS; importing them here keeps the
 # registry whole for whoever imports this module (trainables/__init__ no longer imports eagerly).
-from trainables import dense_models  # noqa: E402,F401
+from trainables.core import dense_models  # noqa: E402,F401

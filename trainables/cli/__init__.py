@@ -1,7 +1,15 @@
-"""The shared front of the command lines: ``--help``, ``--cfg job`` and one-line errors with exit code 2.
+"""From a command line to a run: the shared front of every ``python -m trainables.<command>``.
+
+This package holds what turns typed ``key=value`` overrides into work: Hydra composition of
+``conf/`` and the typed configs it yields (``compose``), what a command line may set
+(``keycheck``), ``conf/`` as documentation (``confdoc``, also behind ``--help`` and the docs'
+configuration reference), and the base model a config names, trained once and cached
+(``base_model``). The commands themselves are the modules at the top of ``trainables``.
+
+This module: the shared front of the command lines: ``--help``, ``--cfg job`` and one-line errors with exit code 2.
 
 Nothing here imports torch, Hydra or OmegaConf at module level: ``--help`` (generated from
-``conf/`` by ``trainables.confdoc``) and a refused key answer before those imports.
+``conf/`` by ``trainables.cli.confdoc``) and a refused key answer before those imports.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ HELP_FLAGS = ("-h", "--help")
 def help_text(doc: str, config_name: str, overrides: Sequence[str] = ()) -> str:
     """The command's docstring, then its config groups and keys with defaults and comments
     (``conf/<config_name>.yaml`` with the ``group=option`` choices of ``overrides`` applied)."""
-    from trainables.confdoc import format_reference
+    from trainables.cli.confdoc import format_reference
 
     tail = ("\noptions:\n  -h, --help    this text (anywhere on the line; data=cifar10 --help shows CIFAR-10's keys)\n"
             "  --cfg job     print the resolved config, every check run, and exit without running\n\n"

@@ -11,7 +11,7 @@ registered in the model registry with their pruning declarations.
   its max-pooling indices and the decoder unpools with them; logits (B, num_classes, H, W).
 
 ``num_classes`` counts the background (class 0). Pruning declarations, read by
-``trainables.surgery`` (plain data or methods, so models stay deep-copyable and picklable):
+``trainables.core.surgery`` (plain data or methods, so models stay deep-copyable and picklable):
 ``pruning_trace`` (detector), ``pruning_ignored``, ``pruning_couplings`` (SegNet) and
 ``unit_parts``; see that module's docstring. torchvision is imported only when a detector is
 built, so importing the registry stays cheap.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainables.model_registry import register_model
+from trainables.core.model_registry import register_model
 
 __all__ = ["FasterRCNNDetector", "SegNet", "padded_targets_to_dicts"]
 
@@ -156,7 +156,7 @@ class FasterRCNNDetector(nn.Module):
             detections_per_img=detections_per_img,
         )
         self.backbone_name = "backbone"  # what latency and FLOP reports time alone
-        # Read by trainables.surgery: the heads keep their outputs; units are backbone convs.
+        # Read by trainables.core.surgery: the heads keep their outputs; units are backbone convs.
         self.pruning_ignored = ("rpn", "roi_heads")
         self.unit_parts = {"backbone": "backbone"}
 
@@ -274,7 +274,7 @@ class SegNet(nn.Module):
         self.classifier = nn.Conv2d(widths[0], num_classes, 3, padding=1)
         self.pool = nn.MaxPool2d(2, 2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2, 2)
-        # Read by trainables.surgery.
+        # Read by trainables.core.surgery.
         self.pruning_ignored = ("classifier",)
         self.unit_parts = {"encoder": "encoder", "decoder": "decoder"}
         # Decoder stage j's output is unpooled with encoder stage n-2-j's indices.

@@ -14,7 +14,7 @@ logits alone, and a candidate's loss is the double sum of those per-image values
 order of the scoring images, so it does not depend on how the images are batched.
 
 "RAR" (the paper's regression variant, ranking by the increase of a regression error) is
-not applicable here: every model of ``trainables.models`` is a classifier.
+not applicable here: every model of ``trainables.core.models`` is a classifier.
 
 Exact and fast
 --------------
@@ -87,9 +87,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.config import require, require_int
-from trainables.criteria._base import device_of, hooked
-from trainables.surgery import Unit, describe_units, mask_filters, prune_layer
+from trainables.core.surgery import Unit, describe_units, mask_filters, prune_layer
+from trainables.criteria import device_of, hooked
+from trainables.protocol.config import require, require_int
 
 __all__ = ["greedy_car_order", "greedy_car_order_naive", "greedy_prune_unit"]
 

@@ -31,7 +31,7 @@ Pitfalls of torch-pruning 1.6.1 handled here:
   batch statistics in training mode).
 
 Optional declarations a model may carry (plain data, or a method, so that models stay
-deep-copyable and picklable; ``trainables.dense_models`` uses all of them):
+deep-copyable and picklable; ``trainables.core.dense_models`` uses all of them):
 - ``pruning_trace(x) -> tensor(s)``: the forward torch-pruning traces instead of ``forward``.
   Needed where the forward hides a path from autograd: torchvision's R-CNNs detach the
   proposals, so tracing their eval forward never reaches the RPN head and pruning the last
@@ -70,7 +70,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as _tp_index_mapping
 
-from trainables.models import input_shape_of
+from trainables.core.models import input_shape_of
 
 __all__ = [
     "Unit", "dependency_graph", "describe_units", "example_inputs_for", "mask_filters", "prunable_layers",
@@ -141,7 +141,7 @@ def _refuse_frozen_bn(model: nn.Module) -> None:
         raise ValueError(
             f"the model has {n} FrozenBatchNorm2d layers (as torchvision's pretrained detectors do), whose buffers "
             "torch-pruning does not prune, so the pruned model would fail; convert them first with "
-            "trainables.surgery.unfreeze_batchnorm(model)"
+            "trainables.core.surgery.unfreeze_batchnorm(model)"
         )
 
 

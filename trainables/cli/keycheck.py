@@ -1,11 +1,11 @@
 """What a command line may set: declared keys only, and only settings the run will read.
 
-Three checks, run by ``trainables.compose.compose`` before any data is read or model built:
+Three checks, run by ``trainables.cli.compose.compose`` before any data is read or model built:
 
 - ``check_keys``: every ``key=value`` (also ``+key`` and ``++key``) names a key that ``conf/``
   declares for the chosen groups, or one under a free-form map (``model.kwargs.*``, ...). A
   misspelt key is refused with its close matches, never added and ignored. Runs on the YAML
-  files alone (``trainables.confdoc``), before Hydra or torch is imported.
+  files alone (``trainables.cli.confdoc``), before Hydra or torch is imported.
 - ``check_unread``: a setting the user changed that the chosen schedule, method or search does
   not read (``prune.ratios`` without ``prune.schedule=per_layer``, ``prune.steps`` without
   ``prune.method=iterative``, ...) is refused in one line naming the setting it goes with.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from trainables.confdoc import (
+from trainables.cli.confdoc import (
     CONF_DIR,
     FREE_FORM,
     compose_light,
@@ -33,7 +33,7 @@ from trainables.confdoc import (
 __all__ = ["UNREAD_RULES", "Keys", "Rule", "check_data", "check_keys", "check_unread", "suggest"]
 
 DIFFERENTIAL = ("differential", "differential_depth", "differential_inverted", "differential_depth_inverted")
-# The protocol's methods by what they read (trainables.protocol): one_shot has no per-unit
+# The protocol's methods by what they read (trainables.protocol.stages): one_shot has no per-unit
 # fine-tuning (prune.p), control prunes nothing (so plans nothing), only iterative has steps.
 WITH_P = ("layer_by_layer", "iterative", "control", "scratch", "greedy_car")
 PLANNING = ("layer_by_layer", "one_shot", "iterative", "scratch", "greedy_car")

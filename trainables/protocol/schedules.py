@@ -19,7 +19,7 @@ Schedules, by registry name:
 - ``global``: one threshold over all units' criterion scores, each unit's scores divided by
   their mean |score| (torch-pruning's global pruning): ``ratio`` of all filters go, the
   lowest normalised scores first, but every unit keeps at least ``min_keep`` of its filters.
-  It needs the scores (``make_ratios(..., scores=...)``; ``trainables.planning.plan_ratios``
+  It needs the scores (``make_ratios(..., scores=...)``; ``trainables.protocol.planning.plan_ratios``
   scores the unpruned model), so it is the one schedule that depends on the criterion.
 """
 
@@ -215,7 +215,7 @@ def global_kept(scores: Sequence[Tensor], ratio: float, min_keep: float) -> list
 def _global(n_filters: list[int], *, ratio: float, scores: Sequence[Tensor] | None, min_keep: float,
             **_: object) -> list[float]:
     if scores is None:
-        raise ValueError("prune.schedule=global needs the criterion's scores of every unit (trainables.planning."
+        raise ValueError("prune.schedule=global needs the criterion's scores of every unit (trainables.protocol.planning."
                          "plan_ratios scores the unpruned model), but got none")
     got = [int(s.numel()) for s in scores]
     if got != n_filters:

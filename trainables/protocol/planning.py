@@ -10,11 +10,11 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from trainables.config import PruneConfig
-from trainables.metrics import count_flops_by_layer
-from trainables.models import input_shape_of
-from trainables.schedules import GLOBAL, global_floors, kept_count, make_ratios
-from trainables.surgery import Unit
+from trainables.core.metrics import count_flops_by_layer
+from trainables.core.models import input_shape_of
+from trainables.core.surgery import Unit
+from trainables.protocol.config import PruneConfig
+from trainables.protocol.schedules import GLOBAL, global_floors, kept_count, make_ratios
 
 __all__ = ["FlopsModel", "plan_ratios", "select_keep"]
 

@@ -3,7 +3,7 @@
 A task is a registry entry, not a fork of the protocol: the Finetuner, the base-model
 training, the protocol, the search and the study all call ``task_of(model)`` and use its
 ``loss`` and ``evaluate``. A model says which task it solves with its ``task`` stamp (set by
-``trainables.models.register_model``; an outside model without one is a classifier), and a
+``trainables.core.models.register_model``; an outside model without one is a classifier), and a
 data set with ``DataSplits.task``; ``check_pairing`` refuses a mismatch before any work.
 
 Batches are ``(x, y)`` tensors for every task, so loaders, sharding and caching stay shared:
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data import Registry
-from trainables.metrics import evaluate as evaluate_classifier
+from trainables.core.metrics import evaluate as evaluate_classifier
 
 __all__ = ["IGNORE_INDEX", "TASKS", "Task", "check_pairing", "detection_targets", "get_task",
            "median_frequency_weights", "task_of"]

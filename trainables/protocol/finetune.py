@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from data import DataSplits, iterate_batches, take
-from trainables.config import FinetuneConfig, PruneConfig
-from trainables.metrics import count_flops
-from trainables.records import CurvePoint
-from trainables.tasks import task_of
+from trainables.core.metrics import count_flops
+from trainables.protocol.config import FinetuneConfig, PruneConfig
+from trainables.protocol.records import CurvePoint
+from trainables.protocol.tasks import task_of
 
 __all__ = ["Finetuner", "Report", "recalibrate_bn", "stage_eval_steps", "steps_per_epoch"]
 
@@ -114,7 +114,7 @@ class Finetuner:
         if math.ceil(len(splits.train) / ft.batch_size) < self.world:
             raise ValueError(f"data.fraction must leave at least one batch per worker ({self.world}), "
                              f"but got {len(splits.train)} training images")
-        self._task = task_of(model)  # the training loss and the evaluation (trainables.tasks)
+        self._task = task_of(model)  # the training loss and the evaluation (trainables.protocol.tasks)
         self.step = start_step
         self.curve: list[CurvePoint] = list(curve or [])
         self._stream = self._batches(start_step)
@@ -172,7 +172,7 @@ class Finetuner:
 
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         """The task's evaluation on one split, in eval order: ``score`` (the headline: top-1,
-        mAP@0.5 or mIoU) and the task's named metrics (``trainables.tasks``)."""
+        mAP@0.5 or mIoU) and the task's named metrics (``trainables.protocol.tasks``)."""
         batches = iterate_batches(dataset, self.ft.eval_batch_size, shuffle=False, num_workers=self.num_workers,
                                   device=self._device())
         return task_of(self.model).evaluate(self.model, batches, classes=self.splits.eval_classes)

@@ -1,7 +1,7 @@
 """The model registry itself: ``MODELS`` and the ``register_model`` decorator.
 
-Its own module so that builders defined elsewhere (``trainables.dense_models``) can register
-themselves without importing ``trainables.models``, which imports them to keep the registry
+Its own module so that builders defined elsewhere (``trainables.core.dense_models``) can register
+themselves without importing ``trainables.core.models``, which imports them to keep the registry
 whole: the two would otherwise import each other.
 """
 

@@ -3,7 +3,7 @@
 ``describe_config("config")`` lists every key a command line accepts, with its default and the
 comment written beside it in the YAML; ``describe_groups("config")`` lists the config groups
 (``data``, ``model``, ``criterion``, ``task``, ...) with their choices. ``--help``, the
-unknown-key check of ``trainables.compose`` and the configuration reference are all generated
+unknown-key check of ``trainables.cli.compose`` and the configuration reference are all generated
 from here, so the keys are written once, in ``conf/``.
 
 This module reads ``conf/`` with PyYAML alone (no Hydra, no OmegaConf, no torch): ``--help`` and
@@ -29,7 +29,7 @@ __all__ = [
     "describe_groups", "flatten", "format_reference", "group_options", "show_value", "split_override",
 ]
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MISSING = "???"  # OmegaConf's mark of a value the user must give
 
 # Maps whose keys are the user's own (passed on to a builder or a criterion, or checked against
