@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import write_section  # noqa: E402
+from bench.report import write_section  # noqa: E402
 
 COMMON = ["prune.method=one_shot", "prune.target_flops_reduction=0.5", "measure.latency=false", "progress=false",
           "finetune.eval_every=10"]

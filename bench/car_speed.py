@@ -33,8 +33,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from latency import machine_header, write_section  # noqa: E402  (bench/ is on sys.path)
-
+from bench.report import BenchRun  # noqa: E402  (bench/ is on sys.path)
 from trainables import ScoringContext, Unit, build_model, describe_units, get_criterion  # noqa: E402
 from trainables.criteria.car import car, car_naive  # noqa: E402
 
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    run = BenchRun(SECTION)
     rows, notes = list(HEADER), []
     for name in args.models:
         if name == "small_cnn":
@@ -215,11 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                      "accuracy drop, "
                      f"max {float(scores.max()):.4f}. Scores identical to car_naive in every run (asserted).")
         print("\n".join(rows), flush=True)
-    header = machine_header(sys.argv, time.perf_counter() - t0, extra=f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats per method.")
-    body = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
-    print(body)
-    if args.write:
-        write_section(SECTION, body)
+    run.finish("\n".join(rows) + "\n\n" + "\n".join(notes),
+               extra=f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats per method.", write=args.write)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench.latency import write_section  # noqa: E402
 from bench.loopback_cluster import LoopbackCluster, Outcome, kill_the_driver, lose_a_worker  # noqa: E402
+from bench.report import write_section  # noqa: E402
 
 COLUMNS = ("asked", "completed", "lost", "duplicated", "retried", "restarts_total", "restored", "from_scratch",
            "from_scratch_with_checkpoint",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import machine_header, write_section  # noqa: E402
+from bench.report import BenchRun  # noqa: E402
 from trainables.compress import load_compress_config  # noqa: E402
 from trainables.experiments.compression import STAGES  # noqa: E402
 
@@ -99,16 +98,13 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace this script's section of bench/RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of conf/compress.yaml")
     args = parser.parse_args()
-    t0, load0 = time.perf_counter(), os.getloadavg()
+    run = BenchRun(SECTION)
     records = run_seeds(args.seeds, args.overrides, args.jobs)
-    load1 = os.getloadavg()
     cfg = records[0]["config"]
     c = cfg["compress"]
     layers = ", ".join(f"`{row['name']}`" for row in records[0]["layers"])
     body = (
-        machine_header(sys.argv, time.perf_counter() - t0,
-                       f"Load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end (other helpers' jobs).")
-        + f"\nModel `{cfg['model']['name']}` on `{cfg['data']['name']}` (base model: seed 0, cached), layers "
+        f"Model `{cfg['model']['name']}` on `{cfg['data']['name']}` (base model: seed 0, cached), layers "
         f"{layers}; structural step `{records[0]['criterion']}`, "
         f"filter_ratio {c['filter_ratio']}, sparsity {c['sparsity']}, bits {c['bits']} "
         f"(2**bits - 1 centroids + the zero code), index_bits {c['index_bits']}; fine-tuning "
@@ -121,9 +117,7 @@ def main() -> None:
         "accuracy is measured on the model rebuilt from the decoded storage.\n\n"
         + table(records) + "\n\nPer seed (after stage 4):\n\n" + per_seed(records, args.seeds) + "\n"
     )
-    print(body)
-    if args.write:
-        write_section(SECTION, body)
+    run.finish(body, write=args.write)
 
 
 if __name__ == "__main__":

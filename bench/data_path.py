@@ -36,8 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from latency import machine_header, write_section  # noqa: E402  (bench/ is on sys.path)
-
+from bench.report import machine_header, write_section  # noqa: E402  (bench/ is on sys.path)
 from data import get_data, iterate_batches  # noqa: E402
 
 SECTION = "## Data path: ImageNet-style folders, loader workers and per-rank sharding"

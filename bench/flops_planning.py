@@ -11,16 +11,15 @@ against ``count_flops`` of the model physically pruned with the planned ratios.
 
     python bench/flops_planning.py                      # resnet50 and small_cnn, 3 repeats
     python bench/flops_planning.py --quick              # small_cnn only, 1 repeat (seconds)
-    python bench/flops_planning.py --old-full --append  # also time ResNet-50's whole old plan; append to RESULTS.md
+    python bench/flops_planning.py --old-full --write   # also time ResNet-50's whole old plan; write RESULTS.md
 
-``--append`` appends a section to bench/RESULTS.md (it never rewrites the file).
+``--write`` replaces this script's section of bench/RESULTS.md (the other sections stay).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -32,8 +31,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from latency import machine_header  # noqa: E402  (bench/ is on sys.path)
 
+from bench.report import BenchRun  # noqa: E402
 from trainables import build_model, count_flops, describe_units, prune_layer  # noqa: E402
 from trainables.core.surgery import Unit  # noqa: E402
 from trainables.protocol.config import PruneConfig  # noqa: E402
@@ -207,12 +206,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--old-full", action="store_true", help="time whole old plans on big models too (minutes)")
     ap.add_argument("--quick", action="store_true", help="small_cnn, 1 repeat")
-    ap.add_argument("--append", action="store_true", help="append a section to bench/RESULTS.md")
+    ap.add_argument("--write", action="store_true", help="replace this script's section of bench/RESULTS.md")
     args = ap.parse_args()
     if args.quick:
         args.models, args.repeats = ["small_cnn"], 1
-    t0 = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    run = BenchRun(SECTION)
     # The first FlopCounterMode of a process imports torch._dynamo (seconds); count_flops pays it
     # too. Timed once here, so that the medians below are steady-state planning.
     cold_model = build_model("small_cnn")
@@ -220,19 +218,13 @@ def main() -> None:
     FlopsModel(cold_model, describe_units(cold_model))
     cold_s = time.perf_counter() - tc
     rows = [row for name in args.models for row in bench_model(name, args.repeats, args.old_full)]
-    load_after = os.getloadavg()[0]
     body = (
-        machine_header(sys.argv, time.perf_counter() - t0,
-                       f"1-minute load average {load_before:.2f} at the start, {load_after:.2f} at the end.")
-        + f"\nTarget: `{PRUNE}`, input = each model's own shape (ResNet-50: 3x224x224, small_cnn: 1x28x28), "
+        f"Target: `{PRUNE}`, input = each model's own shape (ResNet-50: 3x224x224, small_cnn: 1x28x28), "
         f"{args.repeats} repeats, medians. First FlopsModel of the process (torch._dynamo import, paid once by "
         f"any FlopCounterMode user): {cold_s:.2f} s, not in the medians.\n\n"
         + table(rows)
     )
-    print(body)
-    if args.append:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write(f"\n{SECTION}\n\n{body}")
+    run.finish(body, write=args.write)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from latency import machine_header, write_section  # noqa: E402  (bench/ is on sys.path)
-
+from bench.report import BenchRun  # noqa: E402  (bench/ is on sys.path)
 from trainables import build_model, describe_units  # noqa: E402
 from trainables.protocol.greedy_car import greedy_car_order, greedy_car_order_naive  # noqa: E402
 
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    run = BenchRun(SECTION)
     rows, notes = list(HEADER), []
     for case in args.cases:
         name, width, unit = CASES[case]
@@ -265,11 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
     extra = (f"{torch.get_num_threads()} thread(s); per case {args.repeats} run(s) per method, interleaved, fast "
              "first; speedup = median naive / median fast; load = 1-minute load average before / after the case.")
-    header = machine_header(sys.argv, time.perf_counter() - t0, extra=extra)
-    body = header + "\n" + "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
-    print(body)
-    if args.write:
-        write_section(SECTION, body)
+    run.finish("\n".join(rows) + "\n\n" + "\n".join(notes), extra=extra, write=args.write)
 
 
 if __name__ == "__main__":

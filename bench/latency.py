@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import machine_header, write_section  # noqa: E402
 from trainables import build_model, describe_units, get_criterion, prune_layer  # noqa: E402
 from trainables.core.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
 from trainables.protocol.schedules import kept_count  # noqa: E402
@@ -49,41 +47,7 @@ SECTION = "## Latency vs FLOPs after pruning"
 TRACE_SHAPES = {"vgg16": (3, 64, 64), "vgg16_bn": (3, 64, 64), "resnet50": (3, 64, 64), "resnet18": (3, 64, 64)}
 
 
-# --- machine description and RESULTS.md (also used by car_speed.py) -------------------------
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        line = next(ln for ln in out.splitlines() if ln.startswith("Model name:"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def machine_header(argv: list[str], seconds: float, extra: str = "") -> str:
-    """Machine, versions, exact command and date: what a reader needs to redo the numbers."""
-    versions = ", ".join(
-        f"{pkg} {importlib.metadata.version(pkg)}" for pkg in ("torch", "torchvision", "torch-pruning")
-    )
-    return (
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {versions}.\n"
-        f"Command: `{' '.join(['python', '/'.join(Path(argv[0]).parts[-2:]), *argv[1:]])}` "
-        f"({seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}). {extra}\n"
-    )
-
-
-def write_section(title: str, body: str) -> None:
-    """Replace (or append) the section ``title`` of bench/RESULTS.md, leaving the others alone."""
-    path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(title)
-    if start == -1:
-        text = text.rstrip() + f"\n\n{title}\n\n{body}"
-    else:
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + f"{title}\n\n{body}" + (text[end:] if end != -1 else "")
-    path.write_text(text)
+# The machine description and RESULTS.md writer live in bench/report.py (every benchmark uses them).
 
 
 # --- pruning ----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import machine_header, prune_uniform  # noqa: E402
+from bench.latency import prune_uniform  # noqa: E402
+from bench.report import machine_header  # noqa: E402
 from trainables.core.metrics import count_flops, deployment_form, measure_latency  # noqa: E402
 from trainables.export import export_model, onnx_session, onnxruntime_available  # noqa: E402
 

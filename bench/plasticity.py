@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import write_section  # noqa: E402  (one writer of RESULTS.md sections)
+from bench.report import write_section  # noqa: E402  (one writer of RESULTS.md sections)
 from data import iterate_batches  # noqa: E402
 from trainables.cli.base_model import prepare  # noqa: E402
 from trainables.cli.compose import configs_of, load_run_config  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import write_section  # noqa: E402
+from bench.report import write_section  # noqa: E402
 from search.pareto import front_rows, hypervolume, read_trials  # noqa: E402
 
 

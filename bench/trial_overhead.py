@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.latency import write_section  # noqa: E402
+from bench.report import write_section  # noqa: E402
 from trainables.cli.base_model import prepare  # noqa: E402
 from trainables.cli.compose import configs_of, data_args, load_run_config  # noqa: E402
 from trainables.protocol.stages import run_protocol  # noqa: E402
