@@ -33,6 +33,7 @@ __all__ = [
     "list_class_subsets",
     "list_datasets",
     "load_class_subset",
+    "source_digest",
     "take",
     "takes_keyword",
 ]
@@ -52,7 +53,7 @@ def _load() -> None:
     )
     from ._coloured import channel_stats as coloured_channel_stats
     from ._datasets import InMemoryDataset, iterate_batches, take
-    from ._factory import FACTORY_SPEC, import_factory, takes_keyword
+    from ._factory import FACTORY_SPEC, import_factory, source_digest, takes_keyword
     from ._scenes import Scenes, fmnist_scenes
     from ._spec import TASKS, DatasetNotFoundError
     from ._subsets import list_class_subsets, load_class_subset

@@ -120,6 +120,33 @@ def test_factory_without_num_classes_is_probed(user_module):
         check_model_fits(f"custom:{mod}:net", {}, (1, 28, 28), 3, data_name="d")
 
 
+def test_editing_a_custom_network_trains_a_new_base_model(user_module, tiny_fmnist, tmp_path):
+    # The network's name does not say what it builds: the module's source is part of the cache key.
+    from trainables.cli.base_model import get_base_model, model_code
+    from trainables.protocol.config import PretrainConfig
+
+    assert model_code("small_cnn") is None and model_code("torchvision:resnet18") is None
+    body = """
+        from torch import nn
+        def net(num_classes=10, width=WIDTH):
+            return nn.Sequential(nn.Conv2d(1, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(width, num_classes))
+    """
+    mod = user_module("h_edit_net", body.replace("WIDTH", "4"))
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=50)
+    pretrain = PretrainConfig(epochs=1, lr=0.01)
+
+    def base():
+        return get_base_model(f"custom:{mod}:net", {}, 10, lambda: splits, {"name": "tiny"}, pretrain, tmp_path / "cache",
+                              log=lambda *_: None)
+
+    first, again = base()[1], base()[1]
+    assert first == again and first.is_file()  # unchanged code: the cached entry
+    (tmp_path / f"{mod}.py").write_text(textwrap.dedent(body.replace("WIDTH", "6")))
+    edited = base()[1]
+    assert edited != first and edited.is_file()
+
+
 def test_unknown_source_and_names_are_one_line():
     for name, musts in [
         ("tv:resnet18", ["unknown model source 'tv'", "valid sources: custom:, timm:, torchvision:"]),

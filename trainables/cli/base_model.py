@@ -52,17 +52,31 @@ class DamagedCheckpointError(ValueError):
     reason: str = ""  # torch.load's own first line, when that is what failed
 
 def base_model_key(model: str, model_kwargs: dict, data_key: dict, pretrain: PretrainConfig, seed: int,
-                   init: str | None = None) -> str:
+                   init: str | None = None, code: str | None = None) -> str:
     """A short hash of everything that determines the base model's weights.
 
     ``init`` identifies the weights training starts from (``file_digest`` of ``model.weights``);
-    None, a fresh initialisation, leaves the key as it was before weights could be given.
+    ``code`` the source of a user's network (``model_code``), whose name does not say what it
+    builds. None, for either, leaves the key as it was before they existed.
     """
     what = {"model": model, "kwargs": model_kwargs, "data": data_key, "pretrain": asdict(pretrain), "seed": seed}
     if init is not None:
         what["init"] = init
+    if code is not None:
+        what["code"] = code
     blob = json.dumps(what, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_code(model: str) -> str | None:
+    """The digest of a ``custom:<module>:<callable>`` network's module source (editing the
+    network then trains a new base model, as editing a data factory does); None for the
+    registry's, torchvision's and timm's networks, whose name and version say what they build."""
+    if not model.startswith("custom:"):
+        return None
+    from data import source_digest
+
+    return source_digest(model.partition(":")[2])
 
 
 def file_digest(path: str | Path) -> str:
@@ -341,7 +355,7 @@ def get_base_model(
         log(f"base model: {source} (given weights, not trained)")
         return model, source, meta
     init = file_digest(source) if source is not None else None
-    key = base_model_key(model_name, model_kwargs, data_key, pretrain, seed, init=init)
+    key = base_model_key(model_name, model_kwargs, data_key, pretrain, seed, init=init, code=model_code(model_name))
     path = base_model_path(cache_dir, model_name, key)
     cached = _load_cached(model, path, log)
     if cached is not None:
