@@ -15,6 +15,14 @@ that a stopped run resumes, and writes ``runs.parquet`` and the report with the 
 
 Cells run seed-first (every budget and base of seed 0, then seed 1, ...), so a run stopped at
 a deadline has whole seeds of every comparison rather than all seeds of a few.
+
+A grid that only adds criteria, ratios, budgets or the control to a finished one need not run
+the shared cells again: ``--reuse <earlier --out>`` copies every finished cell whose settings
+(arm, criterion, ratio, seed, base, budget, p, q, ...) equal one of this grid's, under this
+grid's cell number. On CPU a cell is deterministic (same seed, same record but its wall time),
+so a reused cell is the run this grid would have made.
+
+    python bench/budget_study.py --out outputs/wider --reuse outputs/budget-study -- 'study.budgets=[0.25,1,4,16]' ...
 """
 
 from __future__ import annotations
@@ -82,6 +90,28 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
               f"{cell['budget']:g}: test {record['final_test_acc']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
+def _settings(cell: dict) -> str:
+    return json.dumps({k: v for k, v in cell.items() if k != "cell"}, sort_keys=True)
+
+
+def reuse_cells(cfg, out: Path, earlier: Path) -> int:
+    """Copy the finished cells of ``earlier`` whose settings are cells of this grid into ``out``
+    (renumbered); cells already in ``out`` stay. Returns how many were copied."""
+    if not (earlier / "cells").is_dir():
+        raise FileNotFoundError(f"--reuse {earlier}: no cells/ folder there (give an earlier --out)")
+    wanted = {_settings(c): c for c in _cells(cfg)}
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for path in sorted((earlier / "cells").glob("*.json")):
+        done = json.loads(path.read_text())
+        cell = wanted.get(_settings(done["cell"]))
+        target = out / "cells" / f"{cell['cell']}.json" if cell is not None else None
+        if target is not None and not target.exists():
+            target.write_text(json.dumps({**done, "cell": cell}))
+            copied += 1
+    return copied
+
+
 def report(cfg, out: Path) -> Path:
     """runs.parquet from the cells on disk (missing cells are left out and counted) and the report."""
     from search.study import base_seeds, run_row
@@ -112,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--worker", default="0/1", help="k/n: run every n-th cell starting at k")
     parser.add_argument("--report", action="store_true", help="write runs.parquet and report.md from the cells done")
+    parser.add_argument("--reuse", type=Path, help="an earlier --out: copy its finished cells that this grid shares")
     parser.add_argument("overrides", nargs="*", help="search.study overrides (after --)")
     args = parser.parse_args(argv)
     from search.study import load_study_config
@@ -127,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print(report(cfg, args.out))
     else:
+        if args.reuse is not None:
+            try:
+                copied = reuse_cells(cfg, args.out, args.reuse)
+            except FileNotFoundError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(f"reused {copied} finished cell(s) of {args.reuse}", flush=True)
         run_cells(cfg, args.out, k, n)
     return 0
 

@@ -4,6 +4,8 @@ over two budgets and two base models."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,19 @@ def test_budget_bench_runs_the_study_cells_resumes_and_reports(tiny_fmnist, tmp_
     assert sorted(r["cell"] for r in rows) == list(range(8)) and {r["budget"] for r in rows} == {0.5, 2.0}
     assert "## When does random catch up?" in (out / "report.md").read_text()
     assert bench.main(["--out", str(out), "--worker", "2/2", *args]) == 2
+
+    # A wider grid (one more budget) reuses the 8 finished cells under its own numbers.
+    from search.study import load_study_config
+
+    wider_args = [a if not a.startswith("study.budgets=") else "study.budgets=[0.5,2,4]" for a in args[1:]]
+    wider, earlier = tmp_path / "wider", {json.loads(p.read_text())["cell"]["cell"]: json.loads(p.read_text())
+                                          for p in (out / "cells").glob("*.json")}
+    assert bench.reuse_cells(load_study_config(wider_args), wider, out) == 8
+    moved = [json.loads(p.read_text()) for p in (wider / "cells").glob("*.json")]
+    assert {d["cell"]["budget"] for d in moved} == {0.5, 2.0} and len(moved) == 8
+    for d in moved:  # same settings and the very same record, under the wider grid's number
+        old = next(e for e in earlier.values() if bench._settings(e["cell"]) == bench._settings(d["cell"]))
+        assert d["record"] == old["record"]
+    assert sorted(d["cell"]["cell"] for d in moved) != sorted(earlier)  # renumbered: 12 cells now
+    assert bench.reuse_cells(load_study_config(wider_args), wider, out) == 0  # already there
+    assert bench.main(["--out", str(wider), "--reuse", str(tmp_path / "nowhere"), *args]) == 2
