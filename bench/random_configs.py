@@ -89,9 +89,10 @@ def run_search(out_root: Path, name: str, extra: list[str], log: Path) -> float 
 
 
 def best_under(rows: list[dict], kept: float) -> dict | None:
-    """The completed trial with the highest val_acc among those keeping at most ``kept`` of the FLOPs."""
+    """The completed trial with the highest val_acc among those keeping at most ``kept`` of the FLOPs;
+    of equal val_acc the cheaper one, which is the one on the front (and so has a test_acc)."""
     done = [r for r in rows if r["status"] == "COMPLETED" and r["val_acc"] is not None and r["flops_kept"] <= kept]
-    return max(done, key=lambda r: r["val_acc"]) if done else None
+    return max(done, key=lambda r: (r["val_acc"], -r["flops_kept"])) if done else None
 
 
 def summarise(rows: list[dict], target: float | None) -> dict:
@@ -108,8 +109,9 @@ def summarise(rows: list[dict], target: float | None) -> dict:
     for kept in shares:
         slack = 0.0 if target is None else TARGET_SLACK
         best = best_under(rows, kept + slack)
-        # The best-val trial under a FLOPs cap is always Pareto-optimal (any trial dominating it
-        # would be under the cap with a higher val_acc), so the search has tested it.
+        # The best-val trial under a FLOPs cap (the cheapest of equal val_acc) is always
+        # Pareto-optimal: a trial dominating it would be under the cap with a higher val_acc or
+        # the same val_acc at fewer FLOPs. So the search has tested it.
         out[f"val@{kept:g}"] = best["val_acc"] if best else None
         out[f"test@{kept:g}"] = best["test_acc"] if best else None
     return out

@@ -54,3 +54,24 @@ def test_random_shapes_are_scaled_to_the_flops_target(target):
         reductions.append(1 - flops.flops_with_ratios(ratios, prune.round_to) / flops.base)
         study.tell(t, 0.0)
     assert all(abs(r - target) <= 0.02 for r in reductions), reductions
+
+
+def test_the_best_under_a_cap_is_the_front_member_of_equal_accuracy():
+    """Two trials with the same val_acc: the cheaper one is on the front and has the test accuracy
+    (a 32-trial TPE search hit this and reported no test accuracy at <= 25% of the FLOPs)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("random_configs", Path(__file__).parent.parent / "bench" / "random_configs.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [
+        {"status": "COMPLETED", "val_acc": 0.8778, "flops_kept": 0.230, "test_acc": None, "prune_ratios": [0.2]},
+        {"status": "COMPLETED", "val_acc": 0.8778, "flops_kept": 0.195, "test_acc": 0.8718, "prune_ratios": [0.3]},
+        {"status": "COMPLETED", "val_acc": 0.9000, "flops_kept": 0.450, "test_acc": 0.8950, "prune_ratios": [0.1]},
+        {"status": "ERROR", "val_acc": None, "flops_kept": None, "test_acc": None, "prune_ratios": None},
+    ]
+    assert bench.best_under(rows, 0.25)["flops_kept"] == 0.195
+    out = bench.summarise(rows, target=None)
+    assert out["val@0.25"] == 0.8778 and out["test@0.25"] == 0.8718
+    assert out["val@0.5"] == 0.9 and out["test@0.5"] == 0.895
