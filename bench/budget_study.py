@@ -23,6 +23,9 @@ grid's cell number. On CPU a cell is deterministic (same seed, same record but i
 so a reused cell is the run this grid would have made.
 
     python bench/budget_study.py --out outputs/wider --reuse outputs/budget-study -- 'study.budgets=[0.25,1,4,16]' ...
+
+With ``study.continue_budgets=true`` (and ``study.budget_scales=q``, ``finetune.anneal_final=false``)
+the budgets of a cell are one run to the longest, written as one file per budget.
 """
 
 from __future__ import annotations
@@ -58,11 +61,13 @@ def _base(cfg, seed: int):
 
 
 def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
-    """Run this worker's share of the cells not yet on disk (``out/cells/<cell>.json``)."""
+    """Run this worker's share of the cells not yet on disk (``out/cells/<cell>.json``); with
+    ``study.continue_budgets`` one run per cell group, written as every budget's cell."""
     import copy
 
     import torch
 
+    from search.study import trial_cells
     from trainables.cli.compose import configs_of
     from trainables.protocol.config import MeasureConfig, PruneConfig
     from trainables.protocol.stages import run_protocol
@@ -71,10 +76,15 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
     prune0, finetune, _, _ = configs_of(cfg)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     bases: dict[int, tuple] = {}
-    mine = [c for i, c in enumerate(_cells(cfg)) if i % workers == worker]
+    cells = _cells(cfg)
+    by_number = {c["cell"]: c for c in cells}
+    trials = trial_cells(cfg, [by_number[i] for i in range(len(cells))])
+    mine = [c for c in cells if c["cell"] in trials]
+    mine = [c for i, c in enumerate(mine) if i % workers == worker]
     for cell in mine:
-        path = out / "cells" / f"{cell['cell']}.json"
-        if path.exists():
+        shorter = [by_number[k] for k in trials[cell["cell"]]]
+        paths = [out / "cells" / f"{c['cell']}.json" for c in [cell, *shorter]]
+        if all(p.exists() for p in paths):
             continue
         if cell["base_seed"] not in bases:
             bases[cell["base_seed"]] = _base(cfg, cell["base_seed"])
@@ -82,12 +92,15 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
         prune = PruneConfig(**{**asdict(prune0), **{k: v for k, v in cell.items() if k in asdict(prune0)}})
         t0 = time.perf_counter()
         record = run_protocol(copy.deepcopy(base), splits, prune, finetune, measure=MeasureConfig(latency=False),
-                              seed=cell["seed"], evaluate_test=True,
+                              seed=cell["seed"], evaluate_test=True, q_points=[c["q"] for c in shorter],
                               config={"trial": cell, "prune": asdict(prune), "finetune": asdict(finetune)})
-        record.pop("prune_log", None)  # the kept indices per unit are in record["units"]
-        path.write_text(json.dumps({"cell": cell, "record": record}))
-        print(f"cell {cell['cell']}: {cell['arm']} seed {cell['seed']} base {cell['base_seed']} budget "
-              f"{cell['budget']:g}: test {record['final_test_acc']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
+        continued = {round(r["config"]["prune"]["q"], 9): r for r in record.pop("continued", [])}
+        records = [record, *(continued[round(c["q"], 9)] for c in shorter)]
+        for c, rec, path in zip([cell, *shorter], records, paths, strict=True):
+            rec.pop("prune_log", None)  # the kept indices per unit are in record["units"]
+            path.write_text(json.dumps({"cell": c, "record": rec}))
+            print(f"cell {c['cell']}: {c['arm']} seed {c['seed']} base {c['base_seed']} budget {c['budget']:g}: "
+                  f"test {rec['final_test_acc']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 def _settings(cell: dict) -> str:
@@ -130,7 +143,9 @@ def report(cfg, out: Path) -> Path:
             "recovery_delta": finetune.recovery_delta, "p": prune.p, "q": prune.q, "lr": finetune.lr,
             "schedule": prune.schedule, "n_cells": len(_cells(cfg)), "base_seeds": base_seeds(cfg),
             "base_val_accs": {str(k): v for k, v in vals.items()}, "budgets": list(cfg.study.budgets),
-            "score": config_task(cfg).score_name, "runner": "bench/budget_study.py (no Ray)"}
+            "score": config_task(cfg).score_name, "runner": "bench/budget_study.py (no Ray)",
+            "budget_scales": cfg.study.get("budget_scales", "pq"),
+            "continue_budgets": bool(cfg.study.get("continue_budgets", False))}
     write_runs(rows, out / "runs.parquet", meta)
     write_report(out / "runs.parquet")
     print(f"{len(rows)} of {len(_cells(cfg))} cells done")

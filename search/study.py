@@ -37,6 +37,7 @@ _PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative", "greedy_car")  # 
 _OWN_SCORE = {"greedy_car": "car"}  # methods that choose filters themselves: one arm (named after the method) per level
 _BASELINES = ("control", "scratch")  # arms without a criterion (prune.method of the same name)
 _SWITCH = ("auto", True, False)
+_BUDGET_SCALES = ("pq", "q")  # study.budget_scales: what a budget multiplies
 _MAX_BUDGET = 1000.0  # a budget multiplier beyond this is a typo (1000 x the default q is 250 epochs)
 
 
@@ -102,6 +103,7 @@ def check_study(cfg) -> None:
     for i, b in enumerate(_list(study, "budgets")):
         require(_is_number(b) and 0 < b <= _MAX_BUDGET, f"study.budgets[{i}]",
                 f"a multiplier of prune.p and prune.q in (0, {_MAX_BUDGET:g}]", b)
+    _check_continuation(cfg)
     if study.get("base_seeds") is not None:
         for i, s in enumerate(_list(study, "base_seeds")):
             require_int(f"study.base_seeds[{i}]", s, 0)
@@ -127,6 +129,49 @@ def check_study(cfg) -> None:
     check_trial_resources(cfg)
 
 
+def _check_continuation(cfg) -> None:
+    """``study.budget_scales`` and ``study.continue_budgets``: the shortcut only where it is exact."""
+    from trainables.protocol.config import require
+
+    study = cfg.study
+    scales = study.get("budget_scales", "pq")
+    require(scales in _BUDGET_SCALES, "study.budget_scales", "pq (prune.p and prune.q) or q (prune.q only)", scales)
+    cont = study.get("continue_budgets", False)
+    require(cont in (True, False), "study.continue_budgets", "true or false", cont)
+    if not cont:
+        return
+    why = "with study.continue_budgets=true"
+    require(scales == "q", "study.budget_scales", f"q {why} (budgets that scale p part at the first unit's "
+            "recovery, so no run passes through another)", scales)
+    require(cfg.finetune.anneal_final is False, "finetune.anneal_final", f"false {why} (the cosine anneal "
+            "depends on q, so a longer final fine-tuning does not pass through a shorter one)", cfg.finetune.anneal_final)
+    require(_is_number(cfg.prune.q) and cfg.prune.q > 0, "prune.q", f"> 0 {why}", cfg.prune.q)
+    require(len(study.budgets) >= 2, "study.continue_budgets", "false with one budget (nothing to continue)",
+            list(study.budgets))
+    require("one_shot" not in _list(study, "methods"), "study.methods", f"a list without one_shot {why} (its "
+            "pruning step's recovery is the final fine-tuning itself)", list(study.methods))
+
+
+def trial_cells(cfg, cells: list[dict]) -> dict[int, list[int]]:
+    """The Tune trials of a study: the cell each runs -> the cells it records on its way.
+
+    Every cell is its own trial, except with ``study.continue_budgets``: then the cells that
+    differ only in their budget are one trial, run at the longest and recording the shorter
+    ones (``run_protocol``'s ``q_points``), listed shortest first.
+    """
+    if not cfg.study.get("continue_budgets", False):
+        return {i: [] for i in range(len(cells))}
+    groups: dict[str, list[int]] = {}
+    for i, cell in enumerate(cells):
+        groups.setdefault(json.dumps({k: v for k, v in cell.items() if k not in ("budget", "q")}, sort_keys=True,
+                                     default=str), []).append(i)
+    trials = {}
+    for members in groups.values():
+        members = sorted(members, key=lambda i: cells[i]["q"])
+        trials[members[-1]] = members[:-1]
+    return dict(sorted(trials.items()))
+
+
 def _baseline_on(study, name: str) -> bool:
     from trainables.protocol.config import METHODS
 
@@ -146,7 +191,7 @@ def grid_cells(cfg) -> list[dict]:
     is given; control and scratch ignore it and get the config's), ``method``, the level
     (``ratio`` or ``target_flops_reduction``), ``seed``, ``fraction``, ``base_seed`` (the base
     model the run starts from), ``budget`` and the ``p`` / ``q`` epochs it means (``budget`` x
-    ``prune.p`` / ``prune.q``). Base-major, then seed-major, so a study stopped half-way has
+    ``prune.p`` / ``prune.q``; ``p`` stays ``prune.p`` with ``study.budget_scales=q``). Base-major, then seed-major, so a study stopped half-way has
     whole seeds of every arm rather than all seeds of a few.
     """
     study = cfg.study
@@ -155,8 +200,9 @@ def grid_cells(cfg) -> list[dict]:
     cells = []
     for base_seed, seed, budget, fraction in itertools.product(base_seeds(cfg), study.seeds, study.budgets,
                                                                study.fractions):
+        scales_p = study.get("budget_scales", "pq") == "pq"
         common = {"seed": int(seed), "fraction": float(fraction), "base_seed": base_seed, "budget": float(budget),
-                  "p": float(budget) * float(cfg.prune.p), "q": float(budget) * float(cfg.prune.q)}
+                  "p": float(budget if scales_p else 1.0) * float(cfg.prune.p), "q": float(budget) * float(cfg.prune.q)}
         if _baseline_on(study, "control"):  # nothing is pruned: level 0 (no FLOPs target)
             cells.append({"arm": "control", "criterion": cfg.criterion.name, "method": "control",
                           level: 0.0 if level == "ratio" else None, **common})
@@ -259,7 +305,7 @@ def _base_models(cfg, session, log=print) -> tuple[dict[int, dict], dict[int, fl
     return states, vals
 
 
-def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict]):
+def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict], trials: dict[int, list[int]]):
     from ray import tune
     from ray.tune import FailureConfig, RunConfig
 
@@ -269,8 +315,11 @@ def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict]):
     # As search.launch._trainable, with the base models beside the context (Ray's object store).
     resources = {"cpu": 1} if uses_fast_path(session.ctx) else {"cpu": 0.01}
     trainable = tune.with_resources(tune.with_parameters(study_trial_fn, ctx=session.ctx, bases=bases), resources)
-    space = {"cell": tune.grid_search(list(range(len(cells))))}
+    space = {"cell": tune.grid_search(list(trials))}
     space.update({key: tune.sample_from(CellValue(cells, key)) for key in cells[0]})
+    if any(trials.values()):  # study.continue_budgets: each trial also records its shorter budgets
+        points = [{"q_points": [cells[k]["q"] for k in trials.get(i, [])]} for i in range(len(cells))]
+        space["q_points"] = tune.sample_from(CellValue(points, "q_points"))
     if session.restore_path:
         # Tune saves sample_from functions as placeholders: cells not started before the kill
         # would get ('__fn_ph', hash) as values unless the same space is handed back here.
@@ -280,7 +329,7 @@ def _tuner(cfg, session, cells: list[dict], bases: dict[int, dict]):
         trainable, param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.study.max_concurrent_trials, reuse_actors=True),
         run_config=RunConfig(name="tune", storage_path=str(session.storage),
-                             callbacks=[session.callback, ProgressCallback(len(cells))],
+                             callbacks=[session.callback, ProgressCallback(len(trials))],
                              failure_config=FailureConfig(max_failures=cfg.study.max_failures), verbose=0),
     )
 
@@ -336,11 +385,13 @@ def run_row(run_id: str, status: str, cell: dict, record: dict | None, mlflow_ru
     return row
 
 
-def _rows(results, session, cells: list[dict], delta: float, log) -> list[dict]:
-    """One row per Tune trial: its cell and the record of its last checkpoint (logged to its
-    MLflow run as ``record.json``)."""
+def _rows(results, session, cells: list[dict], delta: float, log, trials: dict[int, list[int]] | None = None) -> list[dict]:
+    """One row per cell: a Tune trial's own cell and the record of its last checkpoint (logged
+    to its MLflow run as ``record.json``), and with ``study.continue_budgets`` one more per
+    shorter budget it recorded on its way (run id ``<trial>@b<budget>``, the same MLflow run)."""
     from search.results import trial_ids
 
+    trials = trials or {}
     rows = []
     for trial_id, result in zip(trial_ids(results), results, strict=True):
         cell = {**cells[int(result.config["cell"])], "cell": int(result.config["cell"])}
@@ -354,10 +405,23 @@ def _rows(results, session, cells: list[dict], delta: float, log) -> list[dict]:
                         session.tracker.log_artifact(trial_id, path)
         status = "FAILED" if result.error is not None else "COMPLETED" if record is not None else "INCOMPLETE"
         rows.append(run_row(trial_id, status, cell, record, run_id, delta))
+        for k in trials.get(cell["cell"], []):
+            shorter = {**cells[k], "cell": k}
+            continued = _continued(record, shorter["q"])
+            sub_status = "INCOMPLETE" if status == "COMPLETED" and continued is None else status
+            rows.append(run_row(f"{trial_id}@b{shorter['budget']:g}", sub_status, shorter, continued, run_id, delta))
     missing = sorted(set(range(len(cells))) - {r["cell"] for r in rows})
     if missing:
         log(f"warning: {len(missing)} grid cell(s) have no trial: {missing}")
     return sorted(rows, key=lambda r: r["cell"])
+
+
+def _continued(record: dict | None, q: float) -> dict | None:
+    """The record a trial kept for its shorter final fine-tuning of ``q`` epochs, if any."""
+    for sub in (record or {}).get("continued") or []:
+        if math.isclose(sub["config"]["prune"]["q"], q, rel_tol=1e-9):
+            return sub
+    return None
 
 
 def _meta(cfg, session, cells: list[dict]) -> dict:
@@ -372,7 +436,8 @@ def _meta(cfg, session, cells: list[dict]) -> dict:
             "schedule": prune.schedule, "base_val_acc": session.base_val_acc, "base_flops": session.base_flops,
             "n_cells": len(cells), "base_seed": cfg.seed, "score": config_task(cfg).score_name,
             "base_seeds": base_seeds(cfg), "base_val_accs": {str(k): v for k, v in getattr(session, "base_val_accs", {}).items()},
-            "budgets": [float(b) for b in cfg.study.budgets]}
+            "budgets": [float(b) for b in cfg.study.budgets], "budget_scales": cfg.study.get("budget_scales", "pq"),
+            "continue_budgets": bool(cfg.study.get("continue_budgets", False))}
 
 
 def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print) -> dict:
@@ -387,7 +452,7 @@ def finish_study(cfg, out: Path, session, results, cells: list[dict], log=print)
     tracker.finalize_dangling()
     from trainables.cli.compose import configs_of
 
-    rows = _rows(results, session, cells, configs_of(cfg)[1].recovery_delta, log)
+    rows = _rows(results, session, cells, configs_of(cfg)[1].recovery_delta, log, trial_cells(cfg, cells))
     write_runs(rows, out / "runs.parquet", _meta(cfg, session, cells))
     report = write_report(out / "runs.parquet")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("COMPLETED", "FAILED", "INCOMPLETE")}
@@ -423,8 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cells = grid_cells(cfg)
         bases, session.base_val_accs = _base_models(cfg, session)
-        print(f"study grid: {len(cells)} runs")
-        results = _tuner(cfg, session, cells, bases).fit()
+        trials = trial_cells(cfg, cells)
+        shared = f" in {len(trials)} trials (study.continue_budgets)" if len(trials) < len(cells) else ""
+        print(f"study grid: {len(cells)} runs{shared}")
+        results = _tuner(cfg, session, cells, bases, trials).fit()
         finish_study(cfg, out, session, results, cells)
     finally:
         if session.owns_ray:

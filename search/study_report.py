@@ -21,7 +21,7 @@ Conventions: scores are stored as fractions in [0, 1] (tables and figures show p
 differences in points; ``study.margin`` is typed in points and stored as a fraction, 0.01 =
 one point); ``prune_ratio`` = share of filters removed per unit; ``flops_kept`` = share of
 the unpruned model's FLOPs kept (FLOPs = 2 x MACs); ``fraction`` = share of the training set
-used for fine-tuning; ``budget`` = multiplier of the fine-tuning epochs p and q.
+used for fine-tuning; ``budget`` = multiplier of the fine-tuning epochs p and q (q only with ``study.budget_scales=q``).
 
 With several budgets (``study.budgets``) the report adds, per level, the difference to random
 as a function of the budget, the TOST verdict per budget and the smallest budget at which a
@@ -848,7 +848,7 @@ def _budget_section(paired: list[Row], summary: list[Row], meta: dict, shape: di
                       *([text(fixed[(c["arm"], c["method"], c["fraction"], c["level"])])] if within else [])])
     return [
         "", "## When does random catch up?", "",
-        f"Each criterion against `random` at every fine-tuning budget (a budget multiplies `prune.p` and `prune.q`; "
+        f"Each criterion against `random` at every fine-tuning budget (a budget multiplies {_budget_scales(meta)}; "
         f"optimiser steps are those of the `random` runs), paired as above. Equivalence = TOST within ±{margin} points "
         "(`study.margin`); q is adjusted over all comparisons of the study.", "",
         _table(header, body), "",
@@ -907,7 +907,8 @@ def plot_difference_vs_budget(paired: list[Row], summary: list[Row], path: Path,
                             for b in budgets], fontsize=8)
         ax.minorticks_off()
         ax.set_title(_level_name(meta, level))
-        ax.set_xlabel("fine-tuning budget (x prune.p and prune.q; log scale)")
+        scaled = "prune.q" if meta.get("budget_scales") == "q" else "prune.p and prune.q"
+        ax.set_xlabel(f"fine-tuning budget (x {scaled}; log scale)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"criterion - random, {_metric_name(meta)} (points)")
     _legend(fig, axes)
@@ -917,6 +918,12 @@ def plot_difference_vs_budget(paired: list[Row], summary: list[Row], path: Path,
     fig.suptitle(f"When does random catch up? Mean paired difference and {100 * meta.get('confidence', 0.95):g}% CI"
                  f" (data fraction {fraction:g}){bands}", fontsize=9, y=1.06 if several else 0.98)  # clear of the panel titles
     fig.savefig(path, bbox_inches="tight")
+
+
+def _budget_scales(meta: dict) -> str:
+    """What a budget multiplies (``study.budget_scales``), and how the budgets were run."""
+    scaled = "`prune.q` only" if meta.get("budget_scales") == "q" else "`prune.p` and `prune.q`"
+    return scaled + (", each cell's budgets one continued run" if meta.get("continue_budgets") else "")
 
 
 def write_report(runs_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,

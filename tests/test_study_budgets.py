@@ -5,6 +5,7 @@ over two budgets and two base models."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -53,6 +54,25 @@ def test_default_study_keeps_one_budget_of_1x_and_the_config_seed_as_its_base():
     assert {(c["p"], c["q"]) for c in cells} == {(cfg.prune.p, cfg.prune.q)}
 
 
+def test_continued_budgets_group_the_cells_that_differ_only_in_budget():
+    from search.study import trial_cells
+
+    args = ["study.budgets=[4,0.25,1]", "study.criteria=[random,l1]", "study.ratios=[0.6]", "study.control=true",
+            "study.budget_scales=q"]
+    cfg = load_study_config(args)
+    cells = grid_cells(cfg)
+    assert {c["p"] for c in cells} == {cfg.prune.p}  # budget_scales=q: only q grows
+    assert trial_cells(cfg, cells) == {i: [] for i in range(len(cells))}  # not continued: a trial per cell
+    cfg = load_study_config([*args, "study.continue_budgets=true", "finetune.anneal_final=false"])
+    cells = grid_cells(cfg)
+    trials = trial_cells(cfg, cells)
+    assert len(trials) == len(cells) // 3 and sorted(i for t in trials.items() for i in [t[0], *t[1]]) == list(range(len(cells)))
+    for main_cell, shorter in trials.items():
+        assert [cells[i]["budget"] for i in [*shorter, main_cell]] == [0.25, 1.0, 4.0]
+        same = [{k: v for k, v in cells[i].items() if k not in ("budget", "q")} for i in [*shorter, main_cell]]
+        assert same[0] == same[1] == same[2]
+
+
 BAD = [
     (["study.budgets=[0]"], ["study.budgets[0] must be a multiplier of prune.p and prune.q in (0, 1000], but got 0"]),
     (["study.budgets=[1,-2]"], ["study.budgets[1] must be a multiplier", "but got -2"]),
@@ -61,6 +81,16 @@ BAD = [
     (["study.base_seeds=[]"], ["study.base_seeds must be a non-empty list, but got []"]),
     (["study.base_seeds=[0,1]", "model.weights=WEIGHTS"], ["study.base_seeds must be null with model.weights"]),
     (["study.margin=100"], ["study.margin must be in (0, 100) points of the score (1.0 = one point), but got 100"]),
+    (["study.budget_scales=p"], ["study.budget_scales must be pq (prune.p and prune.q) or q (prune.q only), but got 'p'"]),
+    (["study.continue_budgets=maybe"], ["study.continue_budgets must be true or false, but got 'maybe'"]),
+    (["study.continue_budgets=true", "study.budgets=[1,2]"],
+     ["study.budget_scales must be q with study.continue_budgets=true", "but got 'pq'"]),
+    (["study.continue_budgets=true", "study.budgets=[1,2]", "study.budget_scales=q"],
+     ["finetune.anneal_final must be false with study.continue_budgets=true", "but got True"]),
+    (["study.continue_budgets=true", "study.budget_scales=q", "finetune.anneal_final=false"],
+     ["study.continue_budgets must be false with one budget (nothing to continue), but got [1.0]"]),
+    (["study.continue_budgets=true", "study.budgets=[1,2]", "study.budget_scales=q", "finetune.anneal_final=false",
+      "study.methods=[layer_by_layer,one_shot]"], ["study.methods must be a list without one_shot with study.continue_budgets=true"]),
 ]
 
 
@@ -281,3 +311,102 @@ def test_budget_bench_runs_the_study_cells_resumes_and_reports(tiny_fmnist, tmp_
     assert sorted(d["cell"]["cell"] for d in moved) != sorted(earlier)  # renumbered: 12 cells now
     assert bench.reuse_cells(load_study_config(wider_args), wider, out) == 0  # already there
     assert bench.main(["--out", str(wider), "--reuse", str(tmp_path / "nowhere"), *args]) == 2
+
+
+@pytest.mark.parametrize("method", ["layer_by_layer", "iterative", "control"])
+def test_q_points_record_exactly_what_shorter_runs_give(tiny_fmnist, method):
+    """The continuation shortcut: one run with q_points answers a sweep over q. Each continued
+    record equals, key for key, the record of a fresh run with that q (anneal_final=false);
+    only the wall time differs. The run's own record is unchanged by the extra evaluations."""
+    import copy
+
+    from conftest import train_small_cnn
+
+    from data import get_data
+    from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.protocol.finetune import steps_per_epoch
+    from trainables.protocol.stages import run_protocol
+
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+    base = train_small_cnn(splits, epochs=1)
+    # eval_max_images: the curve reads 60 val images, each result all 100 (read again at every mark)
+    ft = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, anneal_final=False, eval_max_images=60)
+    per_epoch = steps_per_epoch(splits, ft)
+    measure = MeasureConfig(latency=False)
+
+    def run(n_final: int, **kw) -> dict:
+        prune = PruneConfig(criterion="l1", ratio=0.5, p=2 / per_epoch, q=n_final / per_epoch, method=method,
+                            steps=2)
+        return run_protocol(copy.deepcopy(base), splits, prune, ft, measure=measure, seed=0, **kw)
+
+    def same(a: dict, b: dict) -> None:
+        a, b = dict(a), dict(b)
+        for r in (a, b):
+            r.pop("wall_s")
+            r.pop("continued", None)
+        assert a == b
+
+    long = run(16, q_points=[5 / per_epoch, 8 / per_epoch])
+    assert [c["config"]["prune"]["q"] for c in long["continued"]] == [5 / per_epoch, 8 / per_epoch]
+    for n, continued in zip((5, 8), long["continued"], strict=True):
+        fresh = run(n)
+        same(continued, fresh)
+        assert continued["curve"][-1]["step"] - long["curve"][-1]["step"] == n - 16
+    same(long, run(16))
+
+
+def test_q_points_are_refused_where_a_longer_run_does_not_pass_through(tiny_fmnist):
+    from conftest import train_small_cnn
+
+    from data import get_data
+    from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
+    from trainables.protocol.stages import run_protocol
+
+    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+    base = train_small_cnn(splits, epochs=1)
+    measure, flat = MeasureConfig(latency=False), FinetuneConfig(batch_size=32, anneal_final=False)
+    cases = [
+        (PruneConfig(criterion="l1", ratio=0.5, q=0.5), FinetuneConfig(batch_size=32), [0.25], "anneal_final=false"),
+        (PruneConfig(criterion="l1", ratio=0.5, q=0.5, method="one_shot"), flat, [0.25], "one_shot"),
+        (PruneConfig(criterion="l1", ratio=0.5, q=0.5), flat, [0.5], "in (0, prune.q=0.5)"),
+        (PruneConfig(criterion="l1", ratio=0.5, q=0.5), flat, [1e-6], "optimiser steps; valid: 1 to"),
+    ]
+    for prune, ft, points, words in cases:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            run_protocol(base, splits, prune, ft, measure=measure, q_points=points)
+
+
+def test_a_continued_study_gives_every_budgets_cell_as_runs_from_the_start_give_it(tiny_fmnist, tmp_path, ray_session):
+    """study.continue_budgets through Ray Tune: 4 trials give the 8 cells of 2 budgets, and each
+    cell's numbers equal those of that cell run from the start (bench/budget_study.py, no Ray),
+    as do those of the bench's own continued runs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("budget_study", Path(__file__).parent.parent / "bench" / "budget_study.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = [f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+              "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", "study.criteria=[random,l1]",
+              "study.ratios=[0.5]", "study.seeds=[0,1]", "study.control=false", "study.budgets=[0.5,2]",
+              "study.budget_scales=q", "finetune.anneal_final=false", "prune.p=0.1", "prune.q=0.4",
+              "prune.score_batches=1", "prune.score_batch_size=16", "measure.latency=false"]
+    continued = [*common, "study.continue_budgets=true"]
+    assert main([*continued, f"output_root={tmp_path / 'out'}", "name=cont", "num_cpus=2"]) == 0
+    rows = read_runs(tmp_path / "out" / "cont" / "runs.parquet")
+    assert len(rows) == 8 and all(r["status"] == "COMPLETED" for r in rows)
+    assert len({r["mlflow_run_id"] for r in rows}) == 4  # one trial (and MLflow run) per cell group
+    assert sum("@b0.5" in r["run_id"] for r in rows) == 4
+    assert "multiplies `prune.q` only, each cell's budgets one continued run" in (tmp_path / "out" / "cont" / "report.md").read_text()
+    for out, args in (("fresh", common), ("bench-cont", continued)):
+        assert bench.main(["--out", str(tmp_path / out), "--", *args]) == 0
+        assert bench.main(["--out", str(tmp_path / out), "--report", "--", *args]) == 0
+    keys = ("final_test_acc", "final_val_acc", "optimizer_steps", "recovery_auc", "steps_to_recover", "p", "q",
+            "curve_step", "curve_val_acc")
+    by_cell = {r["cell"]: r for r in rows}
+    for out in ("fresh", "bench-cont"):
+        for r in read_runs(tmp_path / out / "runs.parquet"):
+            got = by_cell[r["cell"]]
+            assert {k: got[k] for k in keys} == {k: r[k] for k in keys}, (out, r["cell"])
+    short, long = (next(r for r in rows if r["budget"] == b) for b in (0.5, 2.0))
+    assert short["p"] == long["p"] == pytest.approx(0.1) and long["optimizer_steps"] > short["optimizer_steps"]

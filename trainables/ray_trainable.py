@@ -275,6 +275,7 @@ def train_loop_per_worker(config: dict) -> dict:
         checkpoint=reporter.checkpoint, resume=resume, evaluate_test=ctx.evaluate_test,
         config={"trial": trial, "prune": asdict(prune), "finetune": asdict(finetune)},
         shard=(rank, world), wrap_ddp=world > 1, **_scratch_args(ctx),
+        q_points=trial.get("q_points") or (),  # a study's shorter budgets (study.continue_budgets)
     )
     final = dict(reporter.pending or {})
     reporter.pending = None

@@ -202,17 +202,37 @@ class Finetuner:
         # Every report carries the current FLOPs, so a trial stopped early still has both objectives.
         self.report({**point, **named, "flops": count_flops(self.model), **extra})
 
-    def finetune(self, epochs: float, phase: str, anneal: bool = False, **extra: Any) -> float:
+    def stage_steps(self, epochs: float) -> int:
+        """Optimiser steps of a stage of ``epochs``."""
+        return round(epochs * self.steps_per_epoch)
+
+    def stage_evals(self, n_steps: int) -> list[int]:
+        """The steps (within the stage) at which a stage of ``n_steps`` evaluates."""
+        every = None if self.ft.eval_every is None else max(1, round(self.ft.eval_every * self.steps_per_epoch))
+        return stage_eval_steps(n_steps, self.ft.evals_per_stage, every)
+
+    def finetune(self, epochs: float, phase: str, anneal: bool = False,
+                 marks: dict[int, Callable[[], None]] | None = None, **extra: Any) -> float:
         """Train ``epochs`` (fractions allowed); returns the validation accuracy at the end.
 
-        Evaluates at ``stage_eval_steps`` (``evals_per_stage`` points, plus every
-        ``eval_every`` epochs if set; always at the end). ``anneal`` decays the learning rate to
-        0 along a cosine over this stage (used for the final fine-tuning, so a run ends at a
-        settled optimum rather than a noisy SGD iterate).
+        Evaluates at ``stage_evals`` (``evals_per_stage`` points, plus every ``eval_every``
+        epochs if set; always at the end). ``anneal`` decays the learning rate to 0 along a
+        cosine over this stage (used for the final fine-tuning, so a run ends at a settled
+        optimum rather than a noisy SGD iterate).
+
+        ``marks`` (step within the stage -> callback, steps in 1..n-1, no annealing): the stage
+        also evaluates where a stage of each marked length would, and calls the callback after
+        that step, so the run can record what the shorter stage would have ended with.
+        Evaluation changes no weight and reads no training batch, so the steps are the same.
         """
-        n_steps = round(epochs * self.steps_per_epoch)
-        every = None if self.ft.eval_every is None else max(1, round(self.ft.eval_every * self.steps_per_epoch))
-        evals = set(stage_eval_steps(n_steps, self.ft.evals_per_stage, every))
+        n_steps = self.stage_steps(epochs)
+        evals = set(self.stage_evals(n_steps))
+        marks = marks or {}
+        if marks and (anneal or not all(1 <= m < n_steps for m in marks)):
+            raise ValueError(f"marks must be steps in 1..{n_steps - 1} of a stage without annealing, but got "
+                             f"{sorted(marks)} (anneal={anneal})")
+        for m in marks:
+            evals.update(self.stage_evals(m))
         opt, sched = self._optimizer(n_steps, anneal)
         device = next(self.model.parameters()).device
         net = self._network(device)
@@ -225,6 +245,8 @@ class Finetuner:
                     self._bar.set_postfix_str(f"{phase} {extra.get('unit', '')} loss={loss.item():.3f}")
             if i in evals and i != n_steps:
                 self.emit(phase, self.val_acc(), **extra)
+            if i in marks:
+                marks[i]()
         acc = self.val_acc()
         self.emit(phase, acc, **extra)
         return acc

@@ -217,6 +217,8 @@ class RunRecord:
     task: str = "classification"
     score_name: str = "top1"
     final_test_metrics: dict[str, float] | None = None
+    # run_protocol's q_points: per shorter final fine-tuning, the record a run with that q gives
+    continued: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record's JSON shape: keys and order as consumers (run.py, search, bench) read them."""
@@ -252,4 +254,6 @@ class RunRecord:
             if self.before.backbone_flops is not None:
                 record.update(backbone_flops_before=self.before.backbone_flops,
                               backbone_flops_after=self.after.backbone_flops)
+        if self.continued is not None:
+            record["continued"] = self.continued
         return record

@@ -31,6 +31,7 @@ record in ``trainables.protocol.records``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -54,7 +55,14 @@ from trainables.protocol.config import (
 from trainables.protocol.finetune import Finetuner, Report, recalibrate_bn
 from trainables.protocol.greedy_car import greedy_prune_unit
 from trainables.protocol.planning import plan_ratios, select_keep
-from trainables.protocol.records import Measurement, ProtocolState, PruningStep, RunRecord, UnitRow
+from trainables.protocol.records import (
+    CurvePoint,
+    Measurement,
+    ProtocolState,
+    PruningStep,
+    RunRecord,
+    UnitRow,
+)
 from trainables.protocol.recovery import run_recovery, stage_recovery
 from trainables.protocol.schedules import global_drop as _global_drop
 from trainables.protocol.schedules import kept_count
@@ -125,6 +133,7 @@ def run_protocol(
     wrap_ddp: bool = False,
     pretrain: PretrainConfig | None = None,
     pretrainer: Pretrainer | None = None,
+    q_points: Sequence[float] = (),
 ) -> dict:
     """Prune ``model`` in place following ``prune.method`` and return the run record.
 
@@ -148,6 +157,12 @@ def run_protocol(
 
     ``prune.method=scratch`` needs ``pretrain`` (the base model's ``PretrainConfig``) and
     ``pretrainer`` (``trainables.cli.base_model.train_base_model``).
+
+    ``q_points`` (shorter final fine-tunings, in epochs, each below ``prune.q``; needs
+    ``finetune.anneal_final=false``): the record's ``continued`` holds, per point, the record a
+    run with ``q`` set to it gives, read off this run on its way (same weights at that step:
+    same stream, constant learning rate; the curve keeps that run's evaluation points). So one
+    run answers a sweep over ``q`` (``search.study``'s ``study.continue_budgets``).
     """
     t0 = time.perf_counter()
     finetune = finetune or FinetuneConfig()
@@ -156,6 +171,7 @@ def run_protocol(
     if prune.method == "scratch" and (pretrain is None or pretrainer is None):
         raise ValueError("pretrain and pretrainer must be the base model's PretrainConfig and "
                          "trainables.cli.base_model.train_base_model for prune.method=scratch, but got None")
+    q_points = _check_q_points(q_points, prune, finetune)
     task = task_of(model)
     units = select_units(model, describe_units(model), prune.units)
     plan = _Plan(units, [], prune, finetune.recovery_delta, pretrain, pretrainer, task=task)
@@ -171,21 +187,125 @@ def run_protocol(
                       start_step=state.step if state else 0, curve=state.curve if state else None,
                       shard=shard, wrap_ddp=wrap_ddp)
     state = state or _start(model, tuner, measure)
+    ends: list[_StageEnd] = []
+    if q_points:
+        plan.final_marks = _q_marks(q_points, prune, tuner, splits, evaluate_test, t0, ends)
     _run_stages(stages, model, tuner, state, seed, checkpoint)
     tuner.close()
-    final_val = tuner.curve[-1]["val_acc"]
-    if tuner.curve_on_subset:
-        final_val = tuner.val_acc(full=True)  # the curve used a subset; the result uses all of val
-    test = tuner.evaluate(splits.test) if evaluate_test else None
-    curve_base = next(p["val_acc"] for p in tuner.curve if p["phase"] == "base")  # same images as the curve
-    run_rec = run_recovery(tuner.curve, curve_base, finetune.recovery_delta)
+    if len(ends) != len(q_points):  # a state resumed past the final stage: the marks were never reached
+        raise RuntimeError(f"q_points={q_points} were not recorded: the final fine-tuning did not run in this call "
+                           "(resumed after it); rerun from the start or from an earlier checkpoint")
+    own = _StageEnd.read(tuner, splits, evaluate_test, t0, prune.q)
+    after = _measure(model, measure)
+    config = config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed}
+    record = _record(own, state, ratios, units, after, measure, config, prune, finetune, task, splits,
+                     curve=_stage_curve(tuner, own, ends))
+    if q_points:
+        record.continued = [
+            _record(end, state, ratios, units, after, measure, _with_q(config, end.q), replace(prune, q=end.q),
+                    finetune, task, splits, curve=_stage_curve(tuner, end, ends)).to_dict()
+            for end in ends
+        ]
+    report(_final_report(tuner, record))
+    return record.to_dict()
+
+
+@dataclass
+class _StageEnd:
+    """Where a final fine-tuning of ``q`` epochs ends: its step, full-val and test scores, time."""
+
+    q: float
+    step: int
+    val: float
+    test: dict | None
+    wall_s: float
+    curve_len: int  # curve points up to and including its last evaluation
+
+    @classmethod
+    def read(cls, tuner: Finetuner, splits: DataSplits, evaluate_test: bool, t0: float, q: float) -> _StageEnd:
+        val = tuner.curve[-1]["val_acc"]
+        if tuner.curve_on_subset:
+            val = tuner.val_acc(full=True)  # the curve used a subset; the result uses all of val
+        test = tuner.evaluate(splits.test) if evaluate_test else None
+        return cls(q, tuner.step, val, test, time.perf_counter() - t0, len(tuner.curve))
+
+
+def _check_q_points(q_points: Sequence[float], prune: PruneConfig, finetune: FinetuneConfig) -> list[float]:
+    """The shorter final fine-tunings a run records on its way, sorted; refused where the run
+    does not pass through them."""
+    points = sorted({float(q) for q in q_points})
+    if not points:
+        return []
+    if finetune.anneal_final:
+        raise ValueError(f"q_points={points} need finetune.anneal_final=false: the cosine anneal depends on q, so a "
+                         "longer final fine-tuning does not pass through a shorter one")
+    if prune.method == "one_shot":
+        raise ValueError("q_points are not recorded with prune.method=one_shot (its pruning step's recovery is the "
+                         "final fine-tuning itself); valid methods: "
+                         + ", ".join(m for m in METHODS if m != "one_shot"))
+    bad = [q for q in points if not 0 < q < prune.q]
+    if bad:
+        raise ValueError(f"q_points must be in (0, prune.q={prune.q:g}), but got {bad[0]:g}")
+    return points
+
+
+def _q_marks(q_points: list[float], prune: PruneConfig, tuner: Finetuner, splits: DataSplits, evaluate_test: bool,
+             t0: float, ends: list[_StageEnd]) -> dict[int, Callable[[], None]]:
+    """The final stage's marks: at the last step of each shorter ``q``, what a run with that
+    ``q`` would end with, appended to ``ends``."""
+    total = tuner.stage_steps(prune.q)
+    by_step: dict[int, list[float]] = {}
+    for q in q_points:
+        n = tuner.stage_steps(q)
+        if not 1 <= n < total:
+            raise ValueError(f"q_points: {q:g} epochs is {n} optimiser steps; valid: 1 to {total - 1} steps "
+                             f"(prune.q={prune.q:g} is {total})")
+        by_step.setdefault(n, []).append(q)
+
+    def mark(n: int) -> Callable[[], None]:
+        def at() -> None:
+            end = _StageEnd.read(tuner, splits, evaluate_test, t0, 0.0)
+            ends.extend(replace(end, q=q) for q in by_step[n])
+        return at
+
+    return {n: mark(n) for n in by_step}
+
+
+def _stage_curve(tuner: Finetuner, end: _StageEnd, ends: list[_StageEnd]) -> list[CurvePoint]:
+    """The curve a run ending at ``end`` records: every point before the final fine-tuning, then
+    the final fine-tuning's own evaluation points (a run with marks evaluated at others' too)."""
+    if not ends:  # no q_points: the run's curve as it is
+        return tuner.curve
+    curve = tuner.curve[:end.curve_len]
+    start = next(i for i, p in enumerate(curve) if p["phase"] == "final_finetune")
+    first_step = end.step - tuner.stage_steps(end.q)
+    own = set(tuner.stage_evals(end.step - first_step))
+    return curve[:start] + [p for p in curve[start:] if p["step"] - first_step in own]
+
+
+def _with_q(config: dict, q: float) -> dict:
+    """The run config of a continued point: ``q`` in place of the run's own."""
+    config = copy.deepcopy(config)
+    for part in ("prune", "trial"):
+        if isinstance(config.get(part), dict) and "q" in config[part]:
+            config[part]["q"] = q
+    if isinstance(config.get("trial"), dict):
+        config["trial"].pop("q_points", None)
+    return config
+
+
+def _record(end: _StageEnd, state: ProtocolState, ratios: list[float], units: list[Unit], after: Measurement,
+            measure: MeasureConfig, config: dict, prune: PruneConfig, finetune: FinetuneConfig, task: Task,
+            splits: DataSplits, curve: list[CurvePoint]) -> RunRecord:
+    curve_base = next(p["val_acc"] for p in curve if p["phase"] == "base")  # same images as the curve
+    run_rec = run_recovery(curve, curve_base, finetune.recovery_delta)
     drops = [s.pre_prune_val_acc - s.damage_val_acc for s in state.steps]
-    record = RunRecord(
-        base_val_acc=state.base_val, units=state.rows, curve=tuner.curve, final_val_acc=final_val,
+    test = end.test
+    return RunRecord(
+        base_val_acc=state.base_val, units=state.rows, curve=curve, final_val_acc=end.val,
         final_test_acc=test["score"] if test else None, ratios=ratios, unit_names=[u.name for u in units],
-        before=state.before, after=_measure(model, measure), latency_batch_size=measure.batch_size,
-        prune_log=state.prune_log, wall_s=time.perf_counter() - t0,
-        config=config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed},
+        before=state.before, after=after, latency_batch_size=measure.batch_size,
+        prune_log=state.prune_log, wall_s=end.wall_s, config=config,
         final_test_top5=test["top5"] if test and "top5" in test and len(splits.class_names) > 10 else None,
         task=task.name, score_name=task.score_name,
         final_test_metrics=({k: v for k, v in test.items() if k not in ("score", "n", "loss")}
@@ -194,8 +314,6 @@ def run_protocol(
         steps_to_recover=run_rec["steps_to_recover"], recovery_auc=run_rec["recovery_auc"],
         mean_damage=sum(drops) / len(drops) if drops else None,
     )
-    report(_final_report(tuner, record))
-    return record.to_dict()
 
 
 def _bind_scoring(plan: _Plan, splits: DataSplits, seed: int) -> None:
@@ -308,6 +426,7 @@ class _Plan:
     criterion: Criterion | None = None
     ctx: ScoringContext | None = None
     task: Task | None = None  # the model's task: its loss for gradient criteria
+    final_marks: dict[int, Callable[[], None]] | None = None  # run_protocol's q_points, in final-stage steps
 
     def score(self, model: nn.Module, unit: Unit) -> Tensor:
         if self.criterion is None or self.ctx is None:
@@ -345,16 +464,16 @@ def _close_step(tuner: Finetuner, step: PruningStep, delta: float) -> None:
     step.steps_to_recover, step.recovery_auc = rec["steps_to_recover"], rec["recovery_auc"]
 
 
-def _final_finetune(tuner: Finetuner, prune: PruneConfig) -> float | None:
-    """The last ``q`` epochs; val top-1 at their end, None when ``q`` is 0."""
-    if prune.q > 0:
-        return tuner.finetune(prune.q, "final_finetune", anneal=tuner.ft.anneal_final)
+def _final_finetune(tuner: Finetuner, plan: _Plan) -> float | None:
+    """The last ``q`` epochs (with the plan's marks); val top-1 at their end, None when ``q`` is 0."""
+    if plan.prune.q > 0:
+        return tuner.finetune(plan.prune.q, "final_finetune", anneal=tuner.ft.anneal_final, marks=plan.final_marks)
     return None
 
 
-def _final_stage(prune: PruneConfig) -> Stage:
+def _final_stage(plan: _Plan) -> Stage:
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
-        _final_finetune(tuner, prune)
+        _final_finetune(tuner, plan)
     return final
 
 
@@ -371,7 +490,7 @@ def _layer_by_layer(plan: _Plan) -> list[Stage]:
         return stage
 
     pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
-    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(plan)]
 
 
 def _recover_unit(tuner: Finetuner, state: ProtocolState, plan: _Plan, pre: float, rec: dict) -> None:
@@ -414,7 +533,7 @@ def _greedy_car(plan: _Plan) -> list[Stage]:
         return stage
 
     pairs = reversed(list(zip(plan.units, plan.ratios, strict=True)))  # output side inward
-    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(prune)]
+    return [unit_stage(u, r) for u, r in pairs] + [_final_stage(plan)]
 
 
 def _greedy_retrainer(tuner: Finetuner, steps: int) -> Callable[[nn.Module], None] | None:
@@ -442,7 +561,7 @@ def _one_shot(plan: _Plan) -> list[Stage]:
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
         if not state.steps:
             raise RuntimeError("protocol state has no pruning step: the final stage ran before the pruning stage")
-        _final_finetune(tuner, prune)
+        _final_finetune(tuner, plan)
         _close_step(tuner, state.steps[-1], plan.delta)  # one_shot's recovery is the final fine-tuning
         state.rows = [UnitRow.from_log(rec) for rec in state.prune_log]  # not measured per unit
 
@@ -482,7 +601,7 @@ def _iterative(plan: _Plan) -> list[Stage]:
         return stage
 
     def final(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
-        _final_finetune(tuner, prune)
+        _final_finetune(tuner, plan)
         current, alive = _current_counts(first, state), _surviving_filters(first, state)
         # Not measured per unit: the steps carry the measurements.
         state.rows = [UnitRow(u.name, first[u.name], current[u.name], None, None, alive[u.name]) for u in reversed(units)]
@@ -495,7 +614,7 @@ def _control(plan: _Plan, phase: str = "control") -> list[Stage]:
     def stage(model: nn.Module, tuner: Finetuner, state: ProtocolState) -> None:
         if plan.prune.p > 0:
             tuner.finetune(plan.prune.p, phase)
-    return [stage for _ in plan.units] + [_final_stage(plan.prune)]
+    return [stage for _ in plan.units] + [_final_stage(plan)]
 
 
 def _scratch(plan: _Plan) -> list[Stage]:
