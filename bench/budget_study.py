@@ -60,9 +60,10 @@ def _base(cfg, seed: int):
     return model, splits, float(meta.get("val_acc", float("nan"))), path
 
 
-def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
+def run_cells(cfg, out: Path, worker: int, workers: int) -> int:
     """Run this worker's share of the cells not yet on disk (``out/cells/<cell>.json``); with
-    ``study.continue_budgets`` one run per cell group, written as every budget's cell."""
+    ``study.continue_budgets`` one run per cell group, written as every budget's cell. Returns
+    the number of protocol runs made."""
     import copy
 
     import torch
@@ -81,6 +82,7 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
     trials = trial_cells(cfg, [by_number[i] for i in range(len(cells))])
     mine = [c for c in cells if c["cell"] in trials]
     mine = [c for i, c in enumerate(mine) if i % workers == worker]
+    runs = 0
     for cell in mine:
         shorter = [by_number[k] for k in trials[cell["cell"]]]
         paths = [out / "cells" / f"{c['cell']}.json" for c in [cell, *shorter]]
@@ -96,11 +98,14 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> None:
                               config={"trial": cell, "prune": asdict(prune), "finetune": asdict(finetune)})
         continued = {round(r["config"]["prune"]["q"], 9): r for r in record.pop("continued", [])}
         records = [record, *(continued[round(c["q"], 9)] for c in shorter)]
+        runs += 1
         for c, rec, path in zip([cell, *shorter], records, paths, strict=True):
             rec.pop("prune_log", None)  # the kept indices per unit are in record["units"]
+            rec["config"]["trial"] = c  # a continued record carries the longest cell's trial config otherwise
             path.write_text(json.dumps({"cell": c, "record": rec}))
             print(f"cell {c['cell']}: {c['arm']} seed {c['seed']} base {c['base_seed']} budget {c['budget']:g}: "
                   f"test {rec['final_test_acc']:.4f} in {time.perf_counter() - t0:.0f}s", flush=True)
+    return runs
 
 
 def _settings(cell: dict) -> str:

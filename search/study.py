@@ -6,7 +6,8 @@ trainable (``trainables.ray_trainable.trial_fn``: fast path or TorchTrainer, che
 MLflow parent + child runs). The grid is criteria x ratios (or FLOPs targets) x seeds x data
 fractions x methods, plus the unpruned control (and the scratch baseline) per seed and
 fraction; every cell at each fine-tuning budget (``study.budgets``) and on each base model
-(``study.base_seeds``). Writes ``runs.parquet`` (one row per run), ``report.md`` and the figures into the
+(``study.base_seeds``); with ``study.continue_budgets`` the budgets of a cell are one trial
+that records the shorter ones on its way. Writes ``runs.parquet`` (one row per run), ``report.md`` and the figures into the
 output folder, whose path is the last line printed.
 
     python -m search.study                                    # the embedded default (2 CPUs, < 15 min)
@@ -14,6 +15,7 @@ output folder, whose path is the last line printed.
     python -m search.study study.ratios=null study.flops_targets=[0.3,0.6]
     python -m search.study 'study.budgets=[0.25,1,4]' 'study.criteria=[random,l1]' study.ratios=[0.6]   # when does random catch up?
     python -m search.study 'study.base_seeds=[0,1]'             # two independently trained base models
+    python -m search.study 'study.budgets=[0.25,1,4]' study.budget_scales=q finetune.anneal_final=false study.continue_budgets=true   # q only: one run per cell
     python -m search.study resume=outputs/study/20261130-101500   # finish an interrupted study
 
 Unlike a search, a study reads the test split: at the end of every run (the statistics are on
@@ -163,7 +165,7 @@ def trial_cells(cfg, cells: list[dict]) -> dict[int, list[int]]:
         return {i: [] for i in range(len(cells))}
     groups: dict[str, list[int]] = {}
     for i, cell in enumerate(cells):
-        groups.setdefault(json.dumps({k: v for k, v in cell.items() if k not in ("budget", "q")}, sort_keys=True,
+        groups.setdefault(json.dumps({k: v for k, v in cell.items() if k not in ("budget", "q", "cell")}, sort_keys=True,
                                      default=str), []).append(i)
     trials = {}
     for members in groups.values():

@@ -66,6 +66,7 @@ def test_continued_budgets_group_the_cells_that_differ_only_in_budget():
     cfg = load_study_config([*args, "study.continue_budgets=true", "finetune.anneal_final=false"])
     cells = grid_cells(cfg)
     trials = trial_cells(cfg, cells)
+    assert trial_cells(cfg, [{**c, "cell": i} for i, c in enumerate(cells)]) == trials  # numbered cells group alike
     assert len(trials) == len(cells) // 3 and sorted(i for t in trials.items() for i in [t[0], *t[1]]) == list(range(len(cells)))
     for main_cell, shorter in trials.items():
         assert [cells[i]["budget"] for i in [*shorter, main_cell]] == [0.25, 1.0, 4.0]
@@ -398,8 +399,10 @@ def test_a_continued_study_gives_every_budgets_cell_as_runs_from_the_start_give_
     assert len({r["mlflow_run_id"] for r in rows}) == 4  # one trial (and MLflow run) per cell group
     assert sum("@b0.5" in r["run_id"] for r in rows) == 4
     assert "multiplies `prune.q` only, each cell's budgets one continued run" in (tmp_path / "out" / "cont" / "report.md").read_text()
-    for out, args in (("fresh", common), ("bench-cont", continued)):
-        assert bench.main(["--out", str(tmp_path / out), "--", *args]) == 0
+    from search.study import load_study_config
+
+    for out, args, runs in (("fresh", common, 8), ("bench-cont", continued, 4)):
+        assert bench.run_cells(load_study_config(args), tmp_path / out, 0, 1) == runs
         assert bench.main(["--out", str(tmp_path / out), "--report", "--", *args]) == 0
     keys = ("final_test_acc", "final_val_acc", "optimizer_steps", "recovery_auc", "steps_to_recover", "p", "q",
             "curve_step", "curve_val_acc")
@@ -410,3 +413,20 @@ def test_a_continued_study_gives_every_budgets_cell_as_runs_from_the_start_give_
             assert {k: got[k] for k in keys} == {k: r[k] for k in keys}, (out, r["cell"])
     short, long = (next(r for r in rows if r["budget"] == b) for b in (0.5, 2.0))
     assert short["p"] == long["p"] == pytest.approx(0.1) and long["optimizer_steps"] > short["optimizer_steps"]
+
+
+def test_continue_budgets_bench_compares_both_ways_on_tiny_data(tiny_fmnist, tmp_path, capsys):
+    """bench/continue_budgets.py: fewer runs, fewer steps, and every cell's record the same."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("continue_budgets",
+                                                  Path(__file__).parent.parent / "bench" / "continue_budgets.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--out", str(tmp_path / "cb"), "--", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32",
+            "data.eval_batch_size=100", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
+            "study.budgets=[0.5,1,2]", "prune.p=0.1", "prune.q=0.4", "prune.score_batches=1", "prune.score_batch_size=16"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| from the start | 6 |" in out and "| continued | 2 |" in out and "**6 of 6** cells" in out
