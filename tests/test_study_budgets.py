@@ -347,13 +347,21 @@ def test_q_points_record_exactly_what_shorter_runs_give(tiny_fmnist, method):
             r.pop("continued", None)
         assert a == b
 
-    long = run(16, q_points=[5 / per_epoch, 8 / per_epoch])
+    states = []
+    long = run(16, q_points=[5 / per_epoch, 8 / per_epoch], checkpoint=states.append)
     assert [c["config"]["prune"]["q"] for c in long["continued"]] == [5 / per_epoch, 8 / per_epoch]
     for n, continued in zip((5, 8), long["continued"], strict=True):
         fresh = run(n)
         same(continued, fresh)
         assert continued["curve"][-1]["step"] - long["curve"][-1]["step"] == n - 16
     same(long, run(16))
+    # Resumed just before the final stage, or after it (its checkpoint keeps what the marks read):
+    # the same continued records.
+    for resume in (states[-2], states[-1]):
+        again = run(16, q_points=[5 / per_epoch, 8 / per_epoch], resume=resume)
+        for a, b in zip(again["continued"], long["continued"], strict=True):
+            same(a, b)
+    assert "q_ends" not in states[-2] and len(states[-1]["q_ends"]) == 2
 
 
 def test_q_points_are_refused_where_a_longer_run_does_not_pass_through(tiny_fmnist):

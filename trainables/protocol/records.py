@@ -163,6 +163,9 @@ class ProtocolState:
     # the measured pruning steps; one_shot's is opened in one stage and completed in the next
     steps: list[PruningStep] = field(default_factory=list)
     curve: list[CurvePoint] = field(default_factory=list)
+    # run_protocol's q_points reached so far (the ends of the shorter final fine-tunings), so a
+    # run resumed after its final stage still has them
+    q_ends: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's plain-data part (add ``model_state`` for the weights); a deep copy."""
@@ -170,6 +173,7 @@ class ProtocolState:
             "stage": self.stage, "step": self.step, "before": self.before.to_dict(), "base_val": self.base_val,
             "rows": [r.to_dict() for r in self.rows], "prune_log": self.prune_log,
             "steps": [s.to_dict() for s in self.steps], "curve": self.curve,
+            **({"q_ends": self.q_ends} if self.q_ends else {}),
         })
 
     @classmethod
@@ -179,11 +183,11 @@ class ProtocolState:
         missing = [k for k in _STATE_KEYS if k not in d]
         if missing:
             raise ValueError(f"resume: not a protocol checkpoint, missing {', '.join(missing)}; pass a state from checkpoint(state)")
-        d = copy.deepcopy({k: v for k, v in d.items() if k in _STATE_KEYS})
+        d = copy.deepcopy({k: v for k, v in d.items() if k in (*_STATE_KEYS, "q_ends")})
         return cls(
             before=Measurement.from_dict(d["before"]), base_val=d["base_val"], stage=d["stage"], step=d["step"],
             rows=[UnitRow.from_dict(r) for r in d["rows"]], prune_log=d["prune_log"],
-            steps=[PruningStep.from_dict(s) for s in d["steps"]], curve=d["curve"],
+            steps=[PruningStep.from_dict(s) for s in d["steps"]], curve=d["curve"], q_ends=d.get("q_ends", []),
         )
 
 

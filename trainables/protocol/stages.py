@@ -187,14 +187,14 @@ def run_protocol(
                       start_step=state.step if state else 0, curve=state.curve if state else None,
                       shard=shard, wrap_ddp=wrap_ddp)
     state = state or _start(model, tuner, measure)
-    ends: list[_StageEnd] = []
     if q_points:
-        plan.final_marks = _q_marks(q_points, prune, tuner, splits, evaluate_test, t0, ends)
+        plan.final_marks = _q_marks(q_points, prune, tuner, splits, evaluate_test, t0, state)
     _run_stages(stages, model, tuner, state, seed, checkpoint)
     tuner.close()
-    if len(ends) != len(q_points):  # a state resumed past the final stage: the marks were never reached
-        raise RuntimeError(f"q_points={q_points} were not recorded: the final fine-tuning did not run in this call "
-                           "(resumed after it); rerun from the start or from an earlier checkpoint")
+    ends = [_StageEnd(**e) for e in state.q_ends]  # reached in this call, or before a resume after the final stage
+    if sorted(e.q for e in ends) != q_points:
+        raise RuntimeError(f"q_points={q_points} were not all recorded (got {[e.q for e in ends]}): the run was "
+                           "resumed from a checkpoint made with other q_points")
     own = _StageEnd.read(tuner, splits, evaluate_test, t0, prune.q)
     after = _measure(model, measure)
     config = config if config is not None else {"prune": asdict(prune), "finetune": asdict(finetune), "seed": seed}
@@ -250,9 +250,9 @@ def _check_q_points(q_points: Sequence[float], prune: PruneConfig, finetune: Fin
 
 
 def _q_marks(q_points: list[float], prune: PruneConfig, tuner: Finetuner, splits: DataSplits, evaluate_test: bool,
-             t0: float, ends: list[_StageEnd]) -> dict[int, Callable[[], None]]:
+             t0: float, state: ProtocolState) -> dict[int, Callable[[], None]]:
     """The final stage's marks: at the last step of each shorter ``q``, what a run with that
-    ``q`` would end with, appended to ``ends``."""
+    ``q`` would end with, appended to ``state.q_ends`` (so the stage's checkpoint keeps it)."""
     total = tuner.stage_steps(prune.q)
     by_step: dict[int, list[float]] = {}
     for q in q_points:
@@ -265,7 +265,7 @@ def _q_marks(q_points: list[float], prune: PruneConfig, tuner: Finetuner, splits
     def mark(n: int) -> Callable[[], None]:
         def at() -> None:
             end = _StageEnd.read(tuner, splits, evaluate_test, t0, 0.0)
-            ends.extend(replace(end, q=q) for q in by_step[n])
+            state.q_ends.extend(asdict(replace(end, q=q)) for q in by_step[n])
         return at
 
     return {n: mark(n) for n in by_step}
