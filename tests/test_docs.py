@@ -263,3 +263,37 @@ def test_readme_links_resolve() -> None:
     assert targets
     missing = [t for t in targets if not (ROOT / t).exists()]
     assert not missing, missing
+
+
+_LIST_ITEM = re.compile(r"(- |\* |\d+\. )")
+
+
+def _lists_glued_to_a_paragraph(text: str) -> list[int]:
+    """Line numbers of list items that follow a paragraph line with no blank line between. GitHub
+    renders those as a list; the site's Markdown (Python-Markdown) folds them into the paragraph,
+    so a reader of the site sees "... - first item - second item" run together."""
+    found, fenced = [], False
+    lines = text.splitlines()
+    for n, line in enumerate(lines[1:], 2):
+        if _FENCE.match(line):
+            fenced = not fenced
+        prev = lines[n - 2]
+        if (not fenced and _LIST_ITEM.match(line) and prev.strip()
+                and not (_LIST_ITEM.match(prev) or prev[0].isspace() or prev.startswith(("|", "```")))):
+            found.append(n)
+    return found
+
+
+def test_the_site_markdown_folds_a_glued_list_into_its_paragraph() -> None:
+    """The premise of the check below, on the site's own Markdown library."""
+    import markdown
+
+    glued, spaced = "Some text:\n- one\n- two\n", "Some text:\n\n- one\n- two\n"
+    assert "<ul>" not in markdown.markdown(glued) and "<ul>" in markdown.markdown(spaced)
+    assert _lists_glued_to_a_paragraph(glued) == [2] and _lists_glued_to_a_paragraph(spaced) == []
+
+
+@pytest.mark.parametrize("path", [*DOC_FILES, ROOT / "bench" / "RESULTS.md"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_list_on_the_site_is_a_list(path: Path) -> None:
+    glued = _lists_glued_to_a_paragraph(path.read_text())
+    assert not glued, f"{path.relative_to(ROOT)}: a list starts right after a paragraph line at lines {glued}; add a blank line"
