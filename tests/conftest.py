@@ -131,3 +131,18 @@ def train_small_cnn(splits, epochs: int = 1):
             loss.backward()
             opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_fmnist):
+    """The tiny Fashion-MNIST, 100 images held out for validation, loaded once per test module."""
+    from data import get_data
+
+    return get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
+
+
+@pytest.fixture(scope="module")
+def base(splits):
+    """A 1-epoch small_cnn on ``splits``, trained once per test module (a module may override it).
+    Tests copy it before pruning; module scope keeps one module's use from reaching another's."""
+    return train_small_cnn(splits, epochs=1)

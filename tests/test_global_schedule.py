@@ -10,9 +10,7 @@ import optuna
 import pytest
 import torch
 
-from data import get_data
 from search.space import check_global_choice, check_space, define_space
-from tests.conftest import train_small_cnn
 from trainables.core.models import build_model
 from trainables.core.surgery import describe_units
 from trainables.criteria import ScoringContext, get_criterion
@@ -130,16 +128,6 @@ def test_plan_ratios_global_meets_a_flops_target(vgg16):
 
 FAST = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, evals_per_stage=1)
 MEASURE = MeasureConfig(latency=False)
-
-
-@pytest.fixture(scope="module")
-def splits(tiny_fmnist):
-    return get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-
-
-@pytest.fixture(scope="module")
-def base(splits):
-    return train_small_cnn(splits, epochs=1)
 
 
 @pytest.mark.parametrize("method", ["one_shot", "layer_by_layer"])

@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 import trainables.protocol.greedy_car as greedy
-from data import get_data
-from tests.conftest import train_small_cnn
 from trainables import build_model, describe_units
 from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
 from trainables.protocol.greedy_car import greedy_car_order, greedy_car_order_naive
@@ -329,16 +327,6 @@ def test_bad_inputs_are_refused_in_one_line(bn_case, kwargs, musts):
 
 FAST = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100)
 MEASURE = MeasureConfig(latency=False)
-
-
-@pytest.fixture(scope="module")
-def splits(tiny_fmnist):
-    return get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-
-
-@pytest.fixture(scope="module")
-def base(splits):
-    return train_small_cnn(splits, epochs=1)
 
 
 @pytest.mark.parametrize("extra", [{}, {"rescore_every": 3, "greedy_retrain_steps": 2}])

@@ -12,7 +12,7 @@ import torch
 
 import trainables.protocol.finetune as finetune_module
 import trainables.protocol.stages as protocol
-from data import InMemoryDataset, get_data, iterate_batches
+from data import InMemoryDataset, iterate_batches
 from tests.conftest import train_small_cnn
 from trainables import count_flops, describe_units, get_criterion, prune_layer
 from trainables.cli.base_model import train_base_model
@@ -42,12 +42,8 @@ MEASURE = MeasureConfig(batch_size=4, repeats=2, warmup=1)
 
 
 @pytest.fixture(scope="module")
-def splits(tiny_fmnist):
-    return get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-
-
-@pytest.fixture(scope="module")
 def base(splits):
+    """This module keeps its 2-epoch base; conftest's is 1 epoch."""
     return train_small_cnn(splits, epochs=2)
 
 
