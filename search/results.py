@@ -289,6 +289,8 @@ def _finetune_best(cfg, out: Path, session, rows: list[dict], finetune, log, com
         row["proxy_trial_id"], row["proxy_val_acc"] = source.get("trial_id"), source.get("val_acc")
         row["pareto"] = row["status"] == "COMPLETED"  # evaluated on test and logged as models, like a front
     _evaluate_front(ft_rows, full, log)
+    if cfg.search.get("export"):  # a proxy search deploys what it fine-tuned, not its proxy front
+        _export(cfg, out, full, [r for r in ft_rows if r["pareto"]], log)
     for row in ft_rows:
         if row["mlflow_run_id"]:
             session.tracker.set_pareto(row["trial_id"], False)
@@ -334,6 +336,15 @@ def _run_command(cfg, log):
         return None
 
 
+def _export(cfg, out: Path, session, rows: list[dict], log) -> None:
+    """``search.export=[onnx, pt2]``: each row's pruned model under ``<out>/export/<trial id>/``,
+    logged to its MLflow run."""
+    from search.export_front import export_front
+
+    models = [(r["trial_id"], _trial_model(r, session.ctx)[0]) for r in rows if r["_checkpoint"] is not None]
+    export_front(models, out / "export", list(cfg.search.export), session.splits.input_shape, log, session.tracker)
+
+
 def finish_search(cfg, out: Path, session, results, log=print, finetune=None) -> dict[str, Any]:
     tracker = session.tracker
     orphans = tracker.drop_orphans(trial_ids(results))
@@ -356,12 +367,8 @@ def finish_search(cfg, out: Path, session, results, log=print, finetune=None) ->
     _log_commands(rows, tracker)
     rows = mark_pareto(rows, cost)
     _evaluate_front(rows, session, log)
-    if cfg.search.get("export"):  # search.export=[onnx, pt2]: the front's pruned models for deployment
-        from search.export_front import export_front
-
-        front = [(r["trial_id"], _trial_model(r, session.ctx)[0]) for r in rows
-                 if r["pareto"] and r["_checkpoint"] is not None]
-        export_front(front, out / "export", list(cfg.search.export), session.splits.input_shape, log, tracker)
+    if cfg.search.get("export") and finetune is None:  # the front's pruned models for deployment
+        _export(cfg, out, session, [r for r in rows if r["pareto"]], log)
     for row in rows:
         if row["mlflow_run_id"]:
             tracker.set_pareto(row["trial_id"], row["pareto"])

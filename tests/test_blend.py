@@ -253,6 +253,10 @@ def test_blended_space_suggests_one_factor_per_candidate_and_skips_null_keys():
         (["+search.prune_overrides.bogus=1"], ("unknown key search.prune_overrides.bogus",)),
         (["search.prune_overrides.target_flops_reduction=1.5"], ("prune.target_flops_reduction", "(0, 1)", "1.5")),
         (["search.proxy.adapt_bn_batches=-3"], ("search.proxy.adapt_bn_batches", "integer >= 0", "-3")),
+        # a proxy search with nothing fine-tuned has no model worth deploying
+        (["search.finetune_front=0", "search.export=[pt2]"],
+         ("search.export is read only with", "search.fidelity=proxy and search.finetune_front=0")),
+        (["search.export=[tflite]"], ("search.export must be a list of formats from onnx, pt2", "['tflite']")),
     ],
 )
 def test_bad_blended_search_input_is_one_line_before_any_trial(args, parts, capsys):
@@ -282,7 +286,7 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_sessi
     from search.pareto import read_trials
 
     out = tmp_path / "out" / "b4"
-    args = _tiny_blended_search(tiny_fmnist, tmp_path, "b4", "search.finetune_front=1")
+    args = _tiny_blended_search(tiny_fmnist, tmp_path, "b4", "search.finetune_front=1", "search.export=[pt2]")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.strip().splitlines()[-1] == str(out)
@@ -301,6 +305,10 @@ def test_tiny_blended_search_end_to_end(tiny_fmnist, tmp_path, capsys, ray_sessi
     assert tuned["proxy_trial_id"] == best["trial_id"] and tuned["proxy_val_acc"] == pytest.approx(best["val_acc"])
     assert tuned["config_json"] == best["config_json"] and tuned["test_acc"] is not None and tuned["status"] == "COMPLETED"
     assert json.loads(tuned["config_json"])["criterion"] == "blended"
+    # search.export deploys the fine-tuned candidate, not the proxy front
+    assert [p.name for p in (out / "export").iterdir()] == [tuned["trial_id"]]
+    program = torch.export.load(str(out / "export" / tuned["trial_id"] / "model.pt2")).module()
+    assert sum(p.numel() for p in program.parameters()) == tuned["params"]
     records = [json.loads(f.read_text()) for f in (out / "ray" / "tune_finetune").rglob("record.json")]
     assert records and all(r["config"]["prune"]["criterion_options"]["layerwise"] == "global" for r in records)
     assert clustering["layerwise"] == "global"

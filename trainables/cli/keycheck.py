@@ -213,6 +213,12 @@ UNREAD_RULES: tuple[Rule, ...] = (
          _key_is("search.fidelity")),
     Rule("search.finetune_front", "search.fidelity=proxy", lambda ctx: ctx["get"]("search.fidelity") == "proxy",
          _key_is("search.fidelity")),
+    # A proxy front is one-shot pruned with a few proxy steps: not a model to deploy.
+    Rule("search.export", "search.fidelity=full, or search.finetune_front >= 1 (a proxy search exports the "
+         "fine-tuned candidates)",
+         lambda ctx: ctx["get"]("search.fidelity") in (None, "full") or (ctx["get"]("search.finetune_front") or 0) >= 1,
+         lambda ctx: f"search.fidelity={ctx['get']('search.fidelity')} and "
+                     f"search.finetune_front={_yaml(ctx['get']('search.finetune_front'))}"),
     Rule("search.blend.stages", "search.blend.layerwise=stage",
          lambda ctx: ctx["get"]("search.blend.layerwise") == "stage", _key_is("search.blend.layerwise")),
     Rule("search.retime", "measure.latency=true", lambda ctx: ctx["get"]("measure.latency") is True,
