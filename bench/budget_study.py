@@ -68,7 +68,7 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> int:
 
     import torch
 
-    from search.study import trial_cells
+    from search.study import continued_record, trial_cells
     from trainables.cli.compose import configs_of
     from trainables.protocol.config import MeasureConfig, PruneConfig
     from trainables.protocol.stages import run_protocol
@@ -96,8 +96,8 @@ def run_cells(cfg, out: Path, worker: int, workers: int) -> int:
         record = run_protocol(copy.deepcopy(base), splits, prune, finetune, measure=MeasureConfig(latency=False),
                               seed=cell["seed"], evaluate_test=True, q_points=[c["q"] for c in shorter],
                               config={"trial": cell, "prune": asdict(prune), "finetune": asdict(finetune)})
-        continued = {round(r["config"]["prune"]["q"], 9): r for r in record.pop("continued", [])}
-        records = [record, *(continued[round(c["q"], 9)] for c in shorter)]
+        records = [record, *(continued_record(record, c["q"]) for c in shorter)]
+        record.pop("continued", None)
         runs += 1
         for c, rec, path in zip([cell, *shorter], records, paths, strict=True):
             rec.pop("prune_log", None)  # the kept indices per unit are in record["units"]

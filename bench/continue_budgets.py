@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in {c["base_seed"] for c in grid_cells(fresh_cfg)}:
         _base(fresh_cfg, seed)  # trained or loaded before the clocks start
     shutil.rmtree(args.out, ignore_errors=True)
-    walls, steps, runs = {}, {}, {}
+    walls, steps, runs, records = {}, {}, {}, {}
     for name, cfg in (("from the start", fresh_cfg), ("continued", cont_cfg)):
         t0 = time.perf_counter()
         runs[name] = run_cells(cfg, args.out / name.replace(" ", "-"), 0, 1)
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         trials = trial_cells(cfg, grid_cells(cfg))
         if runs[name] != len(trials):
             raise RuntimeError(f"{name}: {runs[name]} protocol runs, but the grid has {len(trials)} trials")
-        records = _records(args.out / name.replace(" ", "-"))
-        steps[name] = sum(records[i]["curve"][-1]["step"] for i in trials)  # what each run trained, to its end
-    fresh, cont = _records(args.out / "from-the-start"), _records(args.out / "continued")
+        records[name] = _records(args.out / name.replace(" ", "-"))
+        steps[name] = sum(records[name][i]["curve"][-1]["step"] for i in trials)  # what each run trained, to its end
+    fresh, cont = records["from the start"], records["continued"]
     same = sum(_same(fresh[i], cont[i]) for i in fresh)
     n_cells = len(grid_cells(fresh_cfg))
     rows = ["| budgets run | runs | optimiser steps trained | wall (s) |", "|---|---|---|---|"]

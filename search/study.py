@@ -33,7 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CellValue", "base_seeds", "grid_cells", "load_study_config", "main", "run_row", "study_trial_fn"]
+__all__ = ["CellValue", "base_seeds", "continued_record", "grid_cells", "load_study_config", "main", "run_row", "study_trial_fn",
+           "trial_cells"]
 
 _PRUNING_METHODS = ("layer_by_layer", "one_shot", "iterative", "greedy_car")  # the methods a criterion arm can use
 _OWN_SCORE = {"greedy_car": "car"}  # methods that choose filters themselves: one arm (named after the method) per level
@@ -199,10 +200,10 @@ def grid_cells(cfg) -> list[dict]:
     study = cfg.study
     level = "ratio" if study.get("ratios") is not None else "target_flops_reduction"
     levels = list(study.ratios if level == "ratio" else study.flops_targets)
+    scales_p = study.get("budget_scales", "pq") == "pq"
     cells = []
     for base_seed, seed, budget, fraction in itertools.product(base_seeds(cfg), study.seeds, study.budgets,
                                                                study.fractions):
-        scales_p = study.get("budget_scales", "pq") == "pq"
         common = {"seed": int(seed), "fraction": float(fraction), "base_seed": base_seed, "budget": float(budget),
                   "p": float(budget if scales_p else 1.0) * float(cfg.prune.p), "q": float(budget) * float(cfg.prune.q)}
         if _baseline_on(study, "control"):  # nothing is pruned: level 0 (no FLOPs target)
@@ -409,7 +410,7 @@ def _rows(results, session, cells: list[dict], delta: float, log, trials: dict[i
         rows.append(run_row(trial_id, status, cell, record, run_id, delta))
         for k in trials.get(cell["cell"], []):
             shorter = {**cells[k], "cell": k}
-            continued = _continued(record, shorter["q"])
+            continued = continued_record(record, shorter["q"])
             sub_status = "INCOMPLETE" if status == "COMPLETED" and continued is None else status
             rows.append(run_row(f"{trial_id}@b{shorter['budget']:g}", sub_status, shorter, continued, run_id, delta))
     missing = sorted(set(range(len(cells))) - {r["cell"] for r in rows})
@@ -418,8 +419,9 @@ def _rows(results, session, cells: list[dict], delta: float, log, trials: dict[i
     return sorted(rows, key=lambda r: r["cell"])
 
 
-def _continued(record: dict | None, q: float) -> dict | None:
-    """The record a trial kept for its shorter final fine-tuning of ``q`` epochs, if any."""
+def continued_record(record: dict | None, q: float) -> dict | None:
+    """The record a run with ``q_points`` kept for its shorter final fine-tuning of ``q``
+    epochs (``record["continued"]``), if any."""
     for sub in (record or {}).get("continued") or []:
         if math.isclose(sub["config"]["prune"]["q"], q, rel_tol=1e-9):
             return sub

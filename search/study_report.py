@@ -907,8 +907,7 @@ def plot_difference_vs_budget(paired: list[Row], summary: list[Row], path: Path,
                             for b in budgets], fontsize=8)
         ax.minorticks_off()
         ax.set_title(_level_name(meta, level))
-        scaled = "prune.q" if meta.get("budget_scales") == "q" else "prune.p and prune.q"
-        ax.set_xlabel(f"fine-tuning budget (x {scaled}; log scale)")
+        ax.set_xlabel(f"fine-tuning budget (x {' and '.join(_scaled_keys(meta))}; log scale)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"criterion - random, {_metric_name(meta)} (points)")
     _legend(fig, axes)
@@ -920,9 +919,15 @@ def plot_difference_vs_budget(paired: list[Row], summary: list[Row], path: Path,
     fig.savefig(path, bbox_inches="tight")
 
 
+def _scaled_keys(meta: dict) -> tuple[str, ...]:
+    """The settings a budget multiplies (``study.budget_scales``)."""
+    return ("prune.q",) if meta.get("budget_scales") == "q" else ("prune.p", "prune.q")
+
+
 def _budget_scales(meta: dict) -> str:
-    """What a budget multiplies (``study.budget_scales``), and how the budgets were run."""
-    scaled = "`prune.q` only" if meta.get("budget_scales") == "q" else "`prune.p` and `prune.q`"
+    """What a budget multiplies, and how the budgets were run, for the report's text."""
+    keys = _scaled_keys(meta)
+    scaled = " and ".join(f"`{k}`" for k in keys) + (" only" if len(keys) == 1 else "")
     return scaled + (", each cell's budgets one continued run" if meta.get("continue_budgets") else "")
 
 
