@@ -59,12 +59,8 @@ def test_random_shapes_are_scaled_to_the_flops_target(target):
 def test_the_best_under_a_cap_is_the_front_member_of_equal_accuracy():
     """Two trials with the same val_acc: the cheaper one is on the front and has the test accuracy
     (a 32-trial TPE search hit this and reported no test accuracy at <= 25% of the FLOPs)."""
-    import importlib.util
-    from pathlib import Path
+    import bench.random_configs as bench
 
-    spec = importlib.util.spec_from_file_location("random_configs", Path(__file__).parent.parent / "bench" / "random_configs.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     rows = [
         {"status": "COMPLETED", "val_acc": 0.8778, "flops_kept": 0.230, "test_acc": None, "prune_ratios": [0.2]},
         {"status": "COMPLETED", "val_acc": 0.8778, "flops_kept": 0.195, "test_acc": 0.8718, "prune_ratios": [0.3]},

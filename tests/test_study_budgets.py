@@ -4,6 +4,7 @@ over two budgets and two base models."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -230,24 +231,18 @@ def test_tiny_study_over_two_budgets_and_two_base_models(tiny_fmnist, tmp_path, 
 
 
 @pytest.mark.parametrize("anneal", [False, True])
-def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(tiny_fmnist, anneal):
+def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(splits, base, anneal):
     """What a continuation shortcut could reuse: with the same p, a run whose final fine-tuning is
     twice as long takes the very same first steps, so at the shorter run's last step it holds
     the shorter run's weights exactly when the learning rate is constant (anneal_final=false).
     With the default cosine annealing the schedule depends on the stage's length, so the runs
-    part after the first step of q. study.budgets scales p too, so runs at two budgets part
-    already at the first unit's recovery: the study runs every budget from the start."""
-    import copy
-
-    from conftest import train_small_cnn
-
-    from data import get_data
+    part after the first step of q. With the default study.budget_scales=pq, budgets scale p too,
+    so runs at two budgets part already at the first unit's recovery and the study runs every
+    budget from the start; study.continue_budgets needs budget_scales=q and no anneal."""
     from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
     from trainables.protocol.finetune import steps_per_epoch
     from trainables.protocol.stages import run_protocol
 
-    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-    base = train_small_cnn(splits, epochs=1)
     ft = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, anneal_final=anneal)
     per_epoch = steps_per_epoch(splits, ft)
     models, curves, seen = {}, {}, {}
@@ -273,12 +268,8 @@ def test_a_longer_q_passes_through_a_shorter_ones_result_only_without_annealing(
 def test_budget_bench_runs_the_study_cells_resumes_and_reports(tiny_fmnist, tmp_path):
     """bench/budget_study.py: the study's own cells and report without Ray; a second start
     recomputes nothing already on disk."""
-    import importlib.util
-    from pathlib import Path
+    import bench.budget_study as bench
 
-    spec = importlib.util.spec_from_file_location("budget_study", Path(__file__).parent.parent / "bench" / "budget_study.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     args = ["--", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
             "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", "study.criteria=[random,l1]",
             "study.ratios=[0.5]", "study.seeds=[0,1]", "study.control=false", "study.budgets=[0.5,2]",
@@ -315,21 +306,14 @@ def test_budget_bench_runs_the_study_cells_resumes_and_reports(tiny_fmnist, tmp_
 
 
 @pytest.mark.parametrize("method", ["layer_by_layer", "iterative", "control"])
-def test_q_points_record_exactly_what_shorter_runs_give(tiny_fmnist, method):
+def test_q_points_record_exactly_what_shorter_runs_give(splits, base, method):
     """The continuation shortcut: one run with q_points answers a sweep over q. Each continued
     record equals, key for key, the record of a fresh run with that q (anneal_final=false);
     only the wall time differs. The run's own record is unchanged by the extra evaluations."""
-    import copy
-
-    from conftest import train_small_cnn
-
-    from data import get_data
     from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
     from trainables.protocol.finetune import steps_per_epoch
     from trainables.protocol.stages import run_protocol
 
-    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-    base = train_small_cnn(splits, epochs=1)
     # eval_max_images: the curve reads 60 val images, each result all 100 (read again at every mark)
     ft = FinetuneConfig(lr=0.02, batch_size=32, eval_batch_size=100, anneal_final=False, eval_max_images=60)
     per_epoch = steps_per_epoch(splits, ft)
@@ -364,15 +348,10 @@ def test_q_points_record_exactly_what_shorter_runs_give(tiny_fmnist, method):
     assert "q_ends" not in states[-2] and len(states[-1]["q_ends"]) == 2
 
 
-def test_q_points_are_refused_where_a_longer_run_does_not_pass_through(tiny_fmnist):
-    from conftest import train_small_cnn
-
-    from data import get_data
+def test_q_points_are_refused_where_a_longer_run_does_not_pass_through(splits, base):
     from trainables.protocol.config import FinetuneConfig, MeasureConfig, PruneConfig
     from trainables.protocol.stages import run_protocol
 
-    splits = get_data("fashion_mnist", str(tiny_fmnist), val_size=100)
-    base = train_small_cnn(splits, epochs=1)
     measure, flat = MeasureConfig(latency=False), FinetuneConfig(batch_size=32, anneal_final=False)
     cases = [
         (PruneConfig(criterion="l1", ratio=0.5, q=0.5), FinetuneConfig(batch_size=32), [0.25], "anneal_final=false"),
@@ -382,19 +361,15 @@ def test_q_points_are_refused_where_a_longer_run_does_not_pass_through(tiny_fmni
     ]
     for prune, ft, points, words in cases:
         with pytest.raises(ValueError, match=re.escape(words)):
-            run_protocol(base, splits, prune, ft, measure=measure, q_points=points)
+            run_protocol(copy.deepcopy(base), splits, prune, ft, measure=measure, q_points=points)
 
 
 def test_a_continued_study_gives_every_budgets_cell_as_runs_from_the_start_give_it(tiny_fmnist, tmp_path, ray_session):
     """study.continue_budgets through Ray Tune: 4 trials give the 8 cells of 2 budgets, and each
     cell's numbers equal those of that cell run from the start (bench/budget_study.py, no Ray),
     as do those of the bench's own continued runs."""
-    import importlib.util
-    from pathlib import Path
+    import bench.budget_study as bench
 
-    spec = importlib.util.spec_from_file_location("budget_study", Path(__file__).parent.parent / "bench" / "budget_study.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     common = [f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
               "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}", "study.criteria=[random,l1]",
               "study.ratios=[0.5]", "study.seeds=[0,1]", "study.control=false", "study.budgets=[0.5,2]",
@@ -425,13 +400,8 @@ def test_a_continued_study_gives_every_budgets_cell_as_runs_from_the_start_give_
 
 def test_continue_budgets_bench_compares_both_ways_on_tiny_data(tiny_fmnist, tmp_path, capsys):
     """bench/continue_budgets.py: fewer runs, fewer steps, and every cell's record the same."""
-    import importlib.util
-    from pathlib import Path
+    import bench.continue_budgets as bench
 
-    spec = importlib.util.spec_from_file_location("continue_budgets",
-                                                  Path(__file__).parent.parent / "bench" / "continue_budgets.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     args = ["--out", str(tmp_path / "cb"), "--", f"data.root={tiny_fmnist}", "data.val_size=100", "data.batch_size=32",
             "data.eval_batch_size=100", "model.pretrain.epochs=1", f"cache_dir={tmp_path / 'cache'}",
             "study.budgets=[0.5,1,2]", "prune.p=0.1", "prune.q=0.4", "prune.score_batches=1", "prune.score_batch_size=16"]
